@@ -1,0 +1,7 @@
+"""Attention backends behind one interface (base.AttentionBackend), chosen by name at startup.
+
+forward_batch.ForwardBatch  the flattened tokens + paged-KV metadata of one forward
+base.AttentionBackend       store new K/V into the KV cache, attend over each sequence's pages
+torch_backend               reference implementation in plain torch (CPU and GPU)
+registry                    name -> backend class (``--attention-backend``)
+"""

@@ -1,0 +1,101 @@
+"""EngineCore: everything one scheduler process owns (model, KV pool, scheduler), built from ServerArgs.
+
+The offline ``Engine`` drives it in-process; the server's scheduler process drives the same object.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from sglang_pd.generate_request import GenerateItem
+from sglang_pd.model_runner import ModelRunner
+from sglang_pd.models.config import ModelConfig
+from sglang_pd.runtime_config import resolve_runtime
+from sglang_pd.scheduler.req import Req
+from sglang_pd.scheduler.scheduler import Scheduler, SchedulerConfig, StepOutput
+from sglang_pd.scheduler.stop_checker import StopChecker
+from sglang_pd.server_args import ServerArgs
+from sglang_pd.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SEED_MODULUS = 1 << 63
+
+
+class EngineCore:
+    def __init__(self, args: ServerArgs) -> None:
+        if not args.model_path:
+            raise ValueError("model_path is required")
+        self.args = args
+        self.model_config = ModelConfig.from_pretrained(args.model_path)
+        self.runtime = resolve_runtime(args, self.model_config)
+        self.tokenizer: Any = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or args.model_path)
+        self.runner = ModelRunner(args, self.model_config, self.runtime)
+        num_pages = self.runner.num_pages
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                page_size=args.page_size,
+                num_pages=num_pages,
+                chunk_size=args.effective_chunk_size,
+                max_prefill_tokens=args.max_prefill_tokens,
+                max_running_requests=args.max_running_requests or _default_max_running(num_pages),
+                schedule_policy=args.schedule_policy,
+                enable_radix_cache=not args.disable_radix_cache,
+            ),
+            self.runner,
+            StopChecker(self.model_config.eos_token_ids, self.runtime.context_length, self.tokenizer),
+        )
+        self._seeds = random.Random(args.random_seed)
+
+    @property
+    def context_length(self) -> int:
+        return self.runtime.context_length
+
+    def make_req(self, item: GenerateItem) -> Req:
+        """Tokenize and validate one item; raises ValueError for input the model cannot take."""
+        if item.input_ids is not None:
+            ids = list(item.input_ids)
+        elif self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer; this server runs with skip_tokenizer_init")
+        else:
+            ids = self.tokenizer.encode(item.text)
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab})")
+        p = item.params
+        if p.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids")
+        total = len(ids) + p.max_new_tokens
+        if len(ids) >= self.context_length or total > self.context_length:
+            raise ValueError(
+                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
+                f"{total} tokens ({len(ids)} in the prompt, {p.max_new_tokens} for the completion). "
+                "Please reduce the length of the prompt or max_new_tokens."
+            )
+        seed = (p.seed + item.choice) % SEED_MODULUS if p.seed is not None else self._seeds.randrange(SEED_MODULUS)
+        return Req(rid=item.rid, prompt_ids=ids, params=p, seed=seed, logprob=item.logprob)
+
+    def submit(self, req: Req) -> Req | None:
+        return self.scheduler.submit(req)
+
+    def step(self) -> StepOutput:
+        return self.scheduler.step()
+
+    def pool_stats(self) -> dict[str, int]:
+        kv = self.scheduler.kv
+        return {
+            "total_pages": kv.pool.num_total,
+            "free_pages": kv.pool.num_free,
+            "cached_pages": kv.cache.num_cached_pages,
+            "evictable_pages": kv.cache.num_evictable_pages,
+            "page_size": kv.page_size,
+        }
+
+
+def _default_max_running(num_pages: int) -> int:
+    return max(1, min(256, num_pages))

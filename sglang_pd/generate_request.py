@@ -1,0 +1,89 @@
+"""Normalising one /generate-shaped call (single item or batch) into validated per-request inputs."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from sglang_pd.sampling.params import SamplingParams
+from sglang_pd.scheduler.req import LogprobRequest
+
+
+@dataclass(frozen=True)
+class GenerateItem:
+    """One prompt as the engine runs it (after ``n`` is expanded: one item per choice)."""
+
+    rid: str
+    text: str | None
+    input_ids: tuple[int, ...] | None
+    params: SamplingParams
+    logprob: LogprobRequest
+    choice: int = 0  # index among the n choices of one prompt (offsets a fixed seed)
+
+
+def normalize_generate(
+    prompt: str | Sequence[str] | None,
+    input_ids: Sequence[int] | Sequence[Sequence[int]] | None,
+    sampling_params: dict | Sequence[dict] | None,
+    return_logprob: bool | Sequence[bool] = False,
+    logprob_start_len: int | Sequence[int] = -1,
+    top_logprobs_num: int | Sequence[int] = 0,
+    rid: str | Sequence[str] | None = None,
+) -> tuple[list[GenerateItem], bool]:
+    """-> (items, is_batch). Raises ValueError naming the offending field."""
+    if (prompt is None) == (input_ids is None):
+        raise ValueError("exactly one of 'text'/'prompt' and 'input_ids' must be given")
+    if prompt is not None:
+        is_batch = not isinstance(prompt, str)
+        texts = list(prompt) if is_batch else [prompt]
+        for t in texts:
+            if not isinstance(t, str):
+                raise ValueError("prompt must be a string or a list of strings")
+            if t == "":
+                raise ValueError("prompt must not be empty")
+        ids_list: list[tuple[int, ...] | None] = [None] * len(texts)
+        text_list: list[str | None] = list(texts)
+    else:
+        is_batch = len(input_ids) > 0 and not isinstance(input_ids[0], int)  # type: ignore[index]
+        raw = list(input_ids) if is_batch else [input_ids]  # type: ignore[list-item]
+        ids_list = [_check_ids(x) for x in raw]
+        text_list = [None] * len(ids_list)
+    count = len(ids_list)
+    if count == 0:
+        raise ValueError("the batch of prompts is empty")
+    params = _per_item("sampling_params", sampling_params, count, dict)
+    lp_flags = _per_item("return_logprob", return_logprob, count, bool)
+    starts = _per_item("logprob_start_len", logprob_start_len, count, int)
+    tops = _per_item("top_logprobs_num", top_logprobs_num, count, int)
+    rids = _per_item("rid", rid, count, str)
+    items: list[GenerateItem] = []
+    for i in range(count):
+        sp = SamplingParams.from_dict(params[i])
+        if tops[i] is not None and tops[i] < 0:
+            raise ValueError(f"top_logprobs_num must be >= 0, got {tops[i]}")
+        lp = LogprobRequest(bool(lp_flags[i]), int(tops[i] or 0), -1 if starts[i] is None else int(starts[i]))
+        base = rids[i] or uuid.uuid4().hex
+        for c in range(sp.n):
+            rid_c = base if sp.n == 1 else f"{base}-{c}"
+            items.append(GenerateItem(rid_c, text_list[i], ids_list[i], sp, lp, c))
+    return items, is_batch or any(it.params.n > 1 for it in items)
+
+
+def _check_ids(ids: Any) -> tuple[int, ...]:
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError("input_ids must be a list of integers or a list of such lists")
+    if not ids:
+        raise ValueError("input_ids must not be empty")
+    return tuple(ids)
+
+
+def _per_item(name: str, value: Any, count: int, kind: type) -> list[Any]:
+    """A single value applies to every item; a list must have one entry per item."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} entries for {count} prompts")
+        return list(value)
+    if value is not None and kind is dict and not isinstance(value, dict):
+        raise ValueError(f"{name} must be an object or a list of objects")
+    return [value] * count

@@ -1,0 +1,184 @@
+"""Scheduler: continuous batching with chunked prefill, prefix reuse and retraction.
+
+``step()`` = plan (running requests first, then admissions) -> run the batch -> process results.
+Every step is one mixed batch: each running request brings its next chunk of uncomputed positions
+(one position when decoding), so decode never waits for a long prompt to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sglang_pd.scheduler.batch import BatchPlan, BatchResult
+from sglang_pd.scheduler.kv_manager import ReqKVManager
+from sglang_pd.scheduler.plan_items import make_plan_item, record_result
+from sglang_pd.scheduler.policy import create_schedule_policy
+from sglang_pd.scheduler.req import FinishReason, Req, ReqStatus
+from sglang_pd.scheduler.stop_checker import StopChecker
+
+logger = logging.getLogger(__name__)
+
+
+class BatchRunner(Protocol):
+    def run(self, plan: BatchPlan) -> BatchResult: ...
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    page_size: int
+    num_pages: int  # allocatable pages
+    chunk_size: int | None  # prompt tokens per step; None = whole prompts
+    max_prefill_tokens: int
+    max_running_requests: int
+    schedule_policy: str
+    enable_radix_cache: bool
+
+
+@dataclass
+class StepOutput:
+    updated: list[Req] = field(default_factory=list)  # got a new token this step
+    finished: list[Req] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, runner: BatchRunner, stop: StopChecker) -> None:
+        self.cfg = cfg
+        self.runner = runner
+        self.stop = stop
+        self.kv = ReqKVManager(cfg.num_pages, cfg.page_size, cfg.enable_radix_cache)
+        self.policy = create_schedule_policy(cfg.schedule_policy)
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []  # admission order; retraction takes from the end
+        self.num_retractions = 0
+
+    # --- public API ----------------------------------------------------------------------------
+    def submit(self, req: Req) -> Req | None:
+        """Queue ``req``; returns it finished (abort) at once if it can never fit in the KV pool."""
+        need = len(req.prompt_ids) + req.params.max_new_tokens
+        if need > self.kv.capacity_tokens:
+            req.finish(FinishReason("abort", message=(
+                f"request needs up to {need} tokens of KV (prompt {len(req.prompt_ids)} + max_new_tokens "
+                f"{req.params.max_new_tokens}) but the KV pool holds {self.kv.capacity_tokens}")))
+            return req
+        self.waiting.append(req)
+        return None
+
+    def abort(self, rid: str, message: str = "aborted") -> Req | None:
+        for req in list(self.waiting):
+            if req.rid == rid:
+                self.waiting.remove(req)
+                req.finish(FinishReason("abort", message=message))
+                return req
+        for req in self.running:
+            if req.rid == rid:
+                self._finish(req, FinishReason("abort", message=message))
+                return req
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> StepOutput:
+        out = StepOutput()
+        scheduled = self._plan(out)
+        if not scheduled:
+            return out
+        plan = BatchPlan(tuple(make_plan_item(r, n, self.stop) for r, n in scheduled))
+        result = self.runner.run(plan)
+        for (req, n), res in zip(scheduled, result.items):
+            start = req.num_computed_tokens
+            req.num_computed_tokens += n
+            if record_result(req, start, res):
+                out.updated.append(req)
+                reason = self.stop.check(req)
+                if reason is not None:
+                    self._finish(req, reason)
+                    out.finished.append(req)
+        return out
+
+    # --- planning ------------------------------------------------------------------------------
+    def _plan(self, out: StepOutput) -> list[tuple[Req, int]]:
+        budget = self.cfg.chunk_size or self.cfg.max_prefill_tokens
+        scheduled: list[tuple[Req, int]] = []
+        retracted = False
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            n = min(req.num_uncomputed, budget) if req.in_prefill else 1
+            if n <= 0:  # prefill budget spent; this request keeps its pages and waits a step
+                i += 1
+                continue
+            ok, retracted_now = self._reserve_or_retract(req, n, out)
+            retracted |= retracted_now
+            if not ok:
+                break  # req itself was retracted (it was the newest) or failed
+            scheduled.append((req, n))
+            if req.in_prefill:
+                budget -= n
+            i += 1
+        if not retracted:
+            self._admit(budget, scheduled)
+        return scheduled
+
+    def _reserve_or_retract(self, req: Req, n: int, out: StepOutput) -> tuple[bool, bool]:
+        """Reserve pages for ``n`` more positions of ``req``, retracting newer requests if needed.
+
+        Returns (req is scheduled, something was retracted).
+        """
+        retracted = False
+        while not self.kv.reserve(req, n):
+            victim = self.running[-1]
+            if victim is req and len(self.running) == 1:
+                # Cannot happen for requests admitted by submit(); kept as a loud, non-fatal guard.
+                self._finish(req, FinishReason("abort", message="KV pool exhausted by a single request"))
+                out.finished.append(req)
+                return False, retracted
+            self._retract(victim)
+            retracted = True
+            if victim is req:
+                return False, retracted
+        return True, retracted
+
+    def _retract(self, req: Req) -> None:
+        """Preempt: free the pages (full ones stay cached) and requeue first; recomputed later."""
+        self.running.remove(req)
+        self.kv.release(req)
+        req.set_status(ReqStatus.WAITING)
+        req.num_retractions += 1
+        self.num_retractions += 1
+        self.waiting.appendleft(req)
+        logger.debug("retracted %s (%d tokens); pool free=%d", req.rid, req.seq_len, self.kv.pool.num_free)
+
+    def _admit(self, budget: int, scheduled: list[tuple[Req, int]]) -> None:
+        if not self.waiting:
+            return
+        for req in self.policy.order(self.waiting, self.kv.match):
+            if len(self.running) >= self.cfg.max_running_requests:
+                break
+            if budget <= 0 and (self.cfg.chunk_size is not None or scheduled):
+                break
+            self.kv.admit(req)
+            n = req.num_uncomputed if self.cfg.chunk_size is None else min(req.num_uncomputed, budget)
+            n = max(n, 1)
+            need = self.kv.pages_for(req.num_computed_tokens + n) - len(req.pages)
+            # Headroom: one page per running request so decodes can grow without retracting at once.
+            if self.kv.available_pages - need < len(self.running) or not self.kv.reserve(req, n):
+                self.kv.release(req)
+                break  # keep the queue order: no overtaking by smaller requests
+            self.waiting.remove(req)
+            req.set_status(ReqStatus.RUNNING)
+            if not req.admitted_once:
+                req.cached_tokens = req.num_computed_tokens
+                req.admitted_once = True
+            self.running.append(req)
+            scheduled.append((req, n))
+            budget -= n
+
+    def _finish(self, req: Req, reason: FinishReason) -> None:
+        if req in self.running:
+            self.running.remove(req)
+            self.kv.release(req)
+        req.finish(reason)

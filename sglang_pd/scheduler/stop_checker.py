@@ -1,0 +1,53 @@
+"""When does a request stop: EOS, stop_token_ids, stop strings, max_new_tokens, context length."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from sglang_pd.scheduler.req import FinishReason, Req
+
+
+class Decoder(Protocol):
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class StopChecker:
+    def __init__(self, eos_token_ids: Sequence[int], context_length: int, tokenizer: Decoder | None) -> None:
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.context_length = context_length
+        self.tokenizer = tokenizer
+
+    def blocked_ids(self, req: Req) -> tuple[int, ...]:
+        """Token ids the sampler must not pick while ``min_new_tokens`` is not reached."""
+        if len(req.output_ids) >= req.params.min_new_tokens:
+            return ()
+        eos = () if req.params.ignore_eos else tuple(self.eos_token_ids)
+        return tuple(sorted(set(eos) | set(req.params.stop_token_ids)))
+
+    def check(self, req: Req) -> FinishReason | None:
+        """Called after each appended token; returns why ``req`` is done, or None."""
+        p = req.params
+        n = len(req.output_ids)
+        last = req.output_ids[-1]
+        if n >= p.min_new_tokens:
+            if last in p.stop_token_ids or (not p.ignore_eos and last in self.eos_token_ids):
+                return FinishReason("stop", matched=last)
+            matched = self._stop_string(req)
+            if matched is not None:
+                return FinishReason("stop", matched=matched)
+        if n >= p.max_new_tokens:
+            return FinishReason("length", length=n)
+        if req.seq_len >= self.context_length:
+            return FinishReason("length", length=n)
+        return None
+
+    def _stop_string(self, req: Req) -> str | None:
+        if not req.params.stop or self.tokenizer is None:
+            return None
+        # A stop string of L characters spans at most L tokens (+1 for a partial UTF-8 tail).
+        width = max(len(s) for s in req.params.stop) + 1
+        tail = self.tokenizer.decode(req.output_ids[-width:], skip_special_tokens=False)
+        for s in req.params.stop:
+            if s in tail:
+                return s
+        return None

@@ -1,0 +1,121 @@
+"""ServerArgs: every engine/server setting, one frozen dataclass built once from flags, a YAML file or kwargs.
+
+Field names are SGLang's flag names with dashes turned into underscores (``--page-size`` ->
+``page_size``); ``Engine(**kwargs)``, the CLI and ``--config FILE.yaml`` all go through ``ServerArgs``.
+Values that depend on the machine or checkpoint (``device="auto"``, ``max_total_tokens=None``, ...)
+stay as given here and are resolved once at startup (see ``sglang_pd.runtime_config``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy")
+SCHEDULE_POLICIES = ("fcfs", "lpm")
+ATTENTION_BACKENDS = ("torch",)
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    model_path: str = _f("", "HF model directory (config.json, safetensors, tokenizer files)")
+    tokenizer_path: str | None = _f(None, "tokenizer directory (default: model path)")
+    load_format: Literal["auto", "dummy"] = _f("auto", "auto: read safetensors; dummy: random weights", choices=LOAD_FORMATS)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "auto: float32 on CPU, checkpoint dtype (or bfloat16) on CUDA", choices=DTYPES)
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda when available", choices=DEVICES)
+    base_gpu_id: int = _f(0, "index of the GPU this worker uses")
+    context_length: int | None = _f(None, "max prompt + output tokens (default: the model's max_position_embeddings)")
+    random_seed: int = _f(0, "seed for dummy weights and unseeded sampling")
+    # memory and scheduling
+    page_size: int = _f(16, "tokens per KV page")
+    max_total_tokens: int | None = _f(None, "KV pool size in tokens (default: from --mem-fraction-static on CUDA, 65536 on CPU)")
+    mem_fraction_static: float = _f(0.88, "CUDA: fraction of GPU memory for weights + KV pool")
+    chunked_prefill_size: int = _f(8192, "max prompt tokens computed per step (-1 disables chunking)")
+    max_running_requests: int | None = _f(None, "max requests in the running batch (default: derived from the pool)")
+    max_prefill_tokens: int = _f(16384, "max prompt tokens admitted per step")
+    schedule_policy: Literal["fcfs", "lpm"] = _f("fcfs", "waiting-queue order: fcfs, or lpm (longest cached prefix first)", choices=SCHEDULE_POLICIES)
+    disable_radix_cache: bool = _f(False, "turn off prefix caching")
+    attention_backend: str | None = _f(None, "torch (default on CPU); triton comes with the kernels", choices=ATTENTION_BACKENDS)
+    skip_tokenizer_init: bool = _f(False, "no tokenizer: input_ids in, output_ids out")
+
+    def __post_init__(self) -> None:
+        _check_choice("load_format", self.load_format, LOAD_FORMATS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("schedule_policy", self.schedule_policy, SCHEDULE_POLICIES)
+        if self.attention_backend is not None:
+            _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_int("page_size", self.page_size, 1)
+        _check_int("base_gpu_id", self.base_gpu_id, 0)
+        _check_int("max_total_tokens", self.max_total_tokens, 1, optional=True)
+        _check_int("max_running_requests", self.max_running_requests, 1, optional=True)
+        _check_int("context_length", self.context_length, 1, optional=True)
+        _check_int("max_prefill_tokens", self.max_prefill_tokens, 1)
+        _check_int("random_seed", self.random_seed, 0)
+        if not isinstance(self.chunked_prefill_size, int) or isinstance(self.chunked_prefill_size, bool) or (
+            self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1
+        ):
+            raise ValueError(f"chunked_prefill_size must be -1 or a positive integer, got {self.chunked_prefill_size!r}")
+        if not isinstance(self.mem_fraction_static, (int, float)) or not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "ServerArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown server argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    @property
+    def effective_chunk_size(self) -> int | None:
+        """Per-step prompt-token budget; None when chunking is off."""
+        return None if self.chunked_prefill_size == -1 else self.chunked_prefill_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_int(name: str, value: Any, low: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def add_server_args(parser: argparse.ArgumentParser, cls: type = ServerArgs) -> None:
+    """One ``--flag-name`` per dataclass field; defaults stay unset so a YAML config can fill them."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
+        if f.default is False:
+            kw["action"] = "store_true"
+        elif f.default is True:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _flag_type(f)
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kw)
+
+
+def _flag_type(f: dataclasses.Field) -> Any:
+    text = str(f.type)
+    if text.startswith("int"):
+        return int
+    if text.startswith("float"):
+        return float
+    return str
