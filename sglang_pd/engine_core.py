@@ -58,7 +58,7 @@ class EngineCore:
         if item.input_ids is not None:
             ids = list(item.input_ids)
         elif self.tokenizer is None:
-            raise ValueError("text prompts need a tokenizer; this server runs with skip_tokenizer_init")
+            raise ValueError("text prompts need a tokenizer; this server has none (skip_tokenizer_init or no tokenizer files)")
         else:
             ids = self.tokenizer.encode(item.text)
         if not ids:

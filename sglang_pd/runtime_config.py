@@ -29,6 +29,11 @@ def resolve_runtime(args: ServerArgs, model_config: ModelConfig) -> RuntimeConfi
     device = _resolve_device(args)
     dtype = _resolve_dtype(args.dtype, device, model_config)
     ctx = args.context_length or model_config.max_position_embeddings
+    if ctx > model_config.max_position_embeddings:
+        raise ValueError(
+            f"context_length {ctx} exceeds the model's max_position_embeddings "
+            f"({model_config.max_position_embeddings}); rope tables end there"
+        )
     backend = args.attention_backend or "torch"
     return RuntimeConfig(device=device, dtype=dtype, context_length=ctx, attention_backend=backend)
 
