@@ -9,8 +9,9 @@ import logging
 import random
 from typing import Any
 
-from sglang_pd.generate_request import GenerateItem
+from sglang_pd.generate_request import GenerateItem, request_seed
 from sglang_pd.model_runner import ModelRunner
+from sglang_pd.request_validation import validate_prompt
 from sglang_pd.models.config import ModelConfig
 from sglang_pd.runtime_config import resolve_runtime
 from sglang_pd.scheduler.req import Req
@@ -20,9 +21,6 @@ from sglang_pd.server_args import ServerArgs
 from sglang_pd.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-SEED_MODULUS = 1 << 63
-
 
 class EngineCore:
     def __init__(self, args: ServerArgs) -> None:
@@ -61,24 +59,9 @@ class EngineCore:
             raise ValueError("text prompts need a tokenizer; this server has none (skip_tokenizer_init or no tokenizer files)")
         else:
             ids = self.tokenizer.encode(item.text)
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab})")
         p = item.params
-        if p.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; use stop_token_ids")
-        total = len(ids) + p.max_new_tokens
-        if len(ids) >= self.context_length or total > self.context_length:
-            raise ValueError(
-                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
-                f"{total} tokens ({len(ids)} in the prompt, {p.max_new_tokens} for the completion). "
-                "Please reduce the length of the prompt or max_new_tokens."
-            )
-        seed = (p.seed + item.choice) % SEED_MODULUS if p.seed is not None else self._seeds.randrange(SEED_MODULUS)
-        return Req(rid=item.rid, prompt_ids=ids, params=p, seed=seed, logprob=item.logprob)
+        validate_prompt(ids, p, self.context_length, self.model_config.vocab_size, self.tokenizer is not None)
+        return Req(rid=item.rid, prompt_ids=ids, params=p, seed=request_seed(item, self._seeds), logprob=item.logprob)
 
     def submit(self, req: Req) -> Req | None:
         return self.scheduler.submit(req)

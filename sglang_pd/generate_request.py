@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -68,6 +69,16 @@ def normalize_generate(
             rid_c = base if sp.n == 1 else f"{base}-{c}"
             items.append(GenerateItem(rid_c, text_list[i], ids_list[i], sp, lp, c))
     return items, is_batch or any(it.params.n > 1 for it in items)
+
+
+SEED_MODULUS = 1 << 63
+
+
+def request_seed(item: GenerateItem, rng: random.Random) -> int:
+    """The seed behind every random draw of one choice: its own (offset by the choice index) or a fresh one."""
+    if item.params.seed is not None:
+        return (item.params.seed + item.choice) % SEED_MODULUS
+    return rng.randrange(SEED_MODULUS)
 
 
 def _check_ids(ids: Any) -> tuple[int, ...]:

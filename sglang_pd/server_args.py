@@ -45,6 +45,18 @@ class ServerArgs:
     disable_radix_cache: bool = _f(False, "turn off prefix caching")
     attention_backend: str | None = _f(None, "torch (default on CPU); triton comes with the kernels", choices=ATTENTION_BACKENDS)
     skip_tokenizer_init: bool = _f(False, "no tokenizer: input_ids in, output_ids out")
+    # HTTP server
+    host: str = _f("127.0.0.1", "address the HTTP server binds")
+    port: int = _f(30000, "HTTP port")
+    served_model_name: str | None = _f(None, "model id in the API (default: the model path)")
+    chat_template: str | None = _f(None, "Jinja chat template file or inline template (default: the tokenizer's)")
+    api_key: str | None = _f(None, "require 'Authorization: Bearer KEY' (health and metrics stay open)")
+    max_queued_requests: int | None = _f(None, "requests waiting beyond the running batch before 503s")
+    max_payload_size: int = _f(32 * 1024 * 1024, "largest request body in bytes (413 beyond)")
+    shutdown_timeout: float = _f(30.0, "SIGTERM: seconds to let in-flight requests finish before aborting them")
+    enable_metrics: bool = _f(False, "serve Prometheus metrics at /metrics")
+    log_level: str = _f("info", "debug, info, warning, error", choices=("debug", "info", "warning", "error", "critical"))
+    log_requests: bool = _f(False, "log every request and its outcome")
 
     def __post_init__(self) -> None:
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
@@ -60,6 +72,14 @@ class ServerArgs:
         _check_int("context_length", self.context_length, 1, optional=True)
         _check_int("max_prefill_tokens", self.max_prefill_tokens, 1)
         _check_int("random_seed", self.random_seed, 0)
+        _check_int("port", self.port, 1)
+        if self.port > 65535:
+            raise ValueError(f"port must be in [1, 65535], got {self.port}")
+        _check_int("max_queued_requests", self.max_queued_requests, 0, optional=True)
+        _check_int("max_payload_size", self.max_payload_size, 1)
+        if not isinstance(self.shutdown_timeout, (int, float)) or self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout!r}")
+        _check_choice("log_level", self.log_level, ("debug", "info", "warning", "error", "critical"))
         if not isinstance(self.chunked_prefill_size, int) or isinstance(self.chunked_prefill_size, bool) or (
             self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1
         ):
@@ -82,6 +102,17 @@ class ServerArgs:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def public_dict(self) -> dict[str, Any]:
+        """to_dict() without secrets, for /get_server_info and logs."""
+        d = self.to_dict()
+        if d.get("api_key"):
+            d["api_key"] = "***"
+        return d
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_path
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

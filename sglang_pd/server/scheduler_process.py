@@ -1,0 +1,174 @@
+"""The scheduler process: EngineCore in a loop of receive -> step -> send.
+
+Owns all device state. Receives typed requests from main, sends each step's new tokens to the
+detokenizer and control replies / periodic stats straight to main.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Any
+
+import zmq
+
+from sglang_pd.engine_core import EngineCore
+from sglang_pd.scheduler.req import FinishReason, Req
+from sglang_pd.server import ipc
+from sglang_pd.server.child_process import setup_child
+from sglang_pd.server.messages import (
+    AbortReq, BatchTokenOut, ControlReply, FlushCacheReq, SchedulerReady, SchedulerStats, ServerInfoReq,
+    ShutdownReq, TokenizedGenerateReq, TokenOut,
+)
+from sglang_pd.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+STATS_INTERVAL_S = 0.5
+IDLE_POLL_MS = 50
+
+
+def run_scheduler_process(args: ServerArgs, paths: ipc.IpcPaths) -> None:
+    setup_child("scheduler", args.log_level)
+    ctx = zmq.Context()
+    inbox = ipc.pull(ctx, paths.scheduler_input)
+    to_detok = ipc.push(ctx, paths.detokenizer_input)
+    to_main = ipc.push(ctx, paths.main_control)
+    try:
+        core = EngineCore(args)
+    except Exception as e:  # startup failure: tell main in one line, then exit non-zero
+        logger.error("scheduler failed to start: %s", e)
+        ipc.send(to_main, ControlReply(request_id=-1, ok=False, payload={"error": f"{type(e).__name__}: {e}"}))
+        time.sleep(0.2)
+        raise SystemExit(1)
+    ipc.send(to_main, _ready(core))
+    SchedulerLoop(core, inbox, to_detok, to_main).run()
+
+
+def _ready(core: EngineCore) -> SchedulerReady:
+    mc = core.model_config
+    return SchedulerReady(
+        context_length=core.context_length,
+        vocab_size=mc.vocab_size,
+        max_running_requests=core.scheduler.cfg.max_running_requests,
+        max_total_tokens=core.scheduler.kv.capacity_tokens,
+        page_size=core.scheduler.kv.page_size,
+        eos_token_ids=list(mc.eos_token_ids),
+        model_config={"architecture": mc.architecture, "model_type": mc.model_type,
+                      "num_hidden_layers": mc.num_hidden_layers, "hidden_size": mc.hidden_size,
+                      "vocab_size": mc.vocab_size, "dtype": str(core.runtime.dtype).replace("torch.", ""),
+                      "device": str(core.runtime.device)},
+    )
+
+
+class SchedulerLoop:
+    def __init__(self, core: EngineCore, inbox: zmq.Socket, to_detok: zmq.Socket, to_main: zmq.Socket) -> None:
+        self.core = core
+        self.inbox = inbox
+        self.to_detok = to_detok
+        self.to_main = to_main
+        self.sent: dict[str, int] = {}  # rid -> output tokens already sent
+        self.last_stats = 0.0
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            busy = self.core.scheduler.has_work()
+            for msg in ipc.recv_all(self.inbox, 0 if busy else IDLE_POLL_MS):
+                self.handle(msg)
+            if self.core.scheduler.has_work():
+                try:
+                    out = self.core.step()
+                except Exception:  # a bug in one step must not kill the worker silently
+                    logger.error("step failed; aborting the running batch\n%s", traceback.format_exc())
+                    self._abort_all("internal error in the scheduler step")
+                    continue
+                self._send_tokens(out.updated + [r for r in out.finished if r not in out.updated])
+            self._maybe_send_stats()
+
+    # --- messages --------------------------------------------------------------------------------
+    def handle(self, msg: Any) -> None:
+        if isinstance(msg, TokenizedGenerateReq):
+            req = Req(rid=msg.rid, prompt_ids=list(msg.input_ids), params=msg.params, seed=msg.seed, logprob=msg.logprob)
+            self.prompt_tokens += len(req.prompt_ids)
+            failed = self.core.submit(req)
+            if failed is not None:
+                self._send_tokens([failed])
+        elif isinstance(msg, AbortReq):
+            req = self.core.scheduler.abort(msg.rid, msg.message)
+            if req is not None:
+                self._send_tokens([req])
+        elif isinstance(msg, FlushCacheReq):
+            ok = not self.core.scheduler.has_work() and self.core.scheduler.kv.flush_cache()
+            ipc.send(self.to_main, ControlReply(msg.request_id, ok))
+        elif isinstance(msg, ServerInfoReq):
+            ipc.send(self.to_main, ControlReply(msg.request_id, True, self._stats_payload()))
+        elif isinstance(msg, ShutdownReq):
+            self._abort_all("server is shutting down")
+            self.running = False
+
+    def _abort_all(self, message: str) -> None:
+        sched = self.core.scheduler
+        victims = [r.rid for r in list(sched.running) + list(sched.waiting)]
+        self._send_tokens([r for rid in victims if (r := sched.abort(rid, message)) is not None])
+
+    # --- outputs ---------------------------------------------------------------------------------
+    def _send_tokens(self, reqs: list[Req]) -> None:
+        if reqs:
+            ipc.send(self.to_detok, BatchTokenOut([self._token_out(r) for r in reqs]))
+
+    def _token_out(self, req: Req) -> TokenOut:
+        sent = self.sent.get(req.rid, 0)
+        first = sent == 0
+        if req.finished:
+            self.sent.pop(req.rid, None)
+            if req.admitted_once:
+                self.cached_tokens += req.cached_tokens
+        else:
+            self.sent[req.rid] = len(req.output_ids)
+        rec, lp = req.logprobs, req.logprob.return_logprob
+        p = req.params
+        return TokenOut(
+            rid=req.rid,
+            new_token_ids=req.output_ids[sent:],
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached_tokens,
+            finish_reason=_finish_dict(req.finish_reason),
+            output_token_logprobs=[[v, t, None] for v, t in rec.output_token[sent:]] if lp else [],
+            output_top_logprobs=[[[v, t, None] for v, t in top] for top in rec.output_top[sent:]] if lp else [],
+            input_token_logprobs=[[v, t, None] for v, t in rec.input_token] if lp and first else None,
+            input_top_logprobs=[None if t is None else [[v, i, None] for v, i in t] for t in rec.input_top]
+            if lp and first and req.logprob.top_logprobs_num > 0 else None,
+            skip_special_tokens=p.skip_special_tokens,
+            spaces_between_special_tokens=p.spaces_between_special_tokens,
+            no_stop_trim=p.no_stop_trim,
+            stop=list(p.stop),
+        )
+
+    def _stats_payload(self) -> dict[str, Any]:
+        sched = self.core.scheduler
+        pool = self.core.pool_stats()
+        total = max(1, pool["total_pages"])
+        held = total - pool["free_pages"] - pool["evictable_pages"]
+        stats = SchedulerStats(
+            num_running_reqs=len(sched.running),
+            num_queue_reqs=len(sched.waiting),
+            token_usage=held / total,
+            cache_hit_rate=self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+            num_retractions=sched.num_retractions,
+            pool=pool,
+        )
+        return stats.__dict__
+
+    def _maybe_send_stats(self) -> None:
+        now = time.monotonic()
+        if now - self.last_stats >= STATS_INTERVAL_S:
+            self.last_stats = now
+            ipc.send(self.to_main, SchedulerStats(**self._stats_payload()))
+
+
+def _finish_dict(reason: FinishReason | None) -> dict[str, Any] | None:
+    return None if reason is None else reason.to_dict()
