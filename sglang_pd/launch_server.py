@@ -66,7 +66,8 @@ async def serve(args: ServerArgs, paths: IpcPaths, children: dict[str, mp.proces
         logger.error("startup failed: %s", startup_problem)
         await tm.close()
         return 1
-    runner = web.AppRunner(create_app(srv), handler_cancellation=True, access_log=None)
+    # Requests are drained before cleanup, so the runner only closes idle keep-alive connections.
+    runner = web.AppRunner(create_app(srv), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
         await web.TCPSite(runner, args.host, args.port).start()

@@ -6,8 +6,9 @@ Data flow of one run:
       -> datasets.build_prompts      random / random-ids prompts, exact seeds
       -> arrivals.arrival_gaps        Poisson inter-arrival gaps (``inf`` = all at once)
       -> runner.run_benchmark         one aiohttp session, warm-up, semaphore, progress bar
-           -> backends.send_request   one HTTP request; sse.SSEParser turns bytes into events,
-                                      backends.StreamState turns events into a RequestRecord
+           -> client.send_request     one HTTP request; sse.SSEParser turns bytes into events,
+                                      backends.APPLIERS[backend] apply each event to a
+                                      records.StreamState, which ends as a records.RequestRecord
       -> metrics.compute_metrics      pure: records + duration -> BenchMetrics
       -> report.format_table / report.result_json (one JSON line per run with --output-file)
 

@@ -9,7 +9,8 @@ a cumulative ``usage`` (continuous usage stats); the final usage chunk gives the
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 from .config import BenchConfig
 from .datasets import Prompt
@@ -141,8 +142,8 @@ def apply_openai_chat_event(state: StreamState, data: Any, ts: float) -> None:
     _apply_openai(state, data, ts, chat=True)
 
 
-APPLIERS: dict[str, EventApplier] = {
+APPLIERS: Mapping[str, EventApplier] = MappingProxyType({
     "sglang": apply_sglang_event,
     "openai": apply_openai_event,
     "openai-chat": apply_openai_chat_event,
-}
+})

@@ -82,6 +82,7 @@ async def _exchange(
         else:
             data = await resp.json(content_type=None)
             apply(state, data, time.perf_counter())
+            state.ttft = None  # not streamed: TTFT is the whole latency (SGLang's convention)
             state.done = True
 
 

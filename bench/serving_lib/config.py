@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
 
 BACKENDS: tuple[str, ...] = ("sglang", "openai", "openai-chat")
 DATASETS: tuple[str, ...] = ("random", "random-ids")
 
 # Route each backend posts to.
-BACKEND_PATHS: dict[str, str] = {
+BACKEND_PATHS: Mapping[str, str] = MappingProxyType({
     "sglang": "/generate",
     "openai": "/v1/completions",
     "openai-chat": "/v1/chat/completions",
-}
+})
 
 
 @dataclass(frozen=True)

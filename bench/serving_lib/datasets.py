@@ -69,7 +69,7 @@ def random_ids_prompts(
     out_lens = sample_lengths(rng, output_len, ratio, n)
     allowed = _allowed_ids(vocab_size, special_ids)
     prompts = []
-    for in_len, out_len in zip(in_lens, out_lens):
+    for in_len, out_len in zip(in_lens, out_lens, strict=True):
         ids = tuple(int(t) for t in rng.choice(allowed, size=int(in_len)))
         prompts.append(Prompt(None, ids, len(ids), int(out_len)))
     return prompts
@@ -110,7 +110,7 @@ def prompts_as_text(prompts: Sequence[Prompt], tok: TextTokenizer) -> list[Promp
     return out
 
 
-def build_prompts(cfg: "BenchConfig", tok: TextTokenizer | None, vocab_size: int) -> list[Prompt]:
+def build_prompts(cfg: BenchConfig, tok: TextTokenizer | None, vocab_size: int) -> list[Prompt]:
     """The run's prompts for ``cfg``; raises ValueError when the combination needs a tokenizer."""
     args = (cfg.num_prompts, cfg.random_input_len, cfg.random_output_len, cfg.random_range_ratio)
     if cfg.dataset_name == "random":

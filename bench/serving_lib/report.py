@@ -8,7 +8,8 @@ from collections import Counter
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
 
 from .config import BenchConfig
 from .metrics import BenchMetrics, Distribution
@@ -23,7 +24,8 @@ DISTRIBUTIONS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("tpot", "tpot", "Time per Output Token (excl. 1st token)", ("mean", "median", "p99")),
     ("itl", "itl", "Inter-Token Latency", ("mean", "median", "p95", "p99", "max")),
 )
-LABELS = {"e2e_latency": "E2E Latency", "ttft": "TTFT", "tpot": "TPOT", "itl": "ITL"}
+LABELS: Mapping[str, str] = MappingProxyType(
+    {"e2e_latency": "E2E Latency", "ttft": "TTFT", "tpot": "TPOT", "itl": "ITL"})
 
 
 def _row(label: str, value: Any) -> str:

@@ -75,9 +75,8 @@ async def warmup(session: aiohttp.ClientSession, cfg: BenchConfig, model: str | 
     """``cfg.warmup_requests`` short requests, not counted; raises if every one fails."""
     if cfg.warmup_requests == 0:
         return
-    batch = [replace(prompts[i % len(prompts)], output_len=min(prompts[i % len(prompts)].output_len,
-                                                               WARMUP_MAX_TOKENS))
-             for i in range(cfg.warmup_requests)]
+    picks = [prompts[i % len(prompts)] for i in range(cfg.warmup_requests)]
+    batch = [replace(p, output_len=min(p.output_len, WARMUP_MAX_TOKENS)) for p in picks]
     records = await asyncio.gather(*(send_request(session, cfg, model, p, headers) for p in batch))
     if not any(r.success for r in records):
         raise RuntimeError(f"warm-up failed: {records[0].error}")
@@ -114,7 +113,7 @@ async def dispatch(session: aiohttp.ClientSession, cfg: BenchConfig, model: str 
 
     start = time.perf_counter()
     tasks: list[asyncio.Task[RequestRecord]] = []
-    for prompt, offset in zip(prompts, offsets):
+    for prompt, offset in zip(prompts, offsets, strict=True):
         delay = start + offset - time.perf_counter()  # absolute schedule: sleeps do not drift
         if delay > 0:
             await asyncio.sleep(delay)

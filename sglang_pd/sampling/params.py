@@ -118,7 +118,10 @@ def _as_int(name: str, v: Any) -> int:
 def _as_float(name: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError(f"{name} must be a number, got {v!r}")
-    f = float(v)
+    try:
+        f = float(v)
+    except OverflowError:  # an integer beyond float range
+        raise ValueError(f"{name} must be a finite number, got an integer of {len(str(v))} digits") from None
     if not math.isfinite(f):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
     return f

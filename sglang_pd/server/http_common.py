@@ -20,7 +20,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as e:
-        raise APIError(413, f"request body exceeds the limit of {e.max_size} bytes") from e
+        raise APIError(413, f"request body exceeds the limit of {request.app._client_max_size} bytes") from e
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -55,8 +55,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except APIError as e:
         return error_response(e)
-    except web.HTTPRequestEntityTooLarge as e:
-        return error_response(APIError(413, f"request body exceeds the limit of {e.max_size} bytes"))
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(APIError(413, f"request body exceeds the limit of {request.app._client_max_size} bytes"))
     except web.HTTPNotFound:
         return error_response(APIError(404, f"no route {request.method} {request.path}"))
     except web.HTTPMethodNotAllowed:

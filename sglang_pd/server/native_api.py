@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -14,21 +16,13 @@ from sglang_pd.server.http_common import end_sse, read_json, send_event, start_s
 from sglang_pd.server.messages import TokenizedGenerateReq
 from sglang_pd.server.req_state import ReqState
 from sglang_pd.server.server_state import ServerState
+from sglang_pd.server.stream_merge import collect_all, merge_chunks
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0
 
 
 def sglang_output(state: ReqState) -> dict[str, Any]:
     return {"text": state.text, "output_ids": list(state.output_ids), "meta_info": state.meta_info()}
-
-
-async def collect(srv: ServerState, req: TokenizedGenerateReq) -> ReqState:
-    """Run one request to the end and return its final state."""
-    last = None
-    async for chunk in srv.tm.generate(req):
-        last = chunk
-    assert last is not None
-    return last.state
 
 
 async def build_requests(srv: ServerState, body: dict[str, Any]) -> tuple[list[TokenizedGenerateReq], bool]:
@@ -53,40 +47,25 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if not isinstance(stream, bool):
         raise APIError(400, "stream must be a boolean", "stream")
     if not stream:
-        states = await asyncio.gather(*(collect(srv, r) for r in reqs))
-        outs = [sglang_output(s) for s in states]
+        outs = [sglang_output(s) for s in await collect_all(srv, reqs)]
         return web.json_response(outs if is_batch else outs[0])
     resp = await start_sse(request)
-    async for index, state in merge_streams(srv, reqs):
-        event = sglang_output(state)
-        if is_batch:
-            event["index"] = index
-        await send_event(resp, event)
-    return await end_sse(resp)
-
-
-async def merge_streams(srv: ServerState, reqs: list[TokenizedGenerateReq]) -> AsyncIterator[tuple[int, ReqState]]:
-    """Chunks of several requests as they come, tagged with the request's index."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, req: TokenizedGenerateReq) -> None:
-        async for chunk in srv.tm.generate(req):
-            await queue.put((i, chunk.state))
-        await queue.put((i, None))
-
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+    sent: dict[int, int] = {}  # index -> tokens already shown; chunks that queued up are coalesced
+    error: APIError | None = None
     try:
-        remaining = len(tasks)
-        while remaining:
-            i, state = await queue.get()
-            if state is None:
-                remaining -= 1
-            else:
-                yield i, state
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        async with contextlib.aclosing(merge_chunks(srv, reqs)) as chunks:
+            async for index, chunk in chunks:
+                state = chunk.state
+                if len(state.output_ids) == sent.get(index) and not chunk.finished:
+                    continue
+                sent[index] = len(state.output_ids)
+                event = sglang_output(state)
+                if is_batch:
+                    event["index"] = index
+                await send_event(resp, event)
+    except APIError as e:
+        error = e
+    return await end_sse(resp, error)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -103,7 +82,7 @@ async def health_generate(request: web.Request) -> web.Response:
         return web.json_response({"status": "unhealthy", "reason": srv.health_problem()}, status=503)
     req = TokenizedGenerateReq(f"health-{time.monotonic_ns()}", [0], {"max_new_tokens": 1, "temperature": 0}, 0)
     try:
-        state = await asyncio.wait_for(collect(srv, req), HEALTH_GENERATE_TIMEOUT_S)
+        state = (await asyncio.wait_for(collect_all(srv, [req]), HEALTH_GENERATE_TIMEOUT_S))[0]
     except asyncio.TimeoutError:
         return web.json_response({"status": "unhealthy", "reason": "generation timed out"}, status=503)
     if not state.output_ids:
@@ -136,6 +115,7 @@ async def get_server_info(request: web.Request) -> web.Response:
         "max_total_num_tokens": ready.max_total_tokens,
         "effective_max_running_requests": ready.max_running_requests,
         "scheduler": live,
+        "process_ids": {"main": os.getpid(), **{name: p.pid for name, p in srv.children.items()}},
         "version": srv.version,
     })
 

@@ -107,6 +107,7 @@ class SchedulerLoop:
             ipc.send(self.to_main, ControlReply(msg.request_id, True, self._stats_payload()))
         elif isinstance(msg, ShutdownReq):
             self._abort_all("server is shutting down")
+            ipc.send(self.to_detok, msg)  # the detokenizer stops after the last outputs
             self.running = False
 
     def _abort_all(self, message: str) -> None:
