@@ -30,9 +30,13 @@ def parse_server_args(argv: Sequence[str] | None, prog: str = "sglang-pd-server"
         values.update(_load_config(parser, config))
     values.update(ns)
     try:
-        return ServerArgs.from_kwargs(**values)
+        args = ServerArgs.from_kwargs(**values)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
+    if args.disaggregation_mode != "null" and args.disaggregation_transfer_backend == "fake":
+        parser.error("--disaggregation-transfer-backend fake moves KV inside one process (unit tests); "
+                     "separate prefill and decode servers need ucx")
+    return args
 
 
 def _load_config(parser: OneLineParser, path: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import logging
 import random
 from typing import Any
 
+from sglang_pd.disagg.factory import build_hooks
 from sglang_pd.generate_request import GenerateItem, request_seed
 from sglang_pd.model_runner import ModelRunner
 from sglang_pd.request_validation import validate_prompt
@@ -23,7 +24,7 @@ from sglang_pd.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 class EngineCore:
-    def __init__(self, args: ServerArgs) -> None:
+    def __init__(self, args: ServerArgs, transfer_hub: object | None = None) -> None:
         if not args.model_path:
             raise ValueError("model_path is required")
         self.args = args
@@ -32,6 +33,8 @@ class EngineCore:
         self.tokenizer: Any = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or args.model_path)
         self.runner = ModelRunner(args, self.model_config, self.runtime)
         num_pages = self.runner.num_pages
+        hooks = build_hooks(args, self.model_config, self.runtime.dtype, self.runtime.device,
+                            self.runner.kv_cache.buffer, transfer_hub)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 page_size=args.page_size,
@@ -40,10 +43,12 @@ class EngineCore:
                 max_prefill_tokens=args.max_prefill_tokens,
                 max_running_requests=args.max_running_requests or _default_max_running(num_pages),
                 schedule_policy=args.schedule_policy,
-                enable_radix_cache=not args.disable_radix_cache,
+                # D's pages arrive from P; prefix reuse on D is off (DESIGN §4, PD issue).
+                enable_radix_cache=not args.disable_radix_cache and args.disaggregation_mode != "decode",
             ),
             self.runner,
             StopChecker(self.model_config.eos_token_ids, self.runtime.context_length, self.tokenizer),
+            hooks,
         )
         self._seeds = random.Random(args.random_seed)
 
@@ -68,6 +73,9 @@ class EngineCore:
 
     def step(self) -> StepOutput:
         return self.scheduler.step()
+
+    def shutdown(self) -> None:
+        self.scheduler.hooks.shutdown()
 
     def pool_stats(self) -> dict[str, int]:
         kv = self.scheduler.kv

@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from sglang_pd.disagg.bootstrap_info import BootstrapInfo
 from sglang_pd.sampling.params import SamplingParams
 from sglang_pd.scheduler.req import LogprobRequest
 
@@ -21,6 +22,7 @@ class GenerateItem:
     params: SamplingParams
     logprob: LogprobRequest
     choice: int = 0  # index among the n choices of one prompt (offsets a fixed seed)
+    bootstrap: BootstrapInfo | None = None  # PD mode: where P is and which room
 
 
 def normalize_generate(

@@ -23,6 +23,7 @@ from sglang_pd.server.child_process import configure_logging
 from sglang_pd.server.detokenizer import run_detokenizer_process
 from sglang_pd.server.ipc import IpcPaths
 from sglang_pd.server.metrics import ServerMetrics
+from sglang_pd.server.registration import deregister, register
 from sglang_pd.server.scheduler_process import run_scheduler_process
 from sglang_pd.server.server_state import ServerState
 from sglang_pd.server.tokenizer_manager import TokenizerManager
@@ -82,8 +83,12 @@ async def serve(args: ServerArgs, paths: IpcPaths, children: dict[str, mp.proces
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(_watch_children(srv))
+    registration = asyncio.create_task(register(args)) if args.register_with else None
     await stop.wait()
     watcher.cancel()
+    if registration is not None:
+        registration.cancel()
+        await deregister(args)  # the router stops sending before we drain
     await drain(srv, runner)
     return 0
 

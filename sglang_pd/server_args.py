@@ -45,6 +45,13 @@ class ServerArgs:
     disable_radix_cache: bool = _f(False, "turn off prefix caching")
     attention_backend: str | None = _f(None, "torch (default on CPU); triton comes with the kernels", choices=ATTENTION_BACKENDS)
     skip_tokenizer_init: bool = _f(False, "no tokenizer: input_ids in, output_ids out")
+    # prefill/decode disaggregation
+    disaggregation_mode: str = _f("null", "null (colocated), prefill or decode", choices=("null", "prefill", "decode"))
+    disaggregation_bootstrap_port: int = _f(8998, "prefill: port of the bootstrap server decode workers ask for KV")
+    disaggregation_transfer_backend: str = _f("ucx", "KV transfer engine: ucx, or fake (in-process, tests only)", choices=("ucx", "fake"))
+    disaggregation_ib_device: str | None = _f(None, "UCX network device(s) for the KV transfer (sets UCX_NET_DEVICES), e.g. mlx5_0:1")
+    num_reserved_decode_tokens: int = _f(512, "decode: KV tokens reserved per admitted request beyond its prompt")
+    register_with: str | None = _f(None, "router URL to register this worker with once healthy (deregistered on SIGTERM)")
     # HTTP server
     host: str = _f("127.0.0.1", "address the HTTP server binds")
     port: int = _f(30000, "HTTP port")
@@ -72,6 +79,10 @@ class ServerArgs:
         _check_int("context_length", self.context_length, 1, optional=True)
         _check_int("max_prefill_tokens", self.max_prefill_tokens, 1)
         _check_int("random_seed", self.random_seed, 0)
+        _check_choice("disaggregation_mode", self.disaggregation_mode, ("null", "prefill", "decode"))
+        _check_choice("disaggregation_transfer_backend", self.disaggregation_transfer_backend, ("ucx", "fake"))
+        _check_int("disaggregation_bootstrap_port", self.disaggregation_bootstrap_port, 1)
+        _check_int("num_reserved_decode_tokens", self.num_reserved_decode_tokens, 0)
         _check_int("port", self.port, 1)
         if self.port > 65535:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")

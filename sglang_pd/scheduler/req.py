@@ -14,6 +14,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from sglang_pd.disagg.bootstrap_info import BootstrapInfo
 from sglang_pd.sampling.params import SamplingParams
 
 
@@ -76,6 +77,7 @@ class Req:
     params: SamplingParams
     seed: int  # the request's own seed, or one drawn at submission; drives every random draw
     logprob: LogprobRequest = field(default_factory=LogprobRequest)
+    bootstrap: BootstrapInfo | None = None  # PD mode only
     output_ids: list[int] = field(default_factory=list)
     status: ReqStatus = ReqStatus.WAITING
     num_computed_tokens: int = 0

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from sglang_pd.disagg.hooks import NullHooks, SchedulerHooks
 from sglang_pd.scheduler.batch import BatchPlan, BatchResult
 from sglang_pd.scheduler.kv_manager import ReqKVManager
 from sglang_pd.scheduler.plan_items import make_plan_item, record_result
@@ -44,7 +45,8 @@ class StepOutput:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, runner: BatchRunner, stop: StopChecker) -> None:
+    def __init__(self, cfg: SchedulerConfig, runner: BatchRunner, stop: StopChecker,
+                 hooks: SchedulerHooks | None = None) -> None:
         self.cfg = cfg
         self.runner = runner
         self.stop = stop
@@ -53,6 +55,8 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admission order; retraction takes from the end
         self.num_retractions = 0
+        self.hooks = hooks or NullHooks()
+        self.hooks.bind(self)
 
     # --- public API ----------------------------------------------------------------------------
     def submit(self, req: Req) -> Req | None:
@@ -63,10 +67,14 @@ class Scheduler:
                 f"request needs up to {need} tokens of KV (prompt {len(req.prompt_ids)} + max_new_tokens "
                 f"{req.params.max_new_tokens}) but the KV pool holds {self.kv.capacity_tokens}")))
             return req
-        self.waiting.append(req)
+        if not self.hooks.on_submit(req):
+            self.waiting.append(req)
         return None
 
     def abort(self, rid: str, message: str = "aborted") -> Req | None:
+        held = self.hooks.abort(rid, message)
+        if held is not None:
+            return held
         for req in list(self.waiting):
             if req.rid == rid:
                 self.waiting.remove(req)
@@ -74,15 +82,16 @@ class Scheduler:
                 return req
         for req in self.running:
             if req.rid == rid:
-                self._finish(req, FinishReason("abort", message=message))
+                self.finish(req, FinishReason("abort", message=message))
                 return req
         return None
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running) or self.hooks.has_work()
 
     def step(self) -> StepOutput:
         out = StepOutput()
+        self.hooks.before_step(out)
         scheduled = self._plan(out)
         if not scheduled:
             return out
@@ -91,13 +100,18 @@ class Scheduler:
         for (req, n), res in zip(scheduled, result.items):
             start = req.num_computed_tokens
             req.num_computed_tokens += n
-            if record_result(req, start, res):
+            got_token = record_result(req, start, res)
+            self.hooks.after_compute(req, start, n)
+            if got_token and not self.hooks.take_over(req):
                 out.updated.append(req)
-                reason = self.stop.check(req)
-                if reason is not None:
-                    self._finish(req, reason)
-                    out.finished.append(req)
+                self.check_stop(req, out)
         return out
+
+    def check_stop(self, req: Req, out: StepOutput) -> None:
+        reason = self.stop.check(req)
+        if reason is not None:
+            self.finish(req, reason)
+            out.finished.append(req)
 
     # --- planning ------------------------------------------------------------------------------
     def _plan(self, out: StepOutput) -> list[tuple[Req, int]]:
@@ -133,17 +147,22 @@ class Scheduler:
             victim = self.running[-1]
             if victim is req and len(self.running) == 1:
                 # Cannot happen for requests admitted by submit(); kept as a loud, non-fatal guard.
-                self._finish(req, FinishReason("abort", message="KV pool exhausted by a single request"))
+                self.finish(req, FinishReason("abort", message="KV pool exhausted by a single request"))
                 out.finished.append(req)
                 return False, retracted
-            self._retract(victim)
+            self._retract(victim, out)
             retracted = True
             if victim is req:
                 return False, retracted
         return True, retracted
 
-    def _retract(self, req: Req) -> None:
+    def _retract(self, req: Req, out: StepOutput) -> None:
         """Preempt: free the pages (full ones stay cached) and requeue first; recomputed later."""
+        reason = self.hooks.on_retract(req)
+        if reason is not None:
+            self.finish(req, reason)
+            out.finished.append(req)
+            return
         self.running.remove(req)
         self.kv.release(req)
         req.set_status(ReqStatus.WAITING)
@@ -177,7 +196,7 @@ class Scheduler:
             scheduled.append((req, n))
             budget -= n
 
-    def _finish(self, req: Req, reason: FinishReason) -> None:
+    def finish(self, req: Req, reason: FinishReason) -> None:
         if req in self.running:
             self.running.remove(req)
             self.kv.release(req)

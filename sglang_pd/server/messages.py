@@ -17,6 +17,7 @@ from typing import Any
 
 import msgpack
 
+from sglang_pd.disagg.bootstrap_info import BootstrapInfo
 from sglang_pd.sampling.params import SamplingParams
 from sglang_pd.scheduler.req import LogprobRequest
 
@@ -30,6 +31,16 @@ class TokenizedGenerateReq:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
+
+    @property
+    def bootstrap(self) -> BootstrapInfo | None:
+        if self.bootstrap_room is None:
+            return None
+        assert self.bootstrap_host is not None and self.bootstrap_port is not None
+        return BootstrapInfo(self.bootstrap_host, self.bootstrap_port, self.bootstrap_room)
 
     @property
     def params(self) -> SamplingParams:
@@ -81,6 +92,7 @@ class TokenOut:
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
     stop: list[str] = field(default_factory=list)  # stop strings: the detokenizer holds back partial matches
+    kv_transfer: dict[str, Any] | None = None  # PD: {bytes, ms, gb_per_s} with the final message
 
 
 @dataclass(frozen=True)
@@ -141,6 +153,7 @@ class SchedulerStats:
     cache_hit_rate: float  # cached prompt tokens / prompt tokens, over admitted requests
     num_retractions: int
     pool: dict[str, int]
+    disagg: dict[str, Any] = field(default_factory=dict)  # PD queue gauges and failure counters
 
 
 _TYPES: dict[str, type] = {

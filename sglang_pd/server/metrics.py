@@ -26,6 +26,27 @@ class ServerMetrics:
         self.itl = Histogram("sglang:inter_token_latency_seconds", "Time between tokens", labels, buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("sglang:e2e_request_latency_seconds", "End-to-end latency", labels, buckets=LATENCY_BUCKETS, registry=r)
         self.labels = {"model_name": model_name}
+        # prefill/decode disaggregation (DESIGN §4.5)
+        self.pd_gauges = {
+            name: Gauge(f"sglang:{name}", help_text, labels, registry=r)
+            for name, help_text in (
+                ("num_prefill_prealloc_queue_reqs", "Prefill: requests waiting for their decode worker to register"),
+                ("num_prefill_inflight_queue_reqs", "Prefill: requests whose KV is being sent"),
+                ("num_decode_prealloc_queue_reqs", "Decode: requests waiting for KV pages"),
+                ("num_decode_transfer_queue_reqs", "Decode: requests receiving KV"),
+            )
+        }
+        self.pd_counters = {
+            "num_bootstrap_failed_reqs": Counter("sglang:num_bootstrap_failed_reqs", "Rooms whose bootstrap failed", labels, registry=r),
+            "num_transfer_failed_reqs": Counter("sglang:num_transfer_failed_reqs", "Rooms whose KV transfer failed", labels, registry=r),
+        }
+        self._pd_counts: dict[str, int] = {}
+        self.kv_latency = Histogram("sglang:kv_transfer_latency_ms", "KV handoff time per request (ms)", labels,
+                                    buckets=(0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000), registry=r)
+        self.kv_speed = Histogram("sglang:kv_transfer_speed_gb_s", "KV handoff speed per request (GB/s)", labels,
+                                  buckets=(0.01, 0.1, 0.5, 1, 5, 10, 25, 50, 100, 200, 400), registry=r)
+        self.kv_total = Histogram("sglang:kv_transfer_total_mb", "KV bytes per request (MB)", labels,
+                                  buckets=(0.1, 1, 8, 32, 128, 256, 512, 1024, 4096), registry=r)
 
     def set_scheduler_stats(self, running: int, queued: int, token_usage: float, hit_rate: float, retractions: int) -> None:
         self.num_running_reqs.labels(**self.labels).set(running)
@@ -33,6 +54,22 @@ class ServerMetrics:
         self.token_usage.labels(**self.labels).set(token_usage)
         self.cache_hit_rate.labels(**self.labels).set(hit_rate)
         self.num_retractions.labels(**self.labels).set(retractions)
+
+    def set_disagg_stats(self, stats: dict[str, int]) -> None:
+        for name, gauge in self.pd_gauges.items():
+            if name in stats:
+                gauge.labels(**self.labels).set(stats[name])
+        for name, counter in self.pd_counters.items():
+            if name in stats:  # the scheduler reports running totals; counters move by the difference
+                delta = stats[name] - self._pd_counts.get(name, 0)
+                if delta > 0:
+                    counter.labels(**self.labels).inc(delta)
+                self._pd_counts[name] = stats[name]
+
+    def kv_transfer(self, meta: dict[str, float]) -> None:
+        self.kv_latency.labels(**self.labels).observe(meta["ms"])
+        self.kv_speed.labels(**self.labels).observe(meta["gb_per_s"])
+        self.kv_total.labels(**self.labels).observe(meta["bytes"] / 1e6)
 
     def first_token(self, ttft: float) -> None:
         self.ttft.labels(**self.labels).observe(ttft)

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from sglang_pd.disagg.bootstrap_info import attach_bootstrap
 from sglang_pd.generate_request import normalize_generate
 from sglang_pd.server.errors import APIError
 from sglang_pd.server.http_common import end_sse, read_json, send_event, start_sse
@@ -33,6 +34,7 @@ async def build_requests(srv: ServerState, body: dict[str, Any]) -> tuple[list[T
             prompt, body.get("input_ids"), body.get("sampling_params"), body.get("return_logprob", False),
             body.get("logprob_start_len", -1), body.get("top_logprobs_num", 0), body.get("rid"),
         )
+        items = attach_bootstrap(items, body)
     except ValueError as e:
         raise APIError(400, str(e)) from e
     srv.tm.check_capacity(len(items))

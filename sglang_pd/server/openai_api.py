@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from sglang_pd.disagg.bootstrap_info import attach_bootstrap
 from sglang_pd.generate_request import GenerateItem
 from sglang_pd.server.errors import APIError
 from sglang_pd.server.http_common import end_sse, read_json, send_event, start_sse
@@ -43,8 +44,13 @@ class StreamEmitter(Protocol):
 
 
 # --- running requests ----------------------------------------------------------------------------
-async def submit(srv: ServerState, items: Sequence[GenerateItem], prompt_param: str) -> list[TokenizedGenerateReq]:
+async def submit(srv: ServerState, items: Sequence[GenerateItem], prompt_param: str,
+                 body: dict[str, Any]) -> list[TokenizedGenerateReq]:
     """Validate every choice (400s, 503s) before anything runs or any header is sent."""
+    try:
+        items = attach_bootstrap(items, body)  # PD: choice k uses room + k
+    except ValueError as e:
+        raise APIError(400, str(e), "bootstrap_room") from e
     srv.tm.check_capacity(len(items))
     try:
         reqs = [await srv.tm.make_request(it) for it in items]
@@ -90,10 +96,11 @@ async def stream_response(request: web.Request, srv: ServerState, reqs: Sequence
 # --- handlers --------------------------------------------------------------------------------------
 async def completions(request: web.Request) -> web.StreamResponse:
     srv = ready_state(request)
-    req = parse_completion(await read_json(request), srv.args.model_name)
+    body = await read_json(request)
+    req = parse_completion(body, srv.args.model_name)
     prompt_ids = [p if isinstance(p, tuple) else tuple(await srv.tm.tokenize(p)) for p in req.prompts]
     prompt_texts = [await _prompt_text(srv, p) for p in req.prompts] if req.echo else [""] * len(req.prompts)
-    reqs = await submit(srv, req.items(prompt_ids), "prompt")
+    reqs = await submit(srv, req.items(prompt_ids), "prompt", body)
     meta = ResponseMeta(f"cmpl-{req.opts.rid}", "text_completion", int(time.time()), srv.args.model_name,
                         req.opts.include_usage)
     texts = TokenTexts(srv.tm.tokenizer)
@@ -113,9 +120,10 @@ async def _prompt_text(srv: ServerState, prompt: str | tuple[int, ...]) -> str:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     srv = ready_state(request)
-    req = parse_chat(await read_json(request), srv.args.model_name, srv.tm.context_length)
+    body = await read_json(request)
+    req = parse_chat(body, srv.args.model_name, srv.tm.context_length)
     prompt_ids = await srv.tm.apply_chat_template(list(req.messages), **req.template_kwargs)
-    reqs = await submit(srv, req.items(prompt_ids, srv.tm.context_length), "messages")
+    reqs = await submit(srv, req.items(prompt_ids, srv.tm.context_length), "messages", body)
     meta = ResponseMeta(f"chatcmpl-{req.opts.rid}", "chat.completion", int(time.time()), srv.args.model_name)
     texts = TokenTexts(srv.tm.tokenizer)
     if req.opts.stream:

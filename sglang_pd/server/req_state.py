@@ -40,6 +40,7 @@ class ReqState:
     output_top_logprobs: list[list[list[Any]]] = field(default_factory=list)
     input_token_logprobs: list[list[Any]] | None = None
     input_top_logprobs: list[Any] | None = None
+    kv_transfer: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:
@@ -56,6 +57,8 @@ class ReqState:
             self.input_token_logprobs = t.input_token_logprobs
             self.input_top_logprobs = t.input_top_logprobs
         self.finish_reason = t.finish_reason
+        if t.kv_transfer is not None:
+            self.kv_transfer = t.kv_transfer
         return GenerateChunk(out.text_delta, t.new_token_ids, t.output_token_logprobs, t.output_top_logprobs,
                              self.finished, self)
 
@@ -68,6 +71,8 @@ class ReqState:
             "cached_tokens": self.cached_tokens,
             "e2e_latency": time.perf_counter() - self.created,
         }
+        if self.kv_transfer is not None:
+            meta["kv_transfer"] = self.kv_transfer
         if self.return_logprob:
             meta["input_token_logprobs"] = self.input_token_logprobs or []
             meta["output_token_logprobs"] = self.output_token_logprobs

@@ -91,7 +91,8 @@ class SchedulerLoop:
     # --- messages --------------------------------------------------------------------------------
     def handle(self, msg: Any) -> None:
         if isinstance(msg, TokenizedGenerateReq):
-            req = Req(rid=msg.rid, prompt_ids=list(msg.input_ids), params=msg.params, seed=msg.seed, logprob=msg.logprob)
+            req = Req(rid=msg.rid, prompt_ids=list(msg.input_ids), params=msg.params, seed=msg.seed,
+                      logprob=msg.logprob, bootstrap=msg.bootstrap)
             self.prompt_tokens += len(req.prompt_ids)
             failed = self.core.submit(req)
             if failed is not None:
@@ -108,6 +109,7 @@ class SchedulerLoop:
         elif isinstance(msg, ShutdownReq):
             self._abort_all("server is shutting down")
             ipc.send(self.to_detok, msg)  # the detokenizer stops after the last outputs
+            self.core.shutdown()
             self.running = False
 
     def _abort_all(self, message: str) -> None:
@@ -147,6 +149,7 @@ class SchedulerLoop:
             spaces_between_special_tokens=p.spaces_between_special_tokens,
             no_stop_trim=p.no_stop_trim,
             stop=list(p.stop),
+            kv_transfer=self.core.scheduler.hooks.transfer_meta(req) if req.finished else None,
         )
 
     def _stats_payload(self) -> dict[str, Any]:
@@ -161,6 +164,7 @@ class SchedulerLoop:
             cache_hit_rate=self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
             num_retractions=sched.num_retractions,
             pool=pool,
+            disagg=sched.hooks.stats(),
         )
         return stats.__dict__
 

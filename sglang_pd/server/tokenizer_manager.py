@@ -116,9 +116,18 @@ class TokenizerManager:
             validate_prompt(ids, item.params, self.ready.context_length, self.ready.vocab_size, self.tokenizer is not None)
         except ValueError as e:
             raise APIError(400, str(e), "prompt") from e
-        lp = item.logprob
-        return TokenizedGenerateReq(item.rid, ids, item.params.to_dict(), request_seed(item, self._seeds),
-                                    lp.return_logprob, lp.top_logprobs_num, lp.start_len)
+        lp, boot = item.logprob, item.bootstrap
+        mode = self.args.disaggregation_mode
+        if mode != "null" and boot is None:
+            raise APIError(400, f"this is a {mode} server: requests need bootstrap_host, bootstrap_port and "
+                                "bootstrap_room (send them through the router)", "bootstrap_room")
+        if mode == "null":
+            boot = None  # a colocated server ignores bootstrap fields
+        return TokenizedGenerateReq(
+            item.rid, ids, item.params.to_dict(), request_seed(item, self._seeds), lp.return_logprob,
+            lp.top_logprobs_num, lp.start_len,
+            boot.host if boot else None, boot.port if boot else None, boot.room if boot else None,
+        )
 
     def check_capacity(self, new: int = 1) -> None:
         """503 while draining; 503 + Retry-After when the queue beyond the running batch is full."""
@@ -202,6 +211,8 @@ class TokenizerManager:
             else:
                 self.metrics.tokens(len(new_ids), now - (state.last_token_at or now))
             state.last_token_at = now
+        if finish is not None and state.kv_transfer is not None and state.kv_transfer.get("bytes"):
+            self.metrics.kv_transfer(state.kv_transfer)
         if finish is not None:
             self.metrics.finished(state.prompt_tokens, len(state.output_ids), state.cached_tokens, now - state.created,
                                   finish.get("type") == "abort")
@@ -213,6 +224,7 @@ class TokenizerManager:
                 self.stats = msg
                 self.metrics.set_scheduler_stats(msg.num_running_reqs, msg.num_queue_reqs, msg.token_usage,
                                                  msg.cache_hit_rate, msg.num_retractions)
+                self.metrics.set_disagg_stats(msg.disagg)
             elif isinstance(msg, ControlReply):
                 fut = self._replies.get(msg.request_id)
                 if fut is not None and not fut.done():

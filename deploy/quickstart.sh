@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Quick start: install sglang-pd, make a tiny local model, serve it, print ready-to-paste curl lines.
+#
+#   bash deploy/quickstart.sh [--port N] [--model-path DIR] [--no-install]
+#
+# Runs on a fresh Linux machine with Python 3.11+ and no GPU; nothing is downloaded except the
+# Python packages. The server stays in the foreground; Ctrl-C (or SIGTERM) drains and stops it.
+#
+# Options and environment:
+#   --port N          HTTP port of the cluster's entry point (env PORT, default 30000)
+#   --model-path DIR  serve this HF model directory instead of making a tiny one
+#   --no-install      skip the pip installs (the package is already installed)
+#   PYTHON            interpreter to use (default python3)
+#   MODEL_DIR         where the tiny model goes (default ${TMPDIR:-/tmp}/sglang-pd-tiny-llama)
+#   STARTUP_TIMEOUT   seconds to wait for /health (default 300)
+#
+# Layout: one function per step. Today the "cluster" is one colocated worker (start_worker with
+# role "server"); the PD setup becomes start_worker prefill + start_worker decode + start_router,
+# each tracked in PIDS/LOGS, with the health wait and the curl lines pointed at the router.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+PORT=${PORT:-30000}
+HOST=127.0.0.1
+MODEL_PATH=""
+INSTALL=1
+STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-300}
+WORK_DIR=${TMPDIR:-/tmp}
+MODEL_DIR=${MODEL_DIR:-$WORK_DIR/sglang-pd-tiny-llama}
+LOG_DIR=""
+PIDS=()   # every process this script started, in start order
+LOGS=()   # their log files, same order
+NAMES=()  # their roles, same order
+
+usage() { sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+say() { printf '[quickstart] %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+parse_args() {
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --port) [[ $# -ge 2 ]] || die "--port needs a value"; PORT=$2; shift 2 ;;
+            --port=*) PORT=${1#*=}; shift ;;
+            --model-path) [[ $# -ge 2 ]] || die "--model-path needs a value"; MODEL_PATH=$2; shift 2 ;;
+            --model-path=*) MODEL_PATH=${1#*=}; shift ;;
+            --no-install) INSTALL=0; shift ;;
+            -h|--help) usage; exit 0 ;;
+            *) die "unknown option $1 (see --help)" ;;
+        esac
+    done
+    [[ $PORT =~ ^[0-9]+$ ]] || die "--port must be a number, got '$PORT'"
+}
+
+install() {
+    [[ $INSTALL == 1 ]] || { say "skipping install (--no-install)"; return; }
+    command -v "$PY" >/dev/null || die "$PY not found; install Python 3.11+ or set PYTHON"
+    "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11+ needed, $PY is $("$PY" -V 2>&1)"
+    say "installing torch (CPU) and sglang-pd with $PY -m pip (a few minutes on a fresh machine)"
+    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+    # torch first: the local CPU wheel, so that the project's deps do not pull a CUDA build.
+    "$PY" -m pip install -q "torch==2.13.0"
+    (cd "$REPO" && "$PY" -m pip install -q -e .)
+}
+
+make_model() {
+    if [[ -n $MODEL_PATH ]]; then
+        [[ -f $MODEL_PATH/config.json ]] || die "--model-path $MODEL_PATH has no config.json"
+        return
+    fi
+    MODEL_PATH=$MODEL_DIR
+    if [[ -f $MODEL_PATH/config.json ]]; then
+        say "using the tiny model already at $MODEL_PATH"
+        return
+    fi
+    say "making a tiny random-weight llama model at $MODEL_PATH"
+    "$PY" -m sglang_pd.tools.make_tiny_model "$MODEL_PATH" --arch llama >/dev/null
+}
+
+require_free_port() {  # a port someone else holds would answer our /health polls
+    "$PY" - "$HOST" "$1" 2>/dev/null <<'EOF' || die "port $1 on $HOST is in use; pick another with --port"
+import socket, sys
+with socket.socket() as s:  # SO_REUSEADDR as aiohttp: TIME_WAIT leftovers are fine
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], int(sys.argv[2])))
+EOF
+}
+
+# start_worker ROLE PORT [extra launch_server flags...]: background a worker, remember pid and log.
+start_worker() {
+    local role=$1 port=$2 log
+    shift 2
+    require_free_port "$port"
+    log=$LOG_DIR/$role-$port.log
+    say "starting $role on http://$HOST:$port (log: $log)"
+    "$PY" -m sglang_pd.launch_server --model-path "$MODEL_PATH" --host "$HOST" --port "$port" "$@" >"$log" 2>&1 &
+    PIDS+=("$!")
+    LOGS+=("$log")
+    NAMES+=("$role")
+}
+
+http_status() {  # http_status URL -> the HTTP status code, 000 when nothing answers
+    "$PY" - "$1" <<'EOF'
+import sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=2) as r:
+        print(r.status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+except Exception:
+    print("000")
+EOF
+}
+
+fail_with_logs() {
+    say "error: $1"
+    local i
+    for i in "${!PIDS[@]}"; do
+        say "last lines of ${NAMES[$i]} log ${LOGS[$i]}:"
+        tail -n 30 "${LOGS[$i]}" >&2 || true
+    done
+    exit 1
+}
+
+# wait_healthy URL: poll URL/health until 200; fail loudly if a started process dies or time runs out.
+wait_healthy() {
+    local url=$1 deadline=$((SECONDS + STARTUP_TIMEOUT)) i
+    say "waiting for $url/health (up to ${STARTUP_TIMEOUT}s)"
+    while true; do
+        for i in "${!PIDS[@]}"; do
+            kill -0 "${PIDS[$i]}" 2>/dev/null || fail_with_logs "${NAMES[$i]} (pid ${PIDS[$i]}) exited during startup"
+        done
+        [[ $(http_status "$url/health") == 200 ]] && return
+        ((SECONDS < deadline)) || fail_with_logs "$url/health not ready after ${STARTUP_TIMEOUT}s"
+        sleep 1
+    done
+}
+
+print_examples() {
+    local url=$1 model=$2
+    cat <<EOF
+
+sglang-pd is serving $model at $url
+Try it (paste into another terminal):
+
+curl -s $url/generate -H 'Content-Type: application/json' -d '{"text": "The capital of France is", "sampling_params": {"temperature": 0, "max_new_tokens": 16}}'
+
+curl -s $url/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "$model", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'
+
+(A tiny model made here has random weights: expect random text.) Ctrl-C stops the server.
+EOF
+}
+
+stop_all() {  # SIGTERM everything started (last first: router before workers), then wait
+    trap - INT TERM EXIT
+    local i
+    [[ ${#PIDS[@]} -gt 0 ]] || return 0
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        kill -TERM "${PIDS[$i]}" 2>/dev/null || true
+    done
+    say "stopping (draining in-flight requests)"
+    wait || true
+}
+
+main() {
+    parse_args "$@"
+    install
+    make_model
+    LOG_DIR=$(mktemp -d "$WORK_DIR/sglang-pd-quickstart.XXXXXX")
+    trap stop_all EXIT
+    trap 'stop_all; exit 130' INT
+    trap 'stop_all; exit 143' TERM
+    start_worker server "$PORT"
+    wait_healthy "http://$HOST:$PORT"
+    # Names come from the server (its --served-model-name defaults to the model path).
+    print_examples "http://$HOST:$PORT" "$MODEL_PATH"
+    local rc=0
+    wait "${PIDS[0]}" || rc=$?
+    trap - EXIT
+    if [[ $rc -ne 0 ]]; then
+        fail_with_logs "server exited with status $rc"
+    fi
+    say "server exited"
+}
+
+main "$@"

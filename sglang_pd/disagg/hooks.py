@@ -1,0 +1,60 @@
+"""SchedulerHooks: the seam where prefill/decode disaggregation plugs into the one scheduler.
+
+The colocated server uses ``NullHooks``; ``disagg.prefill.PrefillHooks`` and
+``disagg.decode.DecodeHooks`` add their queues around the same continuous-batching loop, so P and D
+share every other line of the engine (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sglang_pd.scheduler.req import FinishReason, Req
+
+if TYPE_CHECKING:
+    from sglang_pd.scheduler.scheduler import Scheduler, StepOutput
+
+
+class SchedulerHooks:
+    """Default behaviour: nothing extra (colocated)."""
+
+    def bind(self, scheduler: "Scheduler") -> None:
+        self.sched = scheduler
+
+    def on_submit(self, req: Req) -> bool:
+        """True if the hook queued ``req`` itself (it reaches the scheduler's waiting queue later)."""
+        return False
+
+    def before_step(self, out: "StepOutput") -> None:
+        """Move requests between the hook's queues and the scheduler; report what changed in ``out``."""
+
+    def after_compute(self, req: Req, start: int, n: int) -> None:
+        """Positions [start, start + n) of ``req`` were just computed (and a token sampled if it reached the end)."""
+
+    def take_over(self, req: Req) -> bool:
+        """After ``req`` got a new token: True if the hook takes it out of the running batch."""
+        return False
+
+    def on_retract(self, req: Req) -> FinishReason | None:
+        """``req`` is being retracted: a reason to fail it instead of requeueing it."""
+        return None
+
+    def abort(self, rid: str, message: str) -> Req | None:
+        """Abort a request held in the hook's queues (None if not there)."""
+        return None
+
+    def has_work(self) -> bool:
+        return False
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def transfer_meta(self, req: Req) -> dict[str, Any] | None:
+        """meta_info["kv_transfer"] of a finished request (bytes, ms, GB/s)."""
+        return None
+
+    def shutdown(self) -> None:
+        pass
+
+
+NullHooks = SchedulerHooks
