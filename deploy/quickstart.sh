@@ -12,6 +12,7 @@
 #   --no-install      skip the pip installs (the package is already installed)
 #   PYTHON            interpreter to use (default python3)
 #   MODEL_DIR         where the tiny model goes (default ${TMPDIR:-/tmp}/sglang-pd-tiny-llama)
+#   SERVED_MODEL_NAME the API's model id (default tiny-llama, or the --model-path directory's name)
 #   STARTUP_TIMEOUT   seconds to wait for /health (default 300)
 #
 # Layout: one function per step. Today the "cluster" is one colocated worker (start_worker with
@@ -24,6 +25,7 @@ PY=${PYTHON:-python3}
 PORT=${PORT:-30000}
 HOST=127.0.0.1
 MODEL_PATH=""
+SERVED_NAME=${SERVED_MODEL_NAME:-}
 INSTALL=1
 STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-300}
 WORK_DIR=${TMPDIR:-/tmp}
@@ -33,7 +35,7 @@ PIDS=()   # every process this script started, in start order
 LOGS=()   # their log files, same order
 NAMES=()  # their roles, same order
 
-usage() { sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 say() { printf '[quickstart] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
@@ -57,7 +59,7 @@ install() {
     command -v "$PY" >/dev/null || die "$PY not found; install Python 3.11+ or set PYTHON"
     "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11+ needed, $PY is $("$PY" -V 2>&1)"
     say "installing torch (CPU) and sglang-pd with $PY -m pip (a few minutes on a fresh machine)"
-    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore
     # torch first: the local CPU wheel, so that the project's deps do not pull a CUDA build.
     "$PY" -m pip install -q "torch==2.13.0"
     (cd "$REPO" && "$PY" -m pip install -q -e .)
@@ -66,9 +68,11 @@ install() {
 make_model() {
     if [[ -n $MODEL_PATH ]]; then
         [[ -f $MODEL_PATH/config.json ]] || die "--model-path $MODEL_PATH has no config.json"
+        SERVED_NAME=${SERVED_NAME:-$(basename "$MODEL_PATH")}
         return
     fi
     MODEL_PATH=$MODEL_DIR
+    SERVED_NAME=${SERVED_NAME:-tiny-llama}
     if [[ -f $MODEL_PATH/config.json ]]; then
         say "using the tiny model already at $MODEL_PATH"
         return
@@ -140,15 +144,16 @@ print_examples() {
     local url=$1 model=$2
     cat <<EOF
 
-sglang-pd is serving $model at $url
+sglang-pd is serving $MODEL_PATH as "$model" at $url
 Try it (paste into another terminal):
 
 curl -s $url/generate -H 'Content-Type: application/json' -d '{"text": "The capital of France is", "sampling_params": {"temperature": 0, "max_new_tokens": 16}}'
 
 curl -s $url/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "$model", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'
 
-(A tiny model made here has random weights: expect random text.) Ctrl-C stops the server.
 EOF
+    [[ $MODEL_PATH != "$MODEL_DIR" ]] || echo "(The tiny model has random weights: expect random text.)"
+    echo "Ctrl-C stops the server."
 }
 
 stop_all() {  # SIGTERM everything started (last first: router before workers), then wait
@@ -170,17 +175,18 @@ main() {
     trap stop_all EXIT
     trap 'stop_all; exit 130' INT
     trap 'stop_all; exit 143' TERM
-    start_worker server "$PORT"
+    start_worker server "$PORT" --served-model-name "$SERVED_NAME" --enable-metrics
     wait_healthy "http://$HOST:$PORT"
-    # Names come from the server (its --served-model-name defaults to the model path).
-    print_examples "http://$HOST:$PORT" "$MODEL_PATH"
+    print_examples "http://$HOST:$PORT" "$SERVED_NAME"
+    serve_foreground
+}
+
+serve_foreground() {  # until Ctrl-C/SIGTERM (the traps) or until any started process exits
     local rc=0
-    wait "${PIDS[0]}" || rc=$?
-    trap - EXIT
-    if [[ $rc -ne 0 ]]; then
-        fail_with_logs "server exited with status $rc"
-    fi
-    say "server exited"
+    wait -n || rc=$?  # the only background jobs are the PIDS
+    [[ $rc -eq 0 ]] || fail_with_logs "a process exited with status $rc"
+    say "a process exited; stopping the rest"
+    exit 0  # the EXIT trap stops the others
 }
 
 main "$@"

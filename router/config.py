@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+import re
 from urllib.parse import urlsplit
 
 Role = Literal["regular", "prefill", "decode"]
 ROLES: tuple[Role, ...] = ("regular", "prefill", "decode")
 POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")
 DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's --disaggregation-bootstrap-port default
+_NETLOC = re.compile(r"[A-Za-z0-9._\-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -37,7 +39,7 @@ def normalize_url(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not parts.hostname or not _NETLOC.fullmatch(parts.netloc):
         raise ValueError(f"worker url must look like http://host:port, got {url!r}")
     try:
         parts.port  # noqa: B018 - raises on a malformed port

@@ -8,7 +8,8 @@ the tenants that were sent a prompt through it. A trailing partial block is igno
 Invariants and approximations:
 - ``match`` reports, per tenant, the characters of the longest prefix of whole blocks it was sent.
 - Each tenant keeps at most ``max_blocks`` nodes, evicted least-recently-used first; an access
-  refreshes every node on the prompt's path, so eviction takes the deepest/coldest paths first.
+  refreshes every node on the prompt's path leaf first, so a path loses its deepest nodes first.
+- A tenant's match stops at the first node on the path that no longer holds it.
 - Hash collisions can only mis-route a request, never break one: the tree is advice.
 """
 
@@ -44,13 +45,15 @@ class PrefixTree:
             tenants = self._nodes.get(node)
             if not tenants:
                 break
+            prev = (depth - 1) * self.block
             for t in tenants:
-                matched[t] = depth * self.block
+                if matched.get(t, 0) == prev:  # only contiguous paths count
+                    matched[t] = depth * self.block
         return matched
 
     def insert(self, key: str, tenant: str) -> None:
         lru = self._lru.setdefault(tenant, OrderedDict())
-        for node in self._path(key):
+        for node in reversed(self._path(key)):  # leaf first, so the root ends up most recent
             self._nodes.setdefault(node, set()).add(tenant)
             lru[node] = None
             lru.move_to_end(node)

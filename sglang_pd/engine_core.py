@@ -66,7 +66,8 @@ class EngineCore:
             ids = self.tokenizer.encode(item.text)
         p = item.params
         validate_prompt(ids, p, self.context_length, self.model_config.vocab_size, self.tokenizer is not None)
-        return Req(rid=item.rid, prompt_ids=ids, params=p, seed=request_seed(item, self._seeds), logprob=item.logprob)
+        return Req(rid=item.rid, prompt_ids=ids, params=p, seed=request_seed(item, self._seeds), logprob=item.logprob,
+                   bootstrap=item.bootstrap)
 
     def submit(self, req: Req) -> Req | None:
         return self.scheduler.submit(req)

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any
 
 
 class KVPoll(enum.IntEnum):
@@ -45,7 +46,7 @@ class EngineDescription:
     tp_size: int = 1
     layout_version: int = 1  # bump when the [L, 2, P, page, H, D] layout changes
 
-    def mismatch(self, other: "EngineDescription") -> str | None:
+    def mismatch(self, other: EngineDescription) -> str | None:
         """None if compatible; else a message naming every field that differs."""
         diffs = [f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
                  for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]

@@ -42,6 +42,7 @@ class SchedulerConfig:
 class StepOutput:
     updated: list[Req] = field(default_factory=list)  # got a new token this step
     finished: list[Req] = field(default_factory=list)
+    ran_batch: bool = False  # a forward ran (False: only queues moved, e.g. waiting for KV transfers)
 
 
 class Scheduler:
@@ -97,6 +98,7 @@ class Scheduler:
             return out
         plan = BatchPlan(tuple(make_plan_item(r, n, self.stop) for r, n in scheduled))
         result = self.runner.run(plan)
+        out.ran_batch = True
         for (req, n), res in zip(scheduled, result.items):
             start = req.num_computed_tokens
             req.num_computed_tokens += n

@@ -26,6 +26,7 @@ from sglang_pd.server_args import ServerArgs
 logger = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.5
 IDLE_POLL_MS = 50
+WAITING_POLL_MS = 1  # work exists but nothing ran (e.g. waiting on KV transfers): poll, don't spin
 
 
 def run_scheduler_process(args: ServerArgs, paths: ipc.IpcPaths) -> None:
@@ -74,10 +75,15 @@ class SchedulerLoop:
         self.running = True
 
     def run(self) -> None:
+        ran_batch = False
         while self.running:
-            busy = self.core.scheduler.has_work()
-            for msg in ipc.recv_all(self.inbox, 0 if busy else IDLE_POLL_MS):
+            if ran_batch:
+                timeout = 0
+            else:
+                timeout = WAITING_POLL_MS if self.core.scheduler.has_work() else IDLE_POLL_MS
+            for msg in ipc.recv_all(self.inbox, timeout):
                 self.handle(msg)
+            ran_batch = False
             if self.core.scheduler.has_work():
                 try:
                     out = self.core.step()
@@ -85,6 +91,7 @@ class SchedulerLoop:
                     logger.error("step failed; aborting the running batch\n%s", traceback.format_exc())
                     self._abort_all("internal error in the scheduler step")
                     continue
+                ran_batch = out.ran_batch
                 self._send_tokens(out.updated + [r for r in out.finished if r not in out.updated])
             self._maybe_send_stats()
 

@@ -33,7 +33,9 @@ def make_core(path: str, mode: str, hub, **kw) -> EngineCore:
 
 
 def run_pd(p: EngineCore, d: EngineCore, prompts: list[list[int]], sp: dict, *, logprob: LogprobRequest = LogprobRequest(),
-           timeout: float = 60.0) -> tuple[list[Req], list[Req]]:
+           timeout: float = 30.0, router_aborts: bool = False) -> tuple[list[Req], list[Req]]:
+    """Drive both schedulers until every request ends. ``router_aborts``: when a D request fails, abort
+    its P leg as the router does."""
     rng = random.Random(0)
     p_reqs, d_reqs = [], []
     for i, prompt in enumerate(prompts):
@@ -48,6 +50,10 @@ def run_pd(p: EngineCore, d: EngineCore, prompts: list[list[int]], sp: dict, *, 
         assert time.monotonic() < deadline, "PD run did not finish"
         p.step()
         d.step()
+        if router_aborts:
+            for dr, pr in zip(d_reqs, p_reqs):
+                if dr.finished and dr.finish_reason.type == "abort" and not pr.finished:
+                    p.scheduler.abort(pr.rid, "the decode leg failed")
     return p_reqs, d_reqs
 
 
@@ -111,7 +117,7 @@ def test_engine_mismatch_fails_alone_and_frees_pages(tiny_model_dir, hub):
     p = make_core(path, "prefill", hub, page_size=4)
     d = make_core(path, "decode", hub, page_size=8)
     try:
-        p_reqs, d_reqs = run_pd(p, d, [[1, 2, 3, 4, 5]], GREEDY)
+        p_reqs, d_reqs = run_pd(p, d, [[1, 2, 3, 4, 5]], GREEDY, router_aborts=True)
         assert d_reqs[0].finish_reason.type == "abort" and "mismatch" in d_reqs[0].finish_reason.message
         assert p_reqs[0].finish_reason.type == "abort"
         assert_idle(p)

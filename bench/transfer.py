@@ -1,0 +1,266 @@
+"""KV handoff benchmark: our P->D transfer (pack, UCX send, scatter) against torch's copy of the same bytes.
+
+    python bench/transfer.py                                   # 2 GPUs: P on cuda:0, D on cuda:1 (UCX cuda_ipc)
+    python bench/transfer.py --device cpu                      # CPU + UCX over TCP/shm, small shape (seconds)
+    python bench/transfer.py --tokens 256,2048,8192 --iters 10 --json bench/results/transfer.jsonl
+
+Two processes: this one runs the prefill engine, a spawned one the decode engine. For each prompt
+length, ``iters`` rooms (after ``warmup``) each move the whole prompt's KV in one ``send`` (pages drawn
+at random from each side's pool, as a busy cache would have them). Handoff = P's ``send`` call -> D
+sees Success (its pages hold the KV), on the host-wide monotonic clock; the median is reported.
+Ceiling, measured in the same run on the same bytes: GPU0 -> GPU1 ``copy_`` (2 GPUs), or a host
+memcpy (CPU). Also reported: pack alone (P, one gather) and unpack alone (D, one scatter).
+Default shape: Llama-3.1-8B (32 layers, 8 KV heads, head_dim 128, bf16, page 16 = 128 KiB/token);
+on CPU 4 layers unless --layers says otherwise. UCX_* env vars pass through (UCX_TLS, UCX_PROTO_INFO=y).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+if not __package__:  # python bench/transfer.py: this file's directory would shadow the `transfer` package
+    _here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from transfer import create_transfer
+from transfer.base import AuxRecord, DecodeTransfer, EngineDescription, KVPoll
+from transfer.config import TransferConfig
+from transfer.pack import chunk_nbytes, pack_pages, unpack_pages
+
+RESULT_TIMEOUT_S = 120.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                    help="auto: cuda when 2 GPUs are visible, else cpu")
+    ap.add_argument("--tokens", default="256,2048,8192", help="prompt lengths, comma-separated")
+    ap.add_argument("--layers", type=int, default=None, help="default 32 (4 on cpu)")
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--queue-size", type=int, default=4, help="staging slots (SGLANG_DISAGGREGATION_QUEUE_SIZE)")
+    ap.add_argument("--max-message-mb", type=float, default=TransferConfig().max_message_mb,
+                    help="largest data message; longer sends are split and pipelined (SGLANG_DISAGGREGATION_MAX_MESSAGE_MB)")
+    ap.add_argument("--json", default=None, help="append one JSON line with the results to this file")
+    args = ap.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "cpu"
+    if args.device == "cuda" and torch.cuda.device_count() < 2:
+        ap.error("--device cuda needs 2 visible GPUs")
+    if args.layers is None:
+        args.layers = 32 if args.device == "cuda" else 4
+    args.token_list = [int(t) for t in args.tokens.split(",") if t.strip()]
+    return args
+
+
+def describe(args: argparse.Namespace) -> EngineDescription:
+    return EngineDescription(model_id=f"bench:L{args.layers}", architecture="LlamaForCausalLM", dtype=args.dtype,
+                             num_layers=args.layers, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
+                             page_size=args.page_size)
+
+
+def make_kv(args: argparse.Namespace, device: torch.device, fill: bool) -> torch.Tensor:
+    num_pages = 2 * -(-max(args.token_list) // args.page_size) + 1  # twice the largest prompt: ids spread out
+    shape = (args.layers, 2, num_pages, args.page_size, args.kv_heads, args.head_dim)
+    dtype = getattr(torch, args.dtype)
+    kv = torch.empty(shape, dtype=dtype, device=device)
+    if fill:
+        kv.normal_()
+    else:
+        kv.zero_()
+    return kv
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        for i in range(torch.cuda.device_count()):  # a GPU0 -> GPU1 copy involves both
+            torch.cuda.synchronize(i)
+
+
+def time_op(fn: Any, device: torch.device, iters: int = 5) -> float:
+    """Median ms of ``fn`` (after one warm-up call)."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def copy_ceiling_gbs(nbytes: int, src: torch.device, dst: torch.device) -> float:
+    a = torch.empty(nbytes, dtype=torch.uint8, device=src).random_(0, 255)
+    b = torch.empty(nbytes, dtype=torch.uint8, device=dst)
+    ms = time_op(lambda: b.copy_(a), src if src.type == "cuda" else dst)
+    return nbytes / (ms * 1e6)
+
+
+def config(args: argparse.Namespace) -> TransferConfig:
+    return TransferConfig(queue_size=args.queue_size, bootstrap_timeout=60, waiting_timeout=60,
+                          heartbeat_interval=5, heartbeat_max_failure=3, max_message_mb=args.max_message_mb)
+
+
+# --- decode process ---------------------------------------------------------------------------------
+
+
+def decode_main(args: argparse.Namespace, inbox: Any, outbox: Any) -> None:
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    device = torch.device("cuda:1") if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    kv = make_kv(args, device, fill=False)
+    d = create_transfer("decode", "ucx", kv, describe(args), config(args), "", 0)
+    assert isinstance(d, DecodeTransfer)
+    d.start()
+    outbox.put(("ready",))
+    try:
+        while True:
+            cmd = inbox.get(timeout=RESULT_TIMEOUT_S)
+            if cmd[0] == "stop":
+                break
+            if cmd[0] == "room":
+                _, room, host, port, page_ids = cmd
+                d.register(room, host, port, page_ids)
+                while d.poll(room) not in (KVPoll.Success, KVPoll.Failed):
+                    time.sleep(2e-5)  # releases the GIL for the transfer threads
+                t_done = time.monotonic()
+                outbox.put(("done", room, int(d.poll(room)), t_done, d.failure(room), d.stats(room).ms))
+                d.release(room)
+            elif cmd[0] == "unpack":
+                _, n_pages = cmd
+                ids = torch.randperm(kv.shape[2], device=device)[:n_pages]
+                staging = torch.empty(chunk_nbytes(kv, n_pages) // kv.element_size(), dtype=kv.dtype, device=device)
+                outbox.put(("unpack", time_op(lambda ids=ids, st=staging: unpack_pages(kv, ids, st), device)))
+    finally:
+        d.shutdown()
+
+
+# --- prefill process (this one) -------------------------------------------------------------------
+
+
+def handoff(p: Any, kv: torch.Tensor, inbox: Any, outbox: Any, room: int, n_pages: int) -> dict[str, Any]:
+    p_ids = torch.randperm(kv.shape[2])[:n_pages].tolist()
+    d_ids = torch.randperm(kv.shape[2])[:n_pages].tolist()
+    p.poll(room)
+    outbox.put(("room", room, "127.0.0.1", p.bootstrap_port, d_ids))
+    deadline = time.monotonic() + RESULT_TIMEOUT_S
+    while p.poll(room) == KVPoll.Bootstrapping:
+        if time.monotonic() > deadline:
+            raise TimeoutError("decode did not register")
+        time.sleep(1e-4)
+    t_send = time.monotonic()
+    p.send(room, p_ids, 0, True, AuxRecord(first_token_id=1))
+    msg = inbox.get(timeout=RESULT_TIMEOUT_S)
+    assert msg[0] == "done" and msg[1] == room, msg
+    if msg[2] != KVPoll.Success:
+        raise RuntimeError(f"room {room} failed on decode: {msg[4]}")
+    while p.poll(room) not in (KVPoll.Success, KVPoll.Failed):
+        time.sleep(1e-4)
+    result = {"handoff_ms": (msg[3] - t_send) * 1e3, "p_stats_ms": p.stats(room).ms, "d_stats_ms": msg[5]}
+    p.release(room)
+    return result
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    p_dev = torch.device("cuda:0") if args.device == "cuda" else torch.device("cpu")
+    d_dev = torch.device("cuda:1") if args.device == "cuda" else torch.device("cpu")
+    if p_dev.type == "cuda":
+        torch.cuda.set_device(p_dev)
+    kv = make_kv(args, p_dev, fill=True)
+    page_bytes = chunk_nbytes(kv, 1)
+    pages = {t: -(-t // args.page_size) for t in args.token_list}
+    ceilings = {t: copy_ceiling_gbs(pages[t] * page_bytes, p_dev, d_dev) for t in args.token_list}
+    packs = {}
+    for t in args.token_list:
+        ids = torch.randperm(kv.shape[2], device=p_dev)[:pages[t]]
+        out = torch.empty(pages[t] * page_bytes // kv.element_size(), dtype=kv.dtype, device=p_dev)
+        packs[t] = time_op(lambda ids=ids, out=out: pack_pages(kv, ids, out), p_dev)
+    p = create_transfer("prefill", "ucx", kv, describe(args), config(args), "127.0.0.1", 0)
+    p.start()
+    ctx = mp.get_context("spawn")
+    to_d, from_d = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=decode_main, args=(args, to_d, from_d), name="bench-decode", daemon=True)
+    proc.start()
+    rows = []
+    try:
+        assert from_d.get(timeout=RESULT_TIMEOUT_S)[0] == "ready"
+        room = 1
+        for t in args.token_list:
+            samples = []
+            for i in range(args.warmup + args.iters):
+                res = handoff(p, kv, from_d, to_d, room, pages[t])
+                room += 1
+                if i >= args.warmup:
+                    samples.append(res)
+            to_d.put(("unpack", pages[t]))
+            unpack_ms = from_d.get(timeout=RESULT_TIMEOUT_S)[1]
+            nbytes = pages[t] * page_bytes
+            ms = statistics.median(s["handoff_ms"] for s in samples)
+            gbs = nbytes / (ms * 1e6)
+            rows.append({"tokens": t, "bytes": nbytes, "handoff_ms": ms, "gb_s": gbs, "ceiling_gb_s": ceilings[t],
+                         "pct_of_ceiling": 100 * gbs / ceilings[t], "pack_ms": packs[t], "unpack_ms": unpack_ms,
+                         "min_handoff_ms": min(s["handoff_ms"] for s in samples),
+                         "p_stats_ms": statistics.median(s["p_stats_ms"] for s in samples),
+                         "d_stats_ms": statistics.median(s["d_stats_ms"] for s in samples)})
+    finally:
+        to_d.put(("stop",))
+        proc.join(timeout=15)
+        if proc.is_alive():
+            proc.kill()
+        p.shutdown()
+    return rows
+
+
+def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    where = "GPU0 -> GPU1, UCX" if args.device == "cuda" else "CPU -> CPU, UCX (TCP/shm)"
+    ceiling = "torch copy_ GPU0->GPU1" if args.device == "cuda" else "host memcpy (torch copy_)"
+    print(f"KV handoff, {where}: {args.layers} layers x {args.kv_heads} KV heads x {args.head_dim} dims, "
+          f"{args.dtype}, page {args.page_size}; messages <= {args.max_message_mb:g} MiB; median of {args.iters}; "
+          f"ceiling = {ceiling}")
+    head = f"{'tokens':>7} {'bytes':>13} {'handoff ms':>11} {'GB/s':>8} {'ceiling GB/s':>13} {'% ceiling':>10} " \
+           f"{'pack ms':>8} {'unpack ms':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['tokens']:>7} {r['bytes']:>13,} {r['handoff_ms']:>11.3f} {r['gb_s']:>8.2f} {r['ceiling_gb_s']:>13.1f} "
+              f"{r['pct_of_ceiling']:>9.1f}% {r['pack_ms']:>8.3f} {r['unpack_ms']:>10.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = run(args)
+    print_table(args, rows)
+    if args.json:
+        record = {"bench": "transfer", "date": date.today().isoformat(), "device": args.device,
+                  "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+                  "shape": {"layers": args.layers, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
+                            "page_size": args.page_size, "dtype": args.dtype},
+                  "iters": args.iters, "queue_size": args.queue_size, "max_message_mb": args.max_message_mb,
+                  "ucx_env": {k: v for k, v in os.environ.items() if k.startswith("UCX_")}, "results": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

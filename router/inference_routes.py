@@ -1,0 +1,97 @@
+"""/generate, /v1/completions, /v1/chat/completions: validate, admit, plan, dispatch, respond.
+
+Order of checks (each a plain JSON error, before any worker is called): auth (middleware) -> body
+size and JSON (413/400) -> validation (400) -> admission (429/408) -> worker choice (503).
+Regular mode sends the client's body (plus the rid the router sets) to one worker; PD mode sends
+it to a P/D pair, split per choice when it holds several (``fanout``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from router.app_keys import DISPATCHER_KEY, REQUEST_ID, STATE_KEY
+from router.dispatch import Dispatcher
+from router.errors import APIError
+from router.fanout import Merger, fanout_stream, fanout_unary, needs_split, split_generate, split_openai
+from router.jobs import Job, client_rid, strip_rid
+from router.responder import leg_error_response, send_stream, send_unary
+from router.state import RouterState
+from router.upstream import LegError
+from router.validation import PARSERS, Kind, Parsed
+
+ROUTES: dict[str, Kind] = {"/generate": "generate", "/v1/completions": "completions", "/v1/chat/completions": "chat"}
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or 400 (malformed) / 413 (too large)."""
+    limit = request.app[STATE_KEY].config.max_payload_size
+    if request.content_length is not None and request.content_length > limit:
+        raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise APIError(413, f"request body exceeds the limit of {limit} bytes") from e
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"malformed JSON body: {e}") from e
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def single_job(route: str, body: dict[str, Any], parsed: Parsed, request_id: str, pd: bool) -> Job:
+    rid = client_rid(body, len(parsed.n), parsed.is_batch)
+    merge = None
+    if pd and parsed.input_logprobs[0]:
+        merge = "generate" if parsed.kind == "generate" else "completions"
+    return Job(route, strip_rid(body), rid, parsed.n, parsed.stream, parsed.routing_key, merge, request_id)
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    state: RouterState = request.app[STATE_KEY]
+    dispatcher: Dispatcher = request.app[DISPATCHER_KEY]
+    route = request.path
+    started = time.perf_counter()
+    body = await read_json(request)
+    parsed = PARSERS[ROUTES[route]](body)
+    request_id: str = request[REQUEST_ID]
+    headers = {"x-request-id": request_id}
+    if state.shutting_down:
+        raise APIError(503, "the router is shutting down", retry_after=5)
+    async with state.admission.slot():
+        try:
+            if state.config.pd_disaggregation and needs_split(parsed):
+                return await _split(request, state, dispatcher, route, body, parsed, headers, started)
+            job = single_job(route, body, parsed, request_id, state.config.pd_disaggregation)
+            if parsed.stream:
+                return await send_stream(request, dispatcher.stream(job), route, state.metrics, started, headers)
+            raw, ctype = await dispatcher.unary(job)
+            return await send_unary(raw, ctype, headers)
+        except LegError as e:
+            return leg_error_response(e, headers)
+        finally:
+            state.metrics.duration.labels(route).observe(time.perf_counter() - started)
+
+
+async def _split(request: web.Request, state: RouterState, dispatcher: Dispatcher, route: str, body: dict[str, Any],
+                 parsed: Parsed, headers: dict[str, str], started: float) -> web.StreamResponse:
+    request_id = headers["x-request-id"]
+    if parsed.kind == "generate":
+        jobs, base = split_generate(route, body, parsed, request_id), None
+    else:
+        jobs, base = split_openai(route, body, parsed, request_id)
+    merger = Merger(parsed, base, parsed.n)
+    if parsed.stream:
+        return await send_stream(request, fanout_stream(dispatcher, jobs, merger), route, state.metrics, started, headers)
+    return await send_unary(await fanout_unary(dispatcher, jobs, merger), "application/json", headers)
+
+
+def register(app: web.Application) -> None:
+    for path in ROUTES:
+        app.router.add_post(path, handle)

@@ -1,0 +1,114 @@
+"""A ``Job``: one body the router sends to one worker (regular mode) or to one P/D pair (PD mode).
+
+Request ids: the router always sets ``rid`` so it can abort what it started. The client's rid is
+kept; otherwise a fresh hex id is drawn. A retry (attempt k > 0) sends ``{rid}-retry{k}`` so it can
+never collide with the attempt it replaces, which may still be winding down on the same worker.
+``worker_rids`` names every request the body creates on a worker, the way the worker names them
+(DESIGN §5 / the worker's ``normalize_generate`` and ``choice_rid``): a /generate item with n > 1
+makes ``{rid}-{c}``; an OpenAI body with several choices makes ``{rid}-{k}``.
+
+PD fields (DESIGN §4.1): ``bootstrap_host`` = P's host, ``bootstrap_port`` = P's bootstrap port,
+``bootstrap_room`` uniform in [0, 2^63), fresh per attempt. A PD job always holds exactly one choice
+(``fanout`` splits the rest), so the three fields are always scalars. P gets the same body except
+that it is never asked to stream (``stream: false``, no ``stream_options``): its answer is the one
+token the router reads whole, for errors and prompt logprobs; D gets the client's body as is.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from router.config import url_host
+from router.worker import Worker
+
+ROOM_BOUND = 1 << 63
+Merge = Literal["generate", "completions"] | None
+
+
+@dataclass(frozen=True)
+class Job:
+    route: str  # the client's path, also the worker path and the metrics label
+    body: Mapping[str, Any]  # the client's body (or one fan-out share of it), rid excluded
+    rid: str | tuple[str, ...]  # base rid(s): a tuple for a /generate batch (one per item)
+    choices: tuple[int, ...]  # choices per item (n), to name the worker's requests
+    stream: bool
+    key: str  # routing key for cache_aware
+    merge: Merge  # PD: put P's prompt logprobs into D's answer
+    request_id: str
+
+    @property
+    def openai(self) -> bool:
+        return self.route != "/generate"
+
+    def rid_for(self, attempt: int) -> str | tuple[str, ...]:
+        if attempt == 0:
+            return self.rid
+        if isinstance(self.rid, tuple):
+            return tuple(f"{r}-retry{attempt}" for r in self.rid)
+        return f"{self.rid}-retry{attempt}"
+
+    def encode(self, attempt: int, prefill: Worker | None, rng: random.Random) -> Encoded:
+        rid = self.rid_for(attempt)
+        body = {**self.body, "rid": list(rid) if isinstance(rid, tuple) else rid}
+        rids = worker_rids(rid, self.choices, self.openai)
+        if prefill is None:
+            return Encoded(_dumps(body), None, rids)
+        body["bootstrap_host"] = url_host(prefill.url)
+        body["bootstrap_port"] = prefill.spec.bootstrap_port
+        body["bootstrap_room"] = rng.randrange(ROOM_BOUND)
+        data = _dumps(body)
+        if not body.get("stream"):
+            return Encoded(data, data, rids)
+        p_body = {k: v for k, v in body.items() if k != "stream_options"}
+        p_body["stream"] = False
+        return Encoded(data, _dumps(p_body), rids)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One attempt's bytes: D's (or the regular worker's) body, P's body (PD only), the rids they create."""
+
+    data: bytes
+    prefill_data: bytes | None
+    rids: tuple[str, ...]
+
+
+def _dumps(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+def worker_rids(rid: str | tuple[str, ...], choices: tuple[int, ...], openai: bool) -> tuple[str, ...]:
+    if openai:
+        assert isinstance(rid, str)
+        total = sum(choices)
+        return (rid,) if total == 1 else tuple(f"{rid}-{k}" for k in range(total))
+    bases = rid if isinstance(rid, tuple) else (rid,) * len(choices)
+    out: list[str] = []
+    for base, n in zip(bases, choices):
+        out.extend([base] if n == 1 else [f"{base}-{c}" for c in range(n)])
+    return tuple(out)
+
+
+def new_rid() -> str:
+    return uuid.uuid4().hex
+
+
+def client_rid(body: Mapping[str, Any], items: int, is_batch: bool) -> str | tuple[str, ...]:
+    """The client's rid(s), or fresh ones: a tuple (one per item) for a /generate batch."""
+    given = body.get("rid")
+    if is_batch:
+        if isinstance(given, list):
+            return tuple(given)
+        if isinstance(given, str):  # one rid for many items: the worker would clash; number them
+            return tuple(f"{given}-{i}" for i in range(items))
+        return tuple(new_rid() for _ in range(items))
+    return given if isinstance(given, str) else new_rid()
+
+
+def strip_rid(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k != "rid"}

@@ -1,0 +1,277 @@
+"""One attempt of one Job: a call to a regular worker, or to a prefill/decode pair at once (DESIGN §4.1).
+
+``Leg`` is one worker call: it holds the worker's active slot from creation until ``finish`` and
+reports the outcome to the worker's circuit breaker (transport failures also ``poke`` the health
+checker). ``PairCall`` runs the decode leg (the regular worker in regular mode) in the caller's task
+and the prefill leg as a background task, concurrently:
+- D's answer is what the client gets; it is forwarded as whole SSE events as soon as they arrive.
+  Only when the client asked for prompt logprobs does the first D event wait for P's answer (D
+  cannot produce a token before P's prefill, so this costs next to nothing).
+- P failing aborts D at once (``POST /abort_request`` + closing D's connection) and the attempt
+  fails with P's error; D failing, or the client leaving, aborts P (and D) the same way.
+- After D finished, a P leg still running is left to finish on its own (never aborted: D's answer
+  is complete, P's late answer is only released).
+Invariant: when ``close`` returns, every leg is finished (slot released) or owned by a background
+task that will finish it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from router import sse
+from router.errors import error_body
+from router.jobs import Encoded, Job
+from router.logprob_merge import PromptLogprobPatcher, merge_generate
+from router.state import RouterState
+from router.upstream import RETRYABLE_STATUS, LegError, status_error, transport_error
+from router.worker import Worker
+
+logger = logging.getLogger(__name__)
+_NET_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+class Leg:
+    def __init__(self, state: RouterState, worker: Worker, rids: tuple[str, ...]) -> None:
+        self.state = state
+        self.worker = worker
+        self.rids = rids
+        self.done = False
+        worker.acquire()
+
+    def finish(self, error: LegError | None) -> None:
+        """The call ended: ok (None) or failed. Idempotent."""
+        if self.done:
+            return
+        self.done = True
+        self.worker.release()
+        if error is None or not error.worker_fault:
+            self.worker.breaker.record_success()
+            return
+        self.worker.breaker.record_failure()
+        if error.transport:
+            self.state.health.poke(self.worker.url)
+
+    def abort(self, reason: str) -> None:
+        """Tell the worker to drop our requests; the outcome counts neither way."""
+        if self.done:
+            return
+        self.done = True
+        self.worker.release()
+        self.state.upstream.abort(self.worker, self.rids)
+        self.state.metrics.aborts.labels(self.worker.role, reason).inc()
+
+
+class PairCall:
+    def __init__(self, state: RouterState, job: Job, prefill: Worker | None, decode: Worker, sent: Encoded) -> None:
+        self.state = state
+        self.job = job
+        self.sent = sent
+        self.d = Leg(state, decode, sent.rids)
+        self.p = Leg(state, prefill, sent.rids) if prefill is not None else None
+        self.p_task: asyncio.Task[Any] | None = None
+        self.p_error: LegError | None = None
+        self.d_open: asyncio.Task[aiohttp.ClientResponse] | None = None
+        self.d_resp: aiohttp.ClientResponse | None = None
+        self.succeeded = False
+
+    # --- prefill leg -------------------------------------------------------------------------------
+    def _start_prefill(self) -> None:
+        if self.p is not None and self.p_task is None:
+            self.p_task = asyncio.get_running_loop().create_task(self._prefill())
+            self.p_task.add_done_callback(self._prefill_done)
+
+    async def _prefill(self) -> Any:
+        assert self.p is not None
+        worker = self.p.worker
+        assert self.sent.prefill_data is not None
+        resp = await self.state.upstream.post(worker, self.job.route, self.sent.prefill_data, self.job.request_id)
+        try:
+            raw = await resp.read()
+        except _NET_ERRORS as e:
+            raise transport_error(worker, e) from e
+        finally:
+            resp.release()
+        if resp.status != 200:
+            raise status_error(worker, resp.status, raw)
+        return answer_of(worker, raw, resp.content_type)
+
+    def _prefill_done(self, task: asyncio.Task[Any]) -> None:
+        assert self.p is not None
+        if task.cancelled():
+            return
+        err = task.exception()
+        if err is None:
+            self.p.finish(None)
+            return
+        self.p_error = err if isinstance(err, LegError) else LegError(
+            500, f"prefill call failed: {err!r}", retryable=True, worker=self.p.worker)
+        self.p.finish(self.p_error)
+        if not self.d.done:  # fail D at once instead of letting it wait for KV that never comes
+            self.d.abort("prefill_failed")
+            if self.d_resp is not None:
+                self.d_resp.close()
+
+    async def _prefill_answer(self) -> Any:
+        assert self.p_task is not None
+        try:
+            return await asyncio.shield(self.p_task)
+        except LegError:
+            raise self.p_error or LegError(500, "prefill failed", retryable=True) from None
+
+    # --- decode leg --------------------------------------------------------------------------------
+    async def _open_decode(self) -> aiohttp.ClientResponse:
+        up, worker = self.state.upstream, self.d.worker
+        self.d_open = asyncio.get_running_loop().create_task(up.post(worker, self.job.route, self.sent.data, self.job.request_id))
+        waiting: set[asyncio.Future[Any]] = {self.d_open}
+        if self.p_task is not None:
+            waiting.add(self.p_task)
+        while not self.d_open.done():
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if self.p_error is not None:
+                raise self.p_error
+            waiting = {self.d_open}
+        self.d_resp = self.d_open.result()
+        if self.d_resp.status != 200:
+            raw = await self._read(self.d_resp)
+            raise status_error(worker, self.d_resp.status, raw)
+        return self.d_resp
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        try:
+            return await resp.read()
+        except _NET_ERRORS as e:
+            raise self.p_error or transport_error(self.d.worker, e) from e
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """Whole SSE events of D's answer (P's prompt logprobs merged in when asked)."""
+        self._start_prefill()
+        resp = await self._open_decode()
+        splitter, first = sse.EventSplitter(), True
+        merge = self._stream_merger()
+        try:
+            async for chunk in resp.content.iter_any():
+                blob = splitter.feed(chunk)
+                if not blob:
+                    continue
+                if first:
+                    first_error(self.d.worker, blob)
+                    first = False
+                self._watch_errors(blob)
+                yield await merge(blob) if merge else blob
+            tail = splitter.rest()
+            if tail:
+                yield await merge(tail) if merge else tail
+        except _NET_ERRORS as e:
+            raise self.p_error or transport_error(self.d.worker, e) from e
+        if self.p_error is not None and self.d.done:  # P failed and aborted D before D's end
+            raise self.p_error
+        self.d.finish(None)
+        self.succeeded = True
+
+    def _stream_merger(self) -> Any:
+        if self.job.merge is None or self.p_task is None:
+            return None
+        patcher: PromptLogprobPatcher | None = None
+
+        async def merge(blob: bytes) -> bytes:
+            nonlocal patcher
+            answer = await self._prefill_answer()
+            if self.job.merge == "generate":
+                return sse.map_events(blob, lambda p: (merge_generate(p, answer), p)[1])
+            patcher = patcher or PromptLogprobPatcher(answer)
+            return sse.map_events(blob, lambda p: (patcher.patch(p), p)[1])  # type: ignore[union-attr]
+
+        return merge
+
+    def _watch_errors(self, blob: bytes) -> None:
+        """An error event inside D's stream (after the first) fails the leg; the client sees it as is."""
+        if b'{"error"' not in blob:
+            return
+        for payload in sse.payloads(blob):
+            err = sse.error_of(payload)
+            if err is not None:
+                self.d.finish(LegError(err[0], err[1], retryable=False, worker=self.d.worker))
+                return
+
+    async def unary(self) -> tuple[bytes, str]:
+        """D's whole answer (body, content type), P's prompt logprobs merged in when asked."""
+        self._start_prefill()
+        resp = await self._open_decode()
+        raw = await self._read(resp)
+        if self.p_error is not None and self.d.done:  # P failed and aborted D: D's answer is the abort
+            raise self.p_error
+        if self.job.merge is not None and self.p_task is not None:
+            answer = await self._prefill_answer()
+            raw = merge_unary(raw, answer, self.job.merge)
+        self.d.finish(None)
+        self.succeeded = True
+        return raw, resp.content_type
+
+    # --- the end -----------------------------------------------------------------------------------
+    def blame(self, error: LegError) -> None:
+        """The attempt failed with ``error``: finish the leg it came from (its worker ended that call)."""
+        for leg in (self.d, self.p):
+            if leg is not None and leg.worker is error.worker:
+                leg.finish(error)
+
+    def close(self, reason: str) -> None:
+        """Called once when the attempt is over, in any way; ``reason`` says why when it failed."""
+        if self.d_open is not None and not self.d_open.done():
+            self.d_open.cancel()
+        if self.d_resp is not None:
+            self.d_resp.release() if self.succeeded else self.d_resp.close()
+        if not self.d.done:
+            self.d.abort(reason)
+        if self.p is None or self.p.done:
+            return
+        if self.succeeded:  # D is complete: let P's answer come in and release its slot then
+            return
+        self.p.abort("decode_failed" if reason == "failed" else reason)
+        if self.p_task is not None:
+            self.p_task.cancel()
+
+
+def answer_of(worker: Worker, raw: bytes, content_type: str) -> Any:
+    """A whole worker answer (JSON, or an SSE stream's last event) -> payload; LegError on an error event."""
+    if content_type == "text/event-stream":
+        found = sse.payloads(raw)
+        for payload in found:
+            err = sse.error_of(payload)
+            if err is not None:
+                raise LegError(err[0], err[1], retryable=err[0] in RETRYABLE_STATUS, worker=worker,
+                               body=json.dumps(error_body(*err)).encode())
+        return found[-1] if found else None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def first_error(worker: Worker, blob: bytes) -> None:
+    """A stream whose first event is an error is a failed call (retryable if the worker's fault)."""
+    if not blob.startswith(b'data: {"error"'):
+        return
+    found = sse.payloads(blob)
+    err = sse.error_of(found[0]) if found else None
+    if err is not None:
+        raise LegError(err[0], err[1], retryable=err[0] in RETRYABLE_STATUS, worker=worker,
+                       body=json.dumps(error_body(*err)).encode())
+
+
+def merge_unary(raw: bytes, prefill: Any, merge: str) -> bytes:
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        return raw
+    if merge == "generate":
+        merge_generate(payload, prefill)
+    else:
+        PromptLogprobPatcher(prefill).patch(payload)
+    return json.dumps(payload, ensure_ascii=False).encode()

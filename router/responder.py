@@ -1,0 +1,68 @@
+"""Writing an answer to the client: whole JSON answers, or SSE streams opened at their first event.
+
+A stream's response headers are sent only when the first event is ready, so every failure before
+that is an ordinary HTTP error (the worker's own status and envelope when it gave one). After the
+first byte, a failure becomes a final ``data: {"error": ...}`` event followed by ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from router import sse
+from router.errors import APIError, sse_error_event
+from router.metrics import RouterMetrics
+from router.upstream import LegError
+
+logger = logging.getLogger(__name__)
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def leg_error_response(e: LegError, headers: dict[str, str]) -> web.Response:
+    """A failure before anything was sent: the worker's own error body and status when it gave one."""
+    if e.body is not None and e.status < 500:
+        return web.Response(body=e.body, status=e.status, content_type="application/json", headers=headers)
+    retry_after = 1 if e.status in (429, 503) else None
+    raise APIError(e.status, e.message, retry_after=retry_after)
+
+
+async def send_stream(request: web.Request, events: AsyncIterator[bytes], route: str, metrics: RouterMetrics,
+                      started: float, headers: dict[str, str]) -> web.StreamResponse:
+    async with contextlib.aclosing(events) as gen:
+        try:
+            first = await anext(gen)
+        except StopAsyncIteration:
+            first = sse.DONE
+        except LegError as e:
+            return leg_error_response(e, headers)
+        resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+        await resp.prepare(request)
+        await resp.write(first)
+        metrics.ttft.labels(route).observe(time.perf_counter() - started)
+        error: bytes | None = None
+        try:
+            async for blob in gen:
+                await resp.write(blob)
+        except (LegError, APIError) as e:
+            error = sse_error_event(e.status, e.message)
+            metrics.errors.labels(route, str(e.status)).inc()
+        except (ConnectionResetError, web.HTTPException):
+            raise
+        except Exception:
+            logger.exception("error while streaming %s", route)
+            error = sse_error_event(500, "internal router error")
+            metrics.errors.labels(route, "500").inc()
+        if error is not None:
+            await resp.write(error + sse.DONE)
+    await resp.write_eof()
+    return resp
+
+
+async def send_unary(body: bytes, content_type: str, headers: dict[str, str]) -> web.Response:
+    ctype = content_type or "application/json"
+    return web.Response(body=body, status=200, headers={**headers, "Content-Type": ctype})

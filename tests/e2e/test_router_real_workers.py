@@ -1,0 +1,154 @@
+"""The router (a real process) in front of two real tiny-model workers, regular mode.
+
+One module-scoped cluster, exercised in order: the official OpenAI client through the router;
+a worker added with POST /workers serves new requests; DELETE drains under load with no failed
+request; a worker killed mid-stream gives the client an error within seconds and is marked
+unhealthy.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import requests
+
+from server_process import ServerProcess
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from router_support.procs import RouterProcess  # noqa: E402
+
+pytestmark = pytest.mark.timeout(80)
+WORKER_FLAGS = ("--enable-metrics", "--page-size", "4", "--max-running-requests", "32")
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_llama):
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(ServerProcess, tiny_llama, *WORKER_FLAGS) for _ in range(2)]
+        workers = [f.result() for f in futures]
+    router = RouterProcess("--worker-urls", workers[0].url, "--policy", "round_robin", "--health-check-interval-secs",
+                           "0.5", "--health-failure-threshold", "2", "--health-success-threshold", "1",
+                           "--log-level", "warning", wait_ready=True)
+    yield router, workers
+    router.stop()
+    for w in workers:
+        w.stop()
+
+
+def registry(router: RouterProcess) -> dict[str, dict[str, Any]]:
+    return {w["url"]: w for w in requests.get(router.url + "/workers", timeout=5).json()["workers"]}
+
+
+def served_requests(worker: ServerProcess) -> float:
+    text = requests.get(worker.url + "/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("sglang:num_requests_total"))
+
+
+def wait_for(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_openai_client_through_the_router(cluster):
+    router, (a, _) = cluster
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0, timeout=30)
+    model = client.models.list().data[0].id
+    direct = openai.OpenAI(base_url=a.url + "/v1", api_key="none", max_retries=0, timeout=30)
+    kw = dict(model=model, prompt="The router", max_tokens=12, temperature=0)
+    via = client.completions.create(**kw)
+    assert via.choices[0].text == direct.completions.create(**kw).choices[0].text
+    assert via.usage.completion_tokens == 12
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices)
+    assert streamed == via.choices[0].text
+    chat = dict(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0)
+    whole = client.chat.completions.create(**chat).choices[0].message.content
+    pieces = client.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True})
+    assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == whole
+    native = requests.post(router.url + "/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 4}},
+                           headers={"x-request-id": "e2e-1"}, timeout=30)
+    assert native.status_code == 200 and native.headers["x-request-id"] == "e2e-1"
+    assert native.json()["meta_info"]["completion_tokens"] == 4
+
+
+def test_a_worker_added_at_runtime_serves_new_requests(cluster):
+    router, (_, b) = cluster
+    before = served_requests(b)
+    r = requests.post(router.url + "/workers", json={"url": b.url, "role": "regular"}, timeout=30)
+    assert r.status_code == 201 and r.json()["worker"]["status"] == "healthy"
+    for _ in range(4):
+        r = requests.post(router.url + "/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 2}}, timeout=30)
+        assert r.status_code == 200
+    assert served_requests(b) >= before + 2
+
+
+def test_delete_drains_under_load_with_no_failed_request(cluster):
+    router, (a, b) = cluster
+    failures: list[str] = []
+    done = 0
+    stop = threading.Event()
+
+    def client() -> None:
+        nonlocal done
+        with requests.Session() as s:
+            while not stop.is_set():
+                body = {"text": "load", "stream": True, "sampling_params": {"max_new_tokens": 24, "ignore_eos": True}}
+                r = s.post(router.url + "/generate", json=body, timeout=60)
+                if r.status_code != 200 or '"error"' in r.text or not r.text.endswith("data: [DONE]\n\n"):
+                    failures.append(f"{r.status_code}: {r.text[-300:]}")
+                done += 1
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: done >= 6, 30, "load running")
+        r = requests.delete(router.url + "/workers", params={"url": a.url}, timeout=10)
+        assert r.status_code in (200, 202)
+        wait_for(lambda: a.url not in registry(router), 30, "drained worker removed")
+        a_served = served_requests(a)
+        mark = done
+        wait_for(lambda: done >= mark + 6, 30, "load after the drain")
+        assert served_requests(a) == a_served  # nothing new reached the removed worker
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert failures == []
+    assert requests.post(router.url + "/workers", json={"url": a.url}, timeout=30).status_code == 201
+
+
+def test_a_worker_killed_mid_stream_errors_the_client_fast_and_is_ejected(cluster):
+    router, workers = cluster
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+    stream = client.completions.create(model=model, prompt="long", max_tokens=1900, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    busy = [url for url, w in registry(router).items() if w["active_requests"] > 0]
+    assert len(busy) == 1
+    victim = next(w for w in workers if w.url == busy[0])
+    killed_at = time.monotonic()
+    os.killpg(victim.proc.pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError) as e:
+        for _ in stream:
+            pass
+    assert time.monotonic() - killed_at < 5.0, "the client waited too long for its error"
+    assert "failed" in str(e.value) or "error" in str(e.value).lower()
+    wait_for(lambda: registry(router)[victim.url]["status"] == "unhealthy", 10, "the dead worker marked unhealthy")
+    r = requests.post(router.url + "/generate", json={"text": "still", "sampling_params": {"max_new_tokens": 2}}, timeout=30)
+    assert r.status_code == 200  # the survivor serves
+    metrics = requests.get(router.url + "/metrics", timeout=5).text
+    assert json.dumps(victim.url) in metrics or victim.url in metrics

@@ -1,0 +1,97 @@
+"""The bootstrap server/client over real HTTP, and the wire messages' encoding and framing."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+import pytest
+
+from transfer.bootstrap import BootstrapClient, BootstrapError, BootstrapServer, Route
+from transfer.protocol import (
+    CTRL_FRAME_BYTES,
+    FRAME_HEADER,
+    MESSAGE_TYPES,
+    Abort,
+    Aux,
+    Data,
+    Done,
+    Fail,
+    Hello,
+    HelloOk,
+    HelloRefused,
+    Message,
+    Register,
+    Registered,
+    data_tag,
+    decode,
+    encode,
+    frame,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_bootstrap_server_and_client() -> None:
+    async def run() -> None:
+        server = BootstrapServer("127.0.0.1", 0)
+        port = await server.start()
+        client = BootstrapClient()
+        try:
+            assert port > 0
+            assert await client.health("127.0.0.1", port, timeout=5)
+            with pytest.raises(BootstrapError, match="404"):
+                await client.get_route("127.0.0.1", port, timeout=5)
+            server.set_route(Route("10.0.0.1", 1234, {"dtype": "bfloat16"}, prefill_id="p0"))
+            route = await client.get_route("127.0.0.1", port, timeout=5)
+            assert route == Route("10.0.0.1", 1234, {"dtype": "bfloat16"}, 0, "p0")
+            async with aiohttp.ClientSession() as s:  # another rank announces itself
+                async with s.put(f"http://127.0.0.1:{port}/route", json={"rank": 1, "host": "h", "port": 9}) as r:
+                    assert r.status == 200
+                async with s.put(f"http://127.0.0.1:{port}/route", json={"rank": 2}) as r:
+                    assert r.status == 400
+                async with s.get(f"http://127.0.0.1:{port}/route?rank=x") as r:
+                    assert r.status == 400
+            assert (await client.get_route("127.0.0.1", port, timeout=5, rank=1)).port == 9
+        finally:
+            await server.stop()
+        assert not await client.health("127.0.0.1", port, timeout=1)  # nothing listens any more
+        with pytest.raises(BootstrapError, match="failed"):
+            await client.get_route("127.0.0.1", port, timeout=1)
+        await client.close()
+
+    asyncio.run(run())
+
+
+def test_bootstrap_port_in_use_is_a_clear_error() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        with pytest.raises(OSError, match="bootstrap server cannot bind"):
+            asyncio.run(BootstrapServer("127.0.0.1", taken.getsockname()[1]).start())
+    finally:
+        taken.close()
+
+
+def test_every_message_round_trips() -> None:
+    msgs: list[Message] = [Hello({"dtype": "bfloat16", "num_layers": 2}, "d1"), HelloOk("p1"), HelloRefused("mismatch"),
+            Register(2**63 - 1, 12), Registered(5), Data(5, 7, 0, 3, 3 << 20), Done(5), Fail(5, "why"),
+            Abort(5, "client gone"), Aux(5, {"first_token_id": 3, "output_top_logprobs": [[[-0.1, 3, None]]]}, 4)]
+    assert {type(m) for m in msgs} == set(MESSAGE_TYPES)
+    for m in msgs:
+        assert decode(encode(m)) == m
+    with pytest.raises(ValueError, match="malformed"):
+        decode(b"\x93\x63\x01\x02")
+
+
+def test_frames_inline_small_payloads_and_split_large_ones() -> None:
+    small = encode(Done(1))
+    first, rest = frame(small)
+    assert rest is None and FRAME_HEADER.unpack_from(first)[0] == len(small) and first[FRAME_HEADER.size:] == small
+    big = encode(Aux(1, {"input_token_logprobs": [[-1.0, i, None] for i in range(2000)]}, 1))
+    assert len(big) > CTRL_FRAME_BYTES
+    first, rest = frame(big)
+    assert rest == big and FRAME_HEADER.unpack_from(first)[0] == len(big) and len(first) == FRAME_HEADER.size
+    assert len({data_tag(i) for i in range(1000)}) == 1000 and 1 not in {data_tag(i) for i in range(1000)}

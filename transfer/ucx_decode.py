@@ -1,0 +1,376 @@
+"""UcxDecodeTransfer: D's side of the UCX engine (one cached link per P, heartbeats, receive-and-scatter).
+
+Room clock: ``waiting_timeout`` runs from ``register`` until Success, whatever the stage.
+Link to a P (keyed by its bootstrap host:port, loop-only): connect = GET /route, create the UCX
+endpoint, Hello -> HelloOk | HelloRefused. Then every room of that P is registered on the one endpoint
+and a receive loop dispatches P's messages. Connection attempts and heartbeats (GET /health every
+``heartbeat_interval`` while the link has live rooms) share one miss counter; at
+``heartbeat_max_failure`` consecutive misses, an endpoint error, or a refused handshake, every room of
+the link fails with the reason and the link is dropped (the next ``register`` builds a new one).
+Data: the Data header takes a staging slot; a task receives the chunk into it and scatters it into the
+room's pages under the room lock (skipped if the room died). Aux: once the room's chunks are all
+scattered and the page count matches, the room is Success and P is told Done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from transfer.base import (
+    AuxRecord,
+    DecodeTransfer,
+    EngineDescription,
+    KVPoll,
+    TransferStats,
+)
+from transfer.bootstrap import BootstrapClient
+from transfer.config import TransferConfig
+from transfer.pack import chunk_nbytes
+from transfer.protocol import (
+    Abort,
+    Aux,
+    Data,
+    Done,
+    Fail,
+    Hello,
+    HelloOk,
+    HelloRefused,
+    Message,
+    Register,
+    Registered,
+)
+from transfer.room import RoomState, unknown_room
+from transfer.staging import StagingSlot
+from transfer.ucx_channel import Channel
+from transfer.ucx_engine import CONNECT_TIMEOUT_S, UcxEngineBase, settle
+
+logger = logging.getLogger(__name__)
+
+Addr = tuple[str, int]
+
+
+class HandshakeRefused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class DecodeRoom(RoomState):
+    def __init__(self, room: int, page_ids: list[int], addr: Addr, deadline: float) -> None:
+        super().__init__(room)
+        self.page_ids = page_ids  # D's pages of the whole prompt, in prompt order
+        self.addr = addr
+        self.deadline = deadline
+        self.aux: AuxRecord | None = None
+        self.pages_received = 0  # loop-only
+        self.inflight: list[asyncio.Task[Any]] = []  # loop-only: chunk receive/scatter tasks
+
+
+class PrefillLink:
+    def __init__(self, addr: Addr) -> None:
+        self.addr = addr
+        self.channel: Channel | None = None  # set once the handshake succeeded
+        self.rooms: dict[int, DecodeRoom] = {}
+        self.misses = 0
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def name(self) -> str:
+        return f"{self.addr[0]}:{self.addr[1]}"
+
+    def has_live_rooms(self) -> bool:
+        return any(s.alive for s in self.rooms.values())
+
+
+class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
+    role = "decode"
+
+    def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig) -> None:
+        super().__init__(kv_buffer, desc, config)
+        self._links: dict[Addr, PrefillLink] = {}
+        self._client = BootstrapClient()
+
+    # --- scheduler thread -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._start_runtime(self._astart)
+
+    async def _astart(self) -> None:
+        pass
+
+    def register(self, room: int, bootstrap_host: str, bootstrap_port: int, page_ids: Sequence[int]) -> None:
+        ids = page_ids.tolist() if isinstance(page_ids, torch.Tensor) else list(page_ids)
+        state = DecodeRoom(room, ids, (bootstrap_host, int(bootstrap_port)),
+                           time.monotonic() + self.config.waiting_timeout)
+        old = self.rooms.put(room, state)
+        if old is not None and old.alive:
+            self._fail_room(old, f"room {room} registered again", Abort)
+        self.call_soon(self._attach, state)
+
+    def poll(self, room: int) -> KVPoll:
+        state = self.rooms.get(room)
+        if state is None:
+            return KVPoll.Failed
+        if state.alive and time.monotonic() > state.deadline:
+            self._fail_room(state, self._timeout_text(state), Fail)
+        return state.status
+
+    def aux(self, room: int) -> AuxRecord | None:
+        state = self.rooms.get(room)
+        return state.aux if state is not None and state.status == KVPoll.Success else None
+
+    def abort(self, room: int, message: str) -> None:
+        state = self.rooms.get(room)
+        if state is not None:
+            self._fail_room(state, message, Abort)
+
+    def failure(self, room: int) -> str | None:
+        state = self.rooms.get(room)
+        if state is None:
+            return unknown_room(room)
+        return state.reason if state.status == KVPoll.Failed else None
+
+    def stats(self, room: int) -> TransferStats:
+        return self._stats(room)
+
+    def release(self, room: int) -> None:
+        state = self.rooms.pop(room)
+        if state is None:
+            return
+        self._fail_room(state, "released by the decode scheduler before the transfer finished", Abort)
+        self.call_soon(self._forget, state)
+
+    def shutdown(self) -> None:
+        self._shutdown_common(self._aclose)
+
+    # --- rooms (any thread) -----------------------------------------------------------------------
+
+    def _fail_room(self, state: DecodeRoom, reason: str, tell: type[Fail | Abort] | None) -> None:
+        """Fail the room (waits for an in-progress scatter: afterwards nothing writes its pages)."""
+        if not state.fail(reason):
+            return
+        logger.info("%s: room %d failed: %s", self.engine_id, state.room, reason)
+        if tell is not None:
+            self.call_soon(self._tell_prefill, state, tell(state.room, reason))
+
+    def _timeout_text(self, state: DecodeRoom) -> str:
+        return (f"KV transfer timed out: room {state.room} got no complete KV from prefill {state.addr[0]}:"
+                f"{state.addr[1]} within {self.config.waiting_timeout:g}s (SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")
+
+    def check_timeouts(self, now: float) -> None:
+        for state in self.rooms.snapshot():
+            if state.alive and now > state.deadline:
+                self._fail_room(state, self._timeout_text(state), Fail)
+
+    # --- loop: links ------------------------------------------------------------------------------
+
+    def _attach(self, state: DecodeRoom) -> None:
+        if not state.alive:
+            return
+        link = self._links.get(state.addr)
+        if link is None:
+            link = self._links[state.addr] = PrefillLink(state.addr)
+            link.tasks = [self.spawn(self._run_link(link)), self.spawn(self._heartbeat(link))]
+        link.rooms[state.room] = state
+        if link.channel is not None:
+            self.spawn(self._register(link, state))
+
+    def _forget(self, state: DecodeRoom) -> None:
+        link = self._links.get(state.addr)
+        if link is not None and link.rooms.get(state.room) is state:
+            del link.rooms[state.room]
+
+    def _tell_prefill(self, state: DecodeRoom, msg: Message) -> None:
+        link = self._links.get(state.addr)
+        if link is not None and link.channel is not None and link.rooms.get(state.room) is state:
+            self.spawn(self._safe_send(link, msg))
+
+    async def _register(self, link: PrefillLink, state: DecodeRoom) -> None:
+        if state.alive:
+            await self._safe_send(link, Register(state.room, len(state.page_ids)))
+
+    async def _safe_send(self, link: PrefillLink, msg: Message) -> None:
+        try:
+            assert link.channel is not None
+            await link.channel.send(msg)
+        except Exception as e:  # noqa: BLE001 - the link's receive loop reports the broken endpoint
+            logger.debug("%s: could not send %s to %s: %s", self.engine_id, type(msg).__name__, link.name, e)
+
+    def _drop_link(self, link: PrefillLink, reason: str) -> None:
+        """Fail every room of the link with ``reason`` and forget the link (loop)."""
+        if self._links.get(link.addr) is link:
+            del self._links[link.addr]
+        live = [s for s in link.rooms.values() if s.alive]
+        if not self._closing:
+            logger.log(logging.WARNING if live else logging.INFO, "%s: %s (%d live rooms failed)",
+                       self.engine_id, reason, len(live))
+        for state in live:
+            self._fail_room(state, reason, None)
+        link.rooms.clear()
+        current = asyncio.current_task()
+        for task in link.tasks:
+            if task is not current:
+                task.cancel()
+        if link.channel is not None:
+            channel, link.channel = link.channel, None
+            self.spawn(channel.close())
+
+    def _unreachable(self, link: PrefillLink, detail: str) -> str:
+        return (f"prefill server {link.name} unreachable: {link.misses} consecutive failed probes "
+                f"every {self.config.heartbeat_interval:g}s ({detail})")
+
+    async def _run_link(self, link: PrefillLink) -> None:
+        while True:
+            try:
+                link.channel = await self._connect(link)
+                break
+            except HandshakeRefused as e:
+                self._drop_link(link, e.reason)
+                return
+            except Exception as e:  # noqa: BLE001 - counted as a missed heartbeat, then retried
+                link.misses += 1
+                if link.misses >= self.config.heartbeat_max_failure:
+                    self._drop_link(link, self._unreachable(link, f"{type(e).__name__}: {e}"))
+                    return
+                await asyncio.sleep(self.config.heartbeat_interval)
+        link.misses = 0
+        for state in list(link.rooms.values()):
+            await self._register(link, state)
+        try:
+            while True:
+                msg = await link.channel.recv()
+                if isinstance(msg, Data):
+                    await self._on_data(link, msg)
+                else:
+                    self._on_control(link, msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any endpoint error fails the link's rooms
+            self._drop_link(link, f"connection to prefill {link.name} lost ({type(e).__name__}: {e})")
+
+    async def _connect(self, link: PrefillLink) -> Channel:
+        import ucxx  # type: ignore[import-untyped]
+
+        route = await self._client.get_route(*link.addr, timeout=CONNECT_TIMEOUT_S)
+        ep = await asyncio.wait_for(ucxx.create_endpoint(route.host, route.port), 2 * CONNECT_TIMEOUT_S)
+        channel = Channel(ep)
+        try:
+            await channel.send(Hello(self.desc.to_dict(), self.engine_id))
+            reply = await asyncio.wait_for(channel.recv(), CONNECT_TIMEOUT_S)
+        except BaseException:
+            await channel.close()
+            raise
+        if isinstance(reply, HelloOk):
+            return channel
+        await channel.close()
+        if isinstance(reply, HelloRefused):
+            raise HandshakeRefused(reply.reason)
+        raise ValueError(f"expected HelloOk, got {type(reply).__name__}")
+
+    async def _heartbeat(self, link: PrefillLink) -> None:
+        interval = self.config.heartbeat_interval
+        loop = asyncio.get_running_loop()
+        tick = loop.time()
+        while True:
+            tick += interval
+            await asyncio.sleep(max(0.0, tick - loop.time()))
+            if link.channel is None or not link.has_live_rooms():
+                continue  # connecting (attempts count as probes) or idle
+            if await self._client.health(*link.addr, timeout=min(interval, 2.0)):
+                link.misses = 0
+                continue
+            link.misses += 1
+            if link.misses >= self.config.heartbeat_max_failure:
+                self._drop_link(link, self._unreachable(link, "GET /health failed"))
+                return
+
+    # --- loop: messages from P --------------------------------------------------------------------
+
+    def _on_control(self, link: PrefillLink, msg: Message) -> None:
+        state = link.rooms.get(getattr(msg, "room", -1))
+        if isinstance(msg, Registered):
+            if state is not None:
+                state.advance(KVPoll.WaitingForInput)
+        elif isinstance(msg, Aux):
+            if state is not None:
+                self.spawn(self._finish(link, state, msg))
+        elif isinstance(msg, (Fail, Abort)):
+            if state is not None:
+                reason = msg.reason if isinstance(msg, Fail) else f"aborted by prefill: {msg.reason}"
+                self._fail_room(state, reason, None)
+        else:
+            logger.warning("%s: unexpected %s from prefill %s", self.engine_id, type(msg).__name__, link.name)
+
+    async def _on_data(self, link: PrefillLink, msg: Data) -> None:
+        state = link.rooms.get(msg.room)
+        slot = await self.staging.acquire(msg.nbytes)  # always receive: P's send waits for our receive
+        if state is not None and state.alive:
+            problem = None
+            if msg.first_page + msg.num_pages > len(state.page_ids):
+                problem = (f"prefill sent pages [{msg.first_page}, {msg.first_page + msg.num_pages}) "
+                           f"but decode registered {len(state.page_ids)}")
+            elif msg.nbytes != chunk_nbytes(self.kv, msg.num_pages):
+                problem = f"chunk of {msg.num_pages} pages has {msg.nbytes} bytes, expected {chunk_nbytes(self.kv, msg.num_pages)}"
+            if problem is not None:
+                self._fail_room(state, problem, Fail)
+            else:
+                state.advance(KVPoll.Transferring)
+                state.mark_first_byte()
+        assert link.channel is not None
+        task = self.spawn(self._receive_chunk(link.channel, state, msg, slot))
+        if state is not None:
+            state.inflight.append(task)
+
+    async def _receive_chunk(self, channel: Channel, state: DecodeRoom | None, msg: Data, slot: StagingSlot) -> None:
+        try:
+            await channel.recv_data(msg.seq, slot.buf[:msg.nbytes])
+            if state is None or not state.alive:
+                return  # drained
+            ids = state.page_ids[msg.first_page:msg.first_page + msg.num_pages]
+            if await self.in_executor(self.unpack_locked, state, ids, slot.view(msg.nbytes, self.kv.dtype)):
+                state.pages_received += msg.num_pages
+                state.add_bytes(msg.nbytes)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - fail the room; an endpoint error also ends the link
+            if state is not None:
+                self._fail_room(state, f"receiving KV failed ({type(e).__name__}: {e})", Fail)
+        finally:
+            self.staging.release(slot)
+
+    async def _finish(self, link: PrefillLink, state: DecodeRoom, msg: Aux) -> None:
+        await settle(state.inflight)
+        state.inflight.clear()
+        problem = None
+        with state.lock:
+            if not state.alive:
+                return
+            if msg.total_pages != state.pages_received or msg.total_pages > len(state.page_ids):
+                problem = (f"incomplete KV transfer: received {state.pages_received} pages, prefill sent "
+                           f"{msg.total_pages}, decode registered {len(state.page_ids)}")
+            else:
+                try:
+                    state.aux = AuxRecord(**msg.record)
+                except TypeError as e:
+                    problem = f"unreadable aux record from prefill: {e}"
+            if problem is None:
+                state.advance(KVPoll.Success)
+        if problem is not None:
+            self._fail_room(state, problem, Fail)
+        else:
+            await self._safe_send(link, Done(state.room))
+
+    async def _aclose(self) -> None:
+        for link in list(self._links.values()):
+            for task in link.tasks:
+                task.cancel()
+            if link.channel is not None:
+                await link.channel.close()
+        self._links.clear()
+        await self._client.close()

@@ -1,0 +1,397 @@
+"""UcxPrefillTransfer: P's side of the UCX engine (bootstrap server, data listener, one send pipeline per room).
+
+Room clock: P first *sees* a room at its first ``poll``, ``send`` or ``abort`` call (the scheduler
+polls when it admits the request). From then D has ``bootstrap_timeout`` seconds to register, else
+the room fails. A registration that arrives before P sees the room (router sends to P and D
+concurrently) waits in ``_pending`` (D is told Registered at once) and is taken over when P sees the
+room; if P never sees it within ``bootstrap_timeout`` of its arrival, D is told Fail.
+
+Send pipeline of a room (loop): one job per data message (a ``send`` call becomes several when its
+pages exceed ``max_message_mb``); jobs run in order; each waits for D's registration, takes a staging
+slot, waits for ``ready_event`` and packs (executor, under the room lock), sends the Data header, lets
+the room's next job go (its pack overlaps this send), then sends the chunk (the last job sends Aux
+after its header). Success comes when D answers Done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from transfer.base import (
+    AuxRecord,
+    EngineDescription,
+    KVPoll,
+    PrefillTransfer,
+    TransferStats,
+)
+from transfer.bootstrap import BootstrapServer, Route, advertised_host
+from transfer.config import TransferConfig
+from transfer.pack import chunk_nbytes, page_nbytes, wait_ready
+from transfer.protocol import (
+    Abort,
+    Aux,
+    Data,
+    Done,
+    Fail,
+    Hello,
+    HelloOk,
+    HelloRefused,
+    Message,
+    Register,
+    Registered,
+)
+from transfer.room import RecentFailures, RoomState
+from transfer.staging import StagingSlot
+from transfer.ucx_channel import Channel
+from transfer.ucx_engine import CONNECT_TIMEOUT_S, UcxEngineBase
+
+logger = logging.getLogger(__name__)
+
+
+class DecodePeer:
+    """One connected D endpoint (loop-only state)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.decode_id = "?"
+        self.refused: str | None = None  # handshake refusal, repeated for every registration
+        self.rooms: set[int] = set()
+
+
+class PrefillRoom(RoomState):
+    def __init__(self, room: int, deadline: float) -> None:
+        super().__init__(room)
+        self.deadline = deadline  # D must register before this (monotonic s)
+        self.peer: DecodePeer | None = None
+        self.num_pages = 0  # pages D registered
+        self.pages_sent = 0  # loop-only
+        self.send_started = False  # failure injection is decided at the first send
+        self.registered = asyncio.Event()  # set on the loop once D registered or the room died
+        self.tail: asyncio.Future[None] | None = None  # loop-only: the previous job's header went out
+
+
+@dataclass
+class PendingRegistration:
+    peer: DecodePeer
+    num_pages: int
+    arrived: float
+
+
+@dataclass(frozen=True)
+class SendJob:
+    page_ids: list[int] | torch.Tensor
+    first_page: int
+    last: bool
+    aux: AuxRecord | None
+    ready_event: Any
+
+
+class UcxPrefillTransfer(UcxEngineBase[PrefillRoom], PrefillTransfer):
+    role = "prefill"
+
+    def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig,
+                 bootstrap_host: str, bootstrap_port: int) -> None:
+        super().__init__(kv_buffer, desc, config)
+        self.bootstrap_host = bootstrap_host
+        self.bootstrap_port = bootstrap_port  # the real port once started (0 = pick a free one)
+        self._lock = threading.Lock()  # room creation vs. pending registrations
+        self._pending: dict[int, PendingRegistration] = {}
+        self._recent = RecentFailures()
+        self._peers: set[DecodePeer] = set()
+        self._listener: Any = None
+        self._bootstrap: BootstrapServer | None = None
+        self._rng = random.Random()
+
+    # --- scheduler thread -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._start_runtime(self._astart)
+        logger.info("%s: bootstrap server on %s:%d, UCX data listener on port %d", self.engine_id,
+                    self.bootstrap_host, self.bootstrap_port, self._listener.port)
+
+    def poll(self, room: int) -> KVPoll:
+        state = self._room(room)
+        if state.alive and state.peer is None and time.monotonic() > state.deadline:
+            self._fail(state, self._bootstrap_timeout_text(room), None)
+        return state.status
+
+    def send(self, room: int, page_ids: Sequence[int], first_page: int, last: bool,
+             aux: AuxRecord | None = None, ready_event: Any = None) -> None:
+        if last and aux is None:
+            raise ValueError("the last send of a room must carry its aux record")
+        state = self._room(room)
+        if not state.alive:
+            return
+        if not state.send_started:
+            state.send_started = True
+            p = self.config.test_failure_prob
+            if p > 0 and self._rng.random() < p:
+                self._fail(state, f"injected KV transfer failure (SGLANG_DISAGGREGATION_TEST_FAILURE_PROB={p})", Fail)
+                return
+        state.advance(KVPoll.Transferring)
+        ids = page_ids.clone() if isinstance(page_ids, torch.Tensor) else list(page_ids)
+        per = max(1, int(self.config.max_message_mb * (1 << 20)) // page_nbytes(self.kv))
+        starts = range(0, len(ids), per) if len(ids) else range(1)
+        for k, start in enumerate(starts):  # one job per message; consecutive jobs pipeline
+            final = last and k == len(starts) - 1
+            job = SendJob(ids[start:start + per], first_page + start, final, aux if final else None, ready_event)
+            self.call_soon(self._enqueue, state, job)
+
+    def abort(self, room: int, message: str) -> None:
+        self._fail(self._room(room), message, Abort)
+
+    def failure(self, room: int) -> str | None:
+        state = self.rooms.get(room)
+        return state.reason if state is not None and state.status == KVPoll.Failed else None
+
+    def stats(self, room: int) -> TransferStats:
+        return self._stats(room)
+
+    def release(self, room: int) -> None:
+        state = self.rooms.pop(room)
+        if state is None:
+            return
+        self._fail(state, "released by the prefill scheduler before the transfer finished", Abort)
+        if state.status == KVPoll.Failed and state.reason:
+            self._recent.add(room, state.reason)
+        peer = state.peer
+        if peer is not None:
+            self.call_soon(peer.rooms.discard, room)
+
+    def shutdown(self) -> None:
+        self._shutdown_common(self._aclose)
+
+    # --- rooms (any thread) -----------------------------------------------------------------------
+
+    def _room(self, room: int) -> PrefillRoom:
+        state = self.rooms.get(room)
+        if state is not None:
+            return state
+        with self._lock:
+            deadline = time.monotonic() + self.config.bootstrap_timeout
+            state, created = self.rooms.get_or_create(room, lambda: PrefillRoom(room, deadline))
+            pending = self._pending.pop(room, None) if created else None
+        if pending is not None:
+            self._attach(state, pending.peer, pending.num_pages)
+        return state
+
+    def _attach(self, state: PrefillRoom, peer: DecodePeer, num_pages: int) -> None:
+        state.peer, state.num_pages = peer, num_pages
+        state.advance(KVPoll.WaitingForInput)
+        self._wake(state)
+
+    def _wake(self, state: PrefillRoom) -> None:
+        if self._runtime is not None and self._runtime.in_loop_thread:
+            state.registered.set()
+        else:
+            self.call_soon(state.registered.set)
+
+    def _fail(self, state: PrefillRoom, reason: str, tell: type[Fail | Abort] | None) -> None:
+        """Fail the room; ``tell`` D with that message type if it registered (None: D already knows)."""
+        if not state.fail(reason):
+            return
+        logger.info("%s: room %d failed: %s", self.engine_id, state.room, reason)
+        self._wake(state)
+        peer = state.peer
+        if tell is not None and peer is not None:
+            msg = tell(state.room, reason)
+            self.spawn_soon(lambda: self._safe_send(peer, msg))
+
+    def _bootstrap_timeout_text(self, room: int) -> str:
+        return (f"bootstrap timeout: no decode worker registered room {room} within "
+                f"{self.config.bootstrap_timeout:g}s (SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT)")
+
+    def check_timeouts(self, now: float) -> None:
+        for state in self.rooms.snapshot():
+            if state.alive and state.peer is None and now > state.deadline:
+                self._fail(state, self._bootstrap_timeout_text(state.room), None)
+        with self._lock:
+            expired = [(room, p) for room, p in self._pending.items()
+                       if now - p.arrived > self.config.bootstrap_timeout]
+            for room, _ in expired:
+                del self._pending[room]
+        for room, p in expired:
+            reason = (f"prefill never received the request of room {room} within "
+                      f"{self.config.bootstrap_timeout:g}s of decode's registration")
+            self._recent.add(room, reason)
+            p.peer.rooms.discard(room)
+            self.spawn(self._safe_send(p.peer, Fail(room, reason)))
+
+    # --- loop: start/stop, connections ------------------------------------------------------------
+
+    async def _astart(self) -> None:
+        import ucxx  # type: ignore[import-untyped]
+
+        self._listener = ucxx.create_listener(self._on_connect, port=0)
+        self._bootstrap = BootstrapServer(self.bootstrap_host, self.bootstrap_port)
+        self.bootstrap_port = await self._bootstrap.start()
+        self._bootstrap.set_route(Route(host=advertised_host(self.bootstrap_host), port=self._listener.port,
+                                        engine=self.desc.to_dict(), prefill_id=self.engine_id))
+
+    async def _aclose(self) -> None:
+        if self._bootstrap is not None:
+            await self._bootstrap.stop()
+        for peer in list(self._peers):
+            await peer.channel.close()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    async def _on_connect(self, ep: Any) -> None:
+        channel = Channel(ep)
+        peer = DecodePeer(channel)
+        self._peers.add(peer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            hello = await asyncio.wait_for(channel.recv(), CONNECT_TIMEOUT_S)
+            if not isinstance(hello, Hello):
+                raise TypeError(f"expected Hello, got {type(hello).__name__}")
+            peer.decode_id = hello.decode_id
+            peer.refused = self._check_engine(hello.engine)
+            await channel.send(HelloOk(self.engine_id) if peer.refused is None else HelloRefused(peer.refused))
+            while True:
+                self._dispatch(peer, await channel.recv())
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any endpoint error ends this peer
+            self._peer_lost(peer, f"connection to decode worker {peer.decode_id} lost ({type(e).__name__}: {e})")
+        finally:
+            self._peers.discard(peer)
+            await channel.close()
+            if task is not None:
+                self._tasks.discard(task)
+
+    def _check_engine(self, engine: dict[str, Any]) -> str | None:
+        try:
+            theirs = EngineDescription(**engine)
+        except TypeError as e:
+            return f"prefill/decode engine mismatch (unreadable decode engine description: {e})"
+        return self.desc.mismatch(theirs)
+
+    def _peer_lost(self, peer: DecodePeer, reason: str) -> None:
+        live = [s for s in (self.rooms.get(r) for r in peer.rooms) if s is not None and s.peer is peer and s.alive]
+        if not self._closing:
+            logger.log(logging.WARNING if live else logging.INFO, "%s: %s (%d live rooms failed)",
+                       self.engine_id, reason, len(live))
+        for state in live:
+            self._fail(state, reason, None)
+        with self._lock:
+            for room in [r for r, p in self._pending.items() if p.peer is peer]:
+                del self._pending[room]
+                self._recent.add(room, reason)
+        peer.rooms.clear()
+
+    def _dispatch(self, peer: DecodePeer, msg: Message) -> None:
+        if isinstance(msg, Register):
+            self._on_register(peer, msg)
+        elif isinstance(msg, Done):
+            state = self.rooms.get(msg.room)
+            if state is not None and state.peer is peer:
+                state.advance(KVPoll.Success)
+            peer.rooms.discard(msg.room)
+        elif isinstance(msg, (Fail, Abort)):
+            reason = msg.reason if isinstance(msg, Fail) else f"aborted by decode: {msg.reason}"
+            state = self.rooms.get(msg.room)
+            if state is not None and state.peer is peer:
+                self._fail(state, reason, None)
+            with self._lock:
+                if self._pending.get(msg.room) is not None and self._pending[msg.room].peer is peer:
+                    del self._pending[msg.room]
+                    self._recent.add(msg.room, reason)
+            peer.rooms.discard(msg.room)
+        else:
+            logger.warning("%s: unexpected %s from decode %s", self.engine_id, type(msg).__name__, peer.decode_id)
+
+    def _on_register(self, peer: DecodePeer, msg: Register) -> None:
+        room = msg.room
+        refusal = peer.refused
+        with self._lock:
+            state = self.rooms.get(room)
+            if refusal is None and state is None:
+                refusal = self._recent.get(room)
+                if refusal is None and room in self._pending:
+                    refusal = f"room {room} is already registered by another decode request"
+                if refusal is None:
+                    self._pending[room] = PendingRegistration(peer, msg.num_pages, time.monotonic())
+        if refusal is None and state is not None:
+            if not state.alive:
+                refusal = state.reason or f"room {room} already finished on prefill"
+            elif state.peer is not None:
+                refusal = f"room {room} is already registered by another decode request"
+        if refusal is not None:
+            self.spawn(self._safe_send(peer, Fail(room, refusal)))
+            return
+        peer.rooms.add(room)
+        self.spawn(self._safe_send(peer, Registered(room)))
+        if state is not None:
+            self._attach(state, peer, msg.num_pages)
+            if not state.alive:  # failed by the scheduler thread just before it knew its peer: tell D now
+                self.spawn(self._safe_send(peer, Fail(room, state.reason or f"room {room} failed on prefill")))
+
+    async def _safe_send(self, peer: DecodePeer, msg: Message) -> None:
+        try:
+            await peer.channel.send(msg)
+        except Exception as e:  # noqa: BLE001 - the peer's receive loop reports the broken endpoint
+            logger.debug("%s: could not send %s to %s: %s", self.engine_id, type(msg).__name__, peer.decode_id, e)
+
+    # --- loop: the send pipeline ------------------------------------------------------------------
+
+    def _enqueue(self, state: PrefillRoom, job: SendJob) -> None:
+        prev, state.tail = state.tail, asyncio.get_running_loop().create_future()
+        self.spawn(self._run_job(state, job, prev, state.tail))
+
+    async def _run_job(self, state: PrefillRoom, job: SendJob, prev: asyncio.Future[None] | None,
+                       ordered: asyncio.Future[None]) -> None:
+        slot: StagingSlot | None = None
+        try:
+            if prev is not None:
+                await prev
+            await state.registered.wait()
+            peer = state.peer
+            if not state.alive or peer is None:
+                return
+            n = len(job.page_ids)
+            if job.first_page + n > state.num_pages:
+                self._fail(state, f"prefill sends pages [{job.first_page}, {job.first_page + n}) but decode "
+                                  f"registered {state.num_pages} pages", Fail)
+                return
+            nbytes, seq = chunk_nbytes(self.kv, n), -1
+            if n:
+                slot = await self.staging.acquire(nbytes)
+                await self.in_executor(wait_ready, job.ready_event)
+                if not await self.in_executor(self.pack_locked, state, job.page_ids, slot.view(nbytes, self.kv.dtype)):
+                    return
+                seq = peer.channel.next_seq()
+                await peer.channel.send(Data(state.room, seq, job.first_page, n, nbytes))
+                state.pages_sent += n
+                state.add_bytes(nbytes)
+            if job.last:
+                assert job.aux is not None
+                await peer.channel.send(Aux(state.room, job.aux.to_dict(), state.pages_sent))
+            _resolve(ordered)
+            if slot is not None:
+                await peer.channel.send_data(seq, slot.buf[:nbytes])
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the room fails, the engine goes on
+            self._fail(state, f"sending KV to decode failed ({type(e).__name__}: {e})", Fail)
+        finally:
+            _resolve(ordered)
+            if slot is not None:
+                self.staging.release(slot)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
