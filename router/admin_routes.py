@@ -18,10 +18,10 @@ from typing import Any
 
 from aiohttp import web
 
-from router.config import DEFAULT_BOOTSTRAP_PORT, ROLES, WorkerSpec, normalize_url
+from router.app_keys import STATE_KEY
+from router.config import DEFAULT_BOOTSTRAP_PORT, ROLES, Role, WorkerSpec, normalize_url
 from router.errors import APIError
 from router.metrics import CONTENT_TYPE
-from router.app_keys import STATE_KEY
 from router.state import RouterState
 from router.upstream import LegError
 from router.worker import Worker
@@ -131,9 +131,10 @@ async def _each(state: RouterState, workers: list[Worker], method: str, path: st
 
 
 def _primary(state: RouterState) -> Worker:
-    for role in ("decode", "regular", "prefill"):
-        if role in state.config.roles and state.registry.available(role):  # type: ignore[arg-type]
-            return state.registry.available(role)[0]  # type: ignore[arg-type]
+    roles: tuple[Role, ...] = ("decode", "regular", "prefill")
+    for role in roles:
+        if role in state.config.roles and state.registry.available(role):
+            return state.registry.available(role)[0]
     raise APIError(503, "no healthy worker is available", retry_after=5)
 
 

@@ -13,29 +13,31 @@ from __future__ import annotations
 
 import hmac
 import logging
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from router import admin_routes, inference_routes
-from router.config import RouterConfig
 from router.app_keys import DISPATCHER_KEY, REQUEST_ID, STATE_KEY
+from router.config import RouterConfig
 from router.dispatch import Dispatcher
 from router.errors import APIError, error_response
 from router.state import RouterState, build_state, start, stop
 
+if TYPE_CHECKING:  # annotations only: the names moved between aiohttp releases
+    from aiohttp.typedefs import Handler, Middleware
+
 logger = logging.getLogger(__name__)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/health", "/liveness", "/readiness", "/metrics"})
 
 
-def error_middleware(state: RouterState) -> Callable:
+def error_middleware(state: RouterState) -> Middleware:
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         inference = request.path in inference_routes.ROUTES
         if inference:
-            state.metrics.requests.labels(request.path).inc()
+            state.metrics.requests_for(request.path).inc()
         try:
             resp = await handler(request)
         except APIError as e:
@@ -62,17 +64,17 @@ def error_middleware(state: RouterState) -> Callable:
     return errors
 
 
-def request_id_middleware(names: tuple[str, ...]) -> Callable:
+def request_id_middleware(names: tuple[str, ...], new_id: Callable[[], str]) -> Middleware:
     @web.middleware
     async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
         rid = next((request.headers[n] for n in names if request.headers.get(n)), None)
-        request[REQUEST_ID] = rid or uuid.uuid4().hex
+        request[REQUEST_ID] = rid or new_id()
         return await handler(request)
 
     return request_id
 
 
-def auth_middleware(api_key: str | None) -> Callable:
+def auth_middleware(api_key: str | None) -> Middleware:
     expected = f"Bearer {api_key}".encode() if api_key else None
 
     @web.middleware
@@ -89,7 +91,7 @@ def auth_middleware(api_key: str | None) -> Callable:
 def create_app(config: RouterConfig) -> web.Application:
     state = build_state(config)
     app = web.Application(
-        middlewares=[error_middleware(state), request_id_middleware(config.request_id_headers),
+        middlewares=[error_middleware(state), request_id_middleware(config.request_id_headers, state.new_id),
                      auth_middleware(config.api_key)],
         client_max_size=config.max_payload_size,
     )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, NoReturn, Sequence
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import yaml
 
@@ -53,7 +54,8 @@ def build_parser(prog: str = "sglang-pd-router") -> OneLineParser:
     p.add_argument("--config", help="YAML file whose keys are flag names; the command line wins")
     s = argparse.SUPPRESS
     for f in dataclasses.fields(RouterConfig):
-        flag, kw = "--" + f.name.replace("_", "-"), {"dest": f.name, "default": s, "help": _HELP.get(f.name)}
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "default": s, "help": _HELP.get(f.name)}
         if f.name == "worker_urls" or f.name == "request_id_headers":
             p.add_argument(flag, nargs="+", **kw)
         elif f.name == "prefill":
@@ -71,7 +73,7 @@ def build_parser(prog: str = "sglang-pd-router") -> OneLineParser:
     return p
 
 
-def _type_of(f: dataclasses.Field) -> Any:
+def _type_of(f: dataclasses.Field[Any]) -> Any:
     kind = str(f.type)
     if kind.startswith("int"):
         return int

@@ -8,9 +8,9 @@ takes only what it uses.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
-import re
 from urllib.parse import urlsplit
 
 Role = Literal["regular", "prefill", "decode"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from router.config import Role
 from router.errors import APIError
@@ -64,7 +64,7 @@ class Dispatcher:
         await asyncio.sleep(max(0.0, delay))
 
     # --- streaming -----------------------------------------------------------------------------------
-    async def stream(self, job: Job) -> AsyncIterator[bytes]:
+    async def stream(self, job: Job) -> AsyncGenerator[bytes, None]:
         """Whole SSE events for ``job``; LegError/APIError when it fails (after the first event: final)."""
         avoid: set[str] = set()
         for attempt in range(self.retry.max_retries + 1):
@@ -84,7 +84,7 @@ class Dispatcher:
                     return
             await self._backoff(attempt)
 
-    async def _attempt(self, call: PairCall) -> AsyncIterator[bytes]:
+    async def _attempt(self, call: PairCall) -> AsyncGenerator[bytes, None]:
         reason = "failed"
         try:
             async with contextlib.aclosing(call.stream()) as events:

@@ -21,12 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 from router import sse
 from router.dispatch import Dispatcher
-from router.jobs import Job, client_rid
+from router.jobs import Job, Merge, client_rid
 from router.validation import Parsed, key_of_ids
 
 _PER_ITEM = ("sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num", "rid")
@@ -46,11 +46,12 @@ def _seeded(params: Mapping[str, Any], j: int, n: int, seed_keys: tuple[str, ...
     return out
 
 
-def split_generate(route: str, body: Mapping[str, Any], parsed: Parsed, request_id: str) -> list[Job]:
+def split_generate(route: str, body: Mapping[str, Any], parsed: Parsed, request_id: str,
+                   new_rid: Callable[[], str]) -> list[Job]:
     key = "input_ids" if body.get("input_ids") is not None else ("text" if "text" in body else "prompt")
     raw = body[key]
     items = raw if parsed.is_batch else [raw]
-    bases = client_rid(body, len(items), True)
+    bases = client_rid(body, len(items), True, new_rid)
     common = {k: v for k, v in body.items() if k not in _PER_ITEM and k not in _PROMPT_KEYS}
 
     def item_value(name: str, i: int) -> Any:
@@ -68,14 +69,15 @@ def split_generate(route: str, body: Mapping[str, Any], parsed: Parsed, request_
                 if body.get(name) is not None:
                     sub[name] = item_value(name, i)
             rid = bases[i] if n == 1 else f"{bases[i]}-{j}"
-            merge = "generate" if parsed.input_logprobs[i] else None
+            merge: Merge = "generate" if parsed.input_logprobs[i] else None
             jobs.append(Job(route, sub, rid, (1,), parsed.stream, route_key, merge, request_id))
     return jobs
 
 
-def split_openai(route: str, body: Mapping[str, Any], parsed: Parsed, request_id: str) -> tuple[list[Job], str]:
+def split_openai(route: str, body: Mapping[str, Any], parsed: Parsed, request_id: str,
+                 new_rid: Callable[[], str]) -> tuple[list[Job], str]:
     """-> (jobs, base rid)."""
-    base = client_rid(body, 1, False)
+    base = client_rid(body, 1, False, new_rid)
     assert isinstance(base, str)
     n = parsed.n[0]
     if parsed.kind == "chat":
@@ -91,7 +93,7 @@ def split_openai(route: str, body: Mapping[str, Any], parsed: Parsed, request_id
             if prompt is not None:
                 sub["prompt"] = prompt
                 key = prompt if isinstance(prompt, str) else key_of_ids(tuple(prompt))
-            merge = "completions" if parsed.input_logprobs[i] else None
+            merge: Merge = "completions" if parsed.input_logprobs[i] else None
             jobs.append(Job(route, sub, f"{base}-{i * n + j}", (1,), parsed.stream, key, merge, request_id))
     return jobs, base
 
@@ -161,7 +163,7 @@ async def fanout_unary(dispatcher: Dispatcher, jobs: list[Job], merger: Merger) 
     return merger.unary([raw for raw, _ in results])
 
 
-async def fanout_stream(dispatcher: Dispatcher, jobs: list[Job], merger: Merger) -> AsyncIterator[bytes]:
+async def fanout_stream(dispatcher: Dispatcher, jobs: list[Job], merger: Merger) -> AsyncGenerator[bytes, None]:
     queue: asyncio.Queue[tuple[int, bytes | BaseException | None]] = asyncio.Queue()
 
     async def pump(k: int, job: Job) -> None:
@@ -172,7 +174,7 @@ async def fanout_stream(dispatcher: Dispatcher, jobs: list[Job], merger: Merger)
             queue.put_nowait((k, None))
         except asyncio.CancelledError:
             raise
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
             queue.put_nowait((k, e))
 
     tasks = [asyncio.ensure_future(pump(k, job)) for k, job in enumerate(jobs)]

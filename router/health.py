@@ -105,7 +105,7 @@ class HealthChecker:
     async def _probe(self, worker: Worker) -> None:
         try:
             error = await self.probe_fn(worker)
-        except Exception as e:  # a probe must never kill the loop
+        except Exception as e:  # noqa: BLE001 - a probe must never kill the loop
             error = f"probe failed: {e!r}"
         if self.registry.get(worker.url) is not worker:
             return  # removed while probing

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -17,8 +18,15 @@ from aiohttp import web
 from router.app_keys import DISPATCHER_KEY, REQUEST_ID, STATE_KEY
 from router.dispatch import Dispatcher
 from router.errors import APIError
-from router.fanout import Merger, fanout_stream, fanout_unary, needs_split, split_generate, split_openai
-from router.jobs import Job, client_rid, strip_rid
+from router.fanout import (
+    Merger,
+    fanout_stream,
+    fanout_unary,
+    needs_split,
+    split_generate,
+    split_openai,
+)
+from router.jobs import Job, Merge, client_rid, strip_rid
 from router.responder import leg_error_response, send_stream, send_unary
 from router.state import RouterState
 from router.upstream import LegError
@@ -45,9 +53,10 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def single_job(route: str, body: dict[str, Any], parsed: Parsed, request_id: str, pd: bool) -> Job:
-    rid = client_rid(body, len(parsed.n), parsed.is_batch)
-    merge = None
+def single_job(route: str, body: dict[str, Any], parsed: Parsed, request_id: str, pd: bool,
+               new_rid: Callable[[], str]) -> Job:
+    rid = client_rid(body, len(parsed.n), parsed.is_batch, new_rid)
+    merge: Merge = None
     if pd and parsed.input_logprobs[0]:
         merge = "generate" if parsed.kind == "generate" else "completions"
     return Job(route, strip_rid(body), rid, parsed.n, parsed.stream, parsed.routing_key, merge, request_id)
@@ -68,7 +77,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         try:
             if state.config.pd_disaggregation and needs_split(parsed):
                 return await _split(request, state, dispatcher, route, body, parsed, headers, started)
-            job = single_job(route, body, parsed, request_id, state.config.pd_disaggregation)
+            job = single_job(route, body, parsed, request_id, state.config.pd_disaggregation, state.new_id)
             if parsed.stream:
                 return await send_stream(request, dispatcher.stream(job), route, state.metrics, started, headers)
             raw, ctype = await dispatcher.unary(job)
@@ -76,16 +85,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
         except LegError as e:
             return leg_error_response(e, headers)
         finally:
-            state.metrics.duration.labels(route).observe(time.perf_counter() - started)
+            state.metrics.duration_for(route).observe(time.perf_counter() - started)
 
 
 async def _split(request: web.Request, state: RouterState, dispatcher: Dispatcher, route: str, body: dict[str, Any],
                  parsed: Parsed, headers: dict[str, str], started: float) -> web.StreamResponse:
     request_id = headers["x-request-id"]
     if parsed.kind == "generate":
-        jobs, base = split_generate(route, body, parsed, request_id), None
+        jobs, base = split_generate(route, body, parsed, request_id, state.new_id), None
     else:
-        jobs, base = split_openai(route, body, parsed, request_id)
+        jobs, base = split_openai(route, body, parsed, request_id, state.new_id)
     merger = Merger(parsed, base, parsed.n)
     if parsed.stream:
         return await send_stream(request, fanout_stream(dispatcher, jobs, merger), route, state.metrics, started, headers)

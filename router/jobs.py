@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import json
 import random
-import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -94,12 +93,8 @@ def worker_rids(rid: str | tuple[str, ...], choices: tuple[int, ...], openai: bo
     return tuple(out)
 
 
-def new_rid() -> str:
-    return uuid.uuid4().hex
-
-
-def client_rid(body: Mapping[str, Any], items: int, is_batch: bool) -> str | tuple[str, ...]:
-    """The client's rid(s), or fresh ones: a tuple (one per item) for a /generate batch."""
+def client_rid(body: Mapping[str, Any], items: int, is_batch: bool, new_rid: Callable[[], str]) -> str | tuple[str, ...]:
+    """The client's rid(s), or fresh ones from ``new_rid``: a tuple (one per item) for a /generate batch."""
     given = body.get("rid")
     if is_batch:
         if isinstance(given, list):

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from router.app import create_app
+from router.app_keys import STATE_KEY
 from router.cli import parse_router_args
 from router.config import RouterConfig
-from router.app_keys import STATE_KEY
 
 logger = logging.getLogger("router.launch_router")
 DRAIN_POLL_S = 0.05

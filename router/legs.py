@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -128,16 +128,18 @@ class PairCall:
     # --- decode leg --------------------------------------------------------------------------------
     async def _open_decode(self) -> aiohttp.ClientResponse:
         up, worker = self.state.upstream, self.d.worker
-        self.d_open = asyncio.get_running_loop().create_task(up.post(worker, self.job.route, self.sent.data, self.job.request_id))
-        waiting: set[asyncio.Future[Any]] = {self.d_open}
-        if self.p_task is not None:
-            waiting.add(self.p_task)
-        while not self.d_open.done():
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if self.p_error is not None:
-                raise self.p_error
-            waiting = {self.d_open}
-        self.d_resp = self.d_open.result()
+        sending = up.post(worker, self.job.route, self.sent.data, self.job.request_id)
+        if self.p_task is None:  # regular mode: nothing to race against
+            self.d_resp = await sending
+        else:  # PD: P failing while D's headers are awaited fails the attempt at once
+            self.d_open = asyncio.get_running_loop().create_task(sending)
+            waiting: set[asyncio.Future[Any]] = {self.d_open, self.p_task}
+            while not self.d_open.done():
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if self.p_error is not None:
+                    raise self.p_error
+                waiting = {self.d_open}
+            self.d_resp = self.d_open.result()
         if self.d_resp.status != 200:
             raw = await self._read(self.d_resp)
             raise status_error(worker, self.d_resp.status, raw)
@@ -149,7 +151,7 @@ class PairCall:
         except _NET_ERRORS as e:
             raise self.p_error or transport_error(self.d.worker, e) from e
 
-    async def stream(self) -> AsyncIterator[bytes]:
+    async def stream(self) -> AsyncGenerator[bytes, None]:
         """Whole SSE events of D's answer (P's prompt logprobs merged in when asked)."""
         self._start_prefill()
         resp = await self._open_decode()
@@ -184,9 +186,9 @@ class PairCall:
             nonlocal patcher
             answer = await self._prefill_answer()
             if self.job.merge == "generate":
-                return sse.map_events(blob, lambda p: (merge_generate(p, answer), p)[1])
+                return sse.map_events(blob, lambda p: merge_generate(p, answer))
             patcher = patcher or PromptLogprobPatcher(answer)
-            return sse.map_events(blob, lambda p: (patcher.patch(p), p)[1])  # type: ignore[union-attr]
+            return sse.map_events(blob, patcher.patch)
 
         return merge
 

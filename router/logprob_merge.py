@@ -15,16 +15,17 @@ from typing import Any
 _GENERATE_KEYS = ("input_token_logprobs", "input_top_logprobs")
 
 
-def merge_generate(payload: Any, prefill: Any) -> None:
-    """Copy P's input logprobs into one D answer/event (in place); no-op when either lacks them."""
+def merge_generate(payload: Any, prefill: Any) -> Any:
+    """Copy P's input logprobs into one D answer/event (in place, and returned); no-op when either lacks them."""
     if not isinstance(payload, dict) or not isinstance(prefill, dict):
-        return
+        return payload
     meta, p_meta = payload.get("meta_info"), prefill.get("meta_info")
     if not isinstance(meta, dict) or not isinstance(p_meta, dict):
-        return
+        return payload
     for key in _GENERATE_KEYS:
         if p_meta.get(key):
             meta[key] = p_meta[key]
+    return payload
 
 
 class PromptLogprobPatcher:
@@ -42,19 +43,21 @@ class PromptLogprobPatcher:
             self.values = list(lp.get("token_logprobs") or [])[:k]
             self.tops = list(lp.get("top_logprobs") or [])[:k]
 
-    def patch(self, payload: Any) -> None:
+    def patch(self, payload: Any) -> Any:
+        """Patch one D answer/chunk in place; returns it."""
         if not isinstance(payload, dict):
-            return
+            return payload
         for choice in payload.get("choices") or ():
             lp = choice.get("logprobs") if isinstance(choice, dict) else None
-            if not isinstance(lp, dict):
+            values = lp.get("token_logprobs") if isinstance(lp, dict) else None
+            if not isinstance(values, list):
                 continue
-            values, tops = lp.get("token_logprobs"), lp.get("top_logprobs")
-            count = len(values) if isinstance(values, list) else 0
-            for i in range(count):
+            tops = lp.get("top_logprobs") if isinstance(lp, dict) else None
+            for i in range(len(values)):
                 pos = self.seen + i
                 if pos < len(self.values):
                     values[i] = self.values[pos]
                 if isinstance(tops, list) and i < len(tops) and pos < len(self.tops):
                     tops[i] = self.tops[pos]
-            self.seen += count
+            self.seen += len(values)
+        return payload

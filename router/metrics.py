@@ -63,6 +63,24 @@ class RouterMetrics:
         self.duration = Histogram("sgl_router_request_duration_seconds", "Arrival to the last byte", ["route"],
                                   buckets=LATENCY_BUCKETS, registry=r)
 
+        self._children: dict[tuple[str, str], Any] = {}
+
+    def _child(self, kind: str, route: str) -> Any:
+        """A labelled child, looked up once per route (``labels()`` is not free on the hot path)."""
+        child = self._children.get((kind, route))
+        if child is None:
+            child = self._children[(kind, route)] = getattr(self, kind).labels(route)
+        return child
+
+    def requests_for(self, route: str) -> Any:
+        return self._child("requests", route)
+
+    def ttft_for(self, route: str) -> Any:
+        return self._child("ttft", route)
+
+    def duration_for(self, route: str) -> Any:
+        return self._child("duration", route)
+
     def watch(self, workers: Callable[[], Iterable[Worker]], queue: Callable[[], tuple[int, int]]) -> None:
         """Read per-worker and queue gauges from live state at scrape time."""
         self.registry.register(_LiveState(workers, queue))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from aiohttp import web
 
@@ -31,7 +31,7 @@ def leg_error_response(e: LegError, headers: dict[str, str]) -> web.Response:
     raise APIError(e.status, e.message, retry_after=retry_after)
 
 
-async def send_stream(request: web.Request, events: AsyncIterator[bytes], route: str, metrics: RouterMetrics,
+async def send_stream(request: web.Request, events: AsyncGenerator[bytes, None], route: str, metrics: RouterMetrics,
                       started: float, headers: dict[str, str]) -> web.StreamResponse:
     async with contextlib.aclosing(events) as gen:
         try:
@@ -42,11 +42,20 @@ async def send_stream(request: web.Request, events: AsyncIterator[bytes], route:
             return leg_error_response(e, headers)
         resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
         await resp.prepare(request)
+        if first.endswith(sse.DONE):  # the whole answer at once: one write with the last chunk
+            await resp.write_eof(first)
+            metrics.ttft_for(route).observe(time.perf_counter() - started)
+            await _drain(gen)
+            return resp
         await resp.write(first)
-        metrics.ttft.labels(route).observe(time.perf_counter() - started)
+        metrics.ttft_for(route).observe(time.perf_counter() - started)
         error: bytes | None = None
         try:
             async for blob in gen:
+                if blob.endswith(sse.DONE):  # the worker's last event: send it with the final chunk
+                    await resp.write_eof(blob)
+                    await _drain(gen)
+                    return resp
                 await resp.write(blob)
         except (LegError, APIError) as e:
             error = sse_error_event(e.status, e.message)
@@ -61,6 +70,15 @@ async def send_stream(request: web.Request, events: AsyncIterator[bytes], route:
             await resp.write(error + sse.DONE)
     await resp.write_eof()
     return resp
+
+
+async def _drain(gen: AsyncGenerator[bytes, None]) -> None:
+    """Let the source finish after the client has everything (it settles the worker call as a success)."""
+    try:
+        async for _ in gen:
+            pass
+    except (LegError, APIError) as e:  # after [DONE]: nothing left to tell the client
+        logger.debug("error after the end of a stream: %s", e)
 
 
 async def send_unary(body: bytes, content_type: str, headers: dict[str, str]) -> web.Response:

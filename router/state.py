@@ -6,6 +6,7 @@ the health loop (the app's startup/cleanup hooks call them).
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -29,7 +30,11 @@ class RouterState:
     metrics: RouterMetrics
     admission: Admission
     rng: random.Random
+    ids: random.Random  # request ids and rids: unique, not secret; never seeded from the config
     shutting_down: bool = field(default=False)
+
+    def new_id(self) -> str:
+        return f"{self.ids.getrandbits(128):032x}"
 
 
 def build_state(config: RouterConfig) -> RouterState:
@@ -56,7 +61,8 @@ def build_state(config: RouterConfig) -> RouterState:
     registry.on_remove.append(forget)
     for spec in config.initial_workers():
         registry.add(spec)
-    return RouterState(config, registry, policies, upstream, health, metrics, admission, rng)
+    return RouterState(config, registry, policies, upstream, health, metrics, admission, rng,
+                       random.Random(os.urandom(16)))
 
 
 async def start(state: RouterState) -> None:

@@ -78,7 +78,7 @@ class Upstream:
         return self._session
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, enable_cleanup_closed=True)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
         self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, auto_decompress=False,
                                               skip_auto_headers=("User-Agent", "Accept-Encoding"))
 
@@ -105,13 +105,13 @@ class Upstream:
         headers = self.headers(worker, request_id)
         for attempt in (0, 1):
             try:
-                return await self.session.post(worker.url + path, data=data, headers=headers)
+                return await self.session.post(worker.url_for(path), data=data, headers=headers)
             except aiohttp.ServerDisconnectedError as e:
                 if attempt == 0:
                     logger.debug("stale connection to %s; retrying on a fresh one", worker.url)
                     continue
                 raise transport_error(worker, e) from e
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 raise transport_error(worker, e) from e
         raise AssertionError("unreachable")
 
@@ -122,7 +122,7 @@ class Upstream:
             async with self.session.request(method, worker.url + path, data=body, headers=self.headers(worker, None),
                                             timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 return resp.status, await resp.read(), resp.content_type
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise transport_error(worker, e) from e
 
     async def probe(self, worker: Worker, endpoint: str, timeout_s: float) -> str | None:
@@ -140,17 +140,11 @@ class Upstream:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    def spawn(self, coro: "asyncio.Future[object] | object") -> None:
-        """Keep a background coroutine alive until it ends (closed with the router)."""
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def _abort(self, worker: Worker, rid: str) -> None:
         body = json.dumps({"rid": rid}).encode()
         try:
             status, raw, _ = await self.call(worker, "POST", "/abort_request", ABORT_TIMEOUT_S, body)
-        except Exception as e:  # best effort: the worker may be the one that died
+        except Exception as e:  # noqa: BLE001 - best effort: the worker may be the one that died
             logger.debug("abort of %s on %s failed: %s", rid, worker.url, e)
             return
         if status != 200:

@@ -139,7 +139,7 @@ def parse_generate(body: Mapping[str, Any]) -> Parsed:
         keys = list(texts)
     else:
         is_batch = isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
-        lists = ids if is_batch else [ids]
+        lists: list[Any] = ids if is_batch and isinstance(ids, list) else [ids]
         keys = [key_of_ids(check_token_ids(x, "input_ids")) for x in lists]
     count = len(keys)
     params = _per_item(body, "sampling_params", count, dict)

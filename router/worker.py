@@ -15,6 +15,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from yarl import URL
+
 from router.circuit_breaker import CircuitBreaker, CircuitState
 from router.config import BreakerConfig, Role, WorkerSpec
 
@@ -49,10 +51,17 @@ class Worker:
         self.processed = 0  # calls finished, any outcome
         self.idle = asyncio.Event()  # set while active == 0 (drain waits on it)
         self.idle.set()
+        self._urls: dict[str, URL] = {}  # path -> parsed URL, so the hot path never re-parses one
 
     @property
     def url(self) -> str:
         return self.spec.url
+
+    def url_for(self, path: str) -> URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.url + path)
+        return url
 
     @property
     def role(self) -> Role:

@@ -38,16 +38,20 @@ def normalize_generate(
     if (prompt is None) == (input_ids is None):
         raise ValueError("exactly one of 'text'/'prompt' and 'input_ids' must be given")
     if prompt is not None:
+        if not isinstance(prompt, (str, list, tuple)):
+            raise ValueError("text must be a string or a list of strings")
         is_batch = not isinstance(prompt, str)
         texts = list(prompt) if is_batch else [prompt]
         for t in texts:
             if not isinstance(t, str):
-                raise ValueError("prompt must be a string or a list of strings")
+                raise ValueError("text must be a string or a list of strings")
             if t == "":
                 raise ValueError("prompt must not be empty")
         ids_list: list[tuple[int, ...] | None] = [None] * len(texts)
         text_list: list[str | None] = list(texts)
     else:
+        if not isinstance(input_ids, (list, tuple)):
+            raise ValueError("input_ids must be a list of integers or a list of such lists")
         is_batch = len(input_ids) > 0 and not isinstance(input_ids[0], int)  # type: ignore[index]
         raw = list(input_ids) if is_batch else [input_ids]  # type: ignore[list-item]
         ids_list = [_check_ids(x) for x in raw]
@@ -92,11 +96,14 @@ def _check_ids(ids: Any) -> tuple[int, ...]:
 
 
 def _per_item(name: str, value: Any, count: int, kind: type) -> list[Any]:
-    """A single value applies to every item; a list must have one entry per item."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != count:
-            raise ValueError(f"{name} has {len(value)} entries for {count} prompts")
-        return list(value)
-    if value is not None and kind is dict and not isinstance(value, dict):
-        raise ValueError(f"{name} must be an object or a list of objects")
-    return [value] * count
+    """A single value applies to every item; a list must have one entry per item. Types are checked."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} entries for {count} prompts")
+    for v in values:
+        if v is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
+            raise ValueError(f"{name} must be {_KIND_NAMES[kind]} (or a list of them, one per prompt), got {v!r}")
+    return values
+
+
+_KIND_NAMES = {dict: "an object", bool: "a boolean", int: "an integer", str: "a string"}

@@ -18,8 +18,9 @@ Modules
 Data flow of one room (``bootstrap_room``)
   D.register(room, P's bootstrap host:port, D's page ids) -> GET /route -> UCX endpoint + Hello
   (engine description; P refuses a mismatch) -> Register(room, num_pages) -> P: WaitingForInput.
-  P.send(chunk pages) -> pack into a staging slot (executor) -> Data header + one tagged message ->
-  D receives into its staging slot -> unpack into its pages (under the room lock) ... last chunk ->
+  P.send(chunk pages) -> per message of <= MAX_MESSAGE_MB: pack into a staging slot (executor) -> Data
+  header + one tagged message (the next message's pack overlaps this send) -> D receives into its
+  staging slot -> unpack into its pages (executor, under the room lock) ... last message ->
   Aux(record) -> D: Success, Done -> P: Success. Fail/Abort travel both ways; see protocol.py.
 Both sides are polled by the scheduler (never called back); network and copies run in background threads.
 """

@@ -99,7 +99,7 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
     # --- scheduler thread -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._start_runtime(self._astart)
+        self._start_runtime(self._astart, self._aclose)
 
     async def _astart(self) -> None:
         pass

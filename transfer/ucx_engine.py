@@ -61,7 +61,8 @@ class UcxEngineBase(Generic[R]):
 
     # --- life cycle ---------------------------------------------------------------------------
 
-    def _start_runtime(self, astart: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    def _start_runtime(self, astart: Callable[[], Coroutine[Any, Any, None]],
+                       aclose: Callable[[], Coroutine[Any, Any, None]]) -> None:
         if self._runtime is not None:
             raise RuntimeError(f"{self.engine_id} already started")
         self._runtime = UcxRuntime.acquire()
@@ -70,7 +71,11 @@ class UcxEngineBase(Generic[R]):
         try:
             self._runtime.run(self._astart_common(astart), timeout=START_TIMEOUT_S)
         except BaseException:
-            self._stop_runtime()
+            self._closing = True
+            try:  # undo what did start (listener, server, sweeper) before giving the runtime back
+                self._runtime.run(self._aclose_common(aclose), timeout=STOP_TIMEOUT_S)
+            finally:
+                self._stop_runtime()
             raise
 
     def _bind_device(self) -> None:
@@ -109,8 +114,13 @@ class UcxEngineBase(Generic[R]):
 
     def _stop_runtime(self) -> None:
         if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+            executor, self._executor = self._executor, None
+            executor.shutdown(wait=False, cancel_futures=True)
+            deadline = time.monotonic() + STOP_TIMEOUT_S * 0.4  # a copy stuck on a ready_event must not hang us
+            for thread in list(getattr(executor, "_threads", ())):
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    logger.warning("%s: transfer worker thread %s still busy at shutdown", self.engine_id, thread.name)
         if self._runtime is not None:
             runtime, self._runtime = self._runtime, None
             runtime.release()

@@ -114,7 +114,7 @@ class UcxPrefillTransfer(UcxEngineBase[PrefillRoom], PrefillTransfer):
     # --- scheduler thread -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._start_runtime(self._astart)
+        self._start_runtime(self._astart, self._aclose)
         logger.info("%s: bootstrap server on %s:%d, UCX data listener on port %d", self.engine_id,
                     self.bootstrap_host, self.bootstrap_port, self._listener.port)
 

@@ -111,6 +111,10 @@ class Scheduler:
 
     def check_stop(self, req: Req, out: StepOutput) -> None:
         reason = self.stop.check(req)
+        if req.params.max_new_tokens == 0:  # prompt-only request (e.g. for input logprobs): no output token
+            req.output_ids.pop()
+            del req.logprobs.output_token[len(req.output_ids):], req.logprobs.output_top[len(req.output_ids):]
+            reason = FinishReason("length", length=0)
         if reason is not None:
             self.finish(req, reason)
             out.finished.append(req)

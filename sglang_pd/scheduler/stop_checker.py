@@ -44,8 +44,9 @@ class StopChecker:
     def _stop_string(self, req: Req) -> str | None:
         if not req.params.stop or self.tokenizer is None:
             return None
-        # A stop string of L characters spans at most L tokens (+1 for a partial UTF-8 tail).
-        width = max(len(s) for s in req.params.stop) + 1
+        # A stop string of B UTF-8 bytes spans at most B tokens of a byte-level vocabulary (+1 for a
+        # token straddling its start).
+        width = max(len(s.encode()) for s in req.params.stop) + 1
         tail = self.tokenizer.decode(req.output_ids[-width:], skip_special_tokens=False)
         for s in req.params.stop:
             if s in tail:

@@ -21,6 +21,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(count: int, attempts: int = 200) -> int:
+    """First of ``count`` consecutive ports that are all free right now."""
+    import random
+
+    for _ in range(attempts):
+        base = random.randrange(20000, 60000 - count)
+        try:
+            socks = []
+            for p in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no block of {count} free ports")
+
+
 class ServerProcess:
     def __init__(self, model_path: str, *extra: str, startup_timeout: float = 120.0) -> None:
         self.port = free_port()

@@ -17,8 +17,8 @@ import aiohttp
 from aiohttp import web
 
 from router.app import create_app
-from router.config import RouterConfig
 from router.app_keys import STATE_KEY
+from router.config import RouterConfig
 from router.state import RouterState
 from router_support.mock_worker import MockWorker
 

@@ -135,9 +135,9 @@ class MockWorker:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         key = self.knobs.api_key
-        if key and request.path not in ("/health", "/metrics") and not request.path.startswith("/_mock"):
-            if request.headers.get("Authorization") != f"Bearer {key}":
-                return web.json_response(envelope(401, "invalid or missing API key"), status=401)
+        open_path = request.path in ("/health", "/metrics") or request.path.startswith("/_mock")
+        if key and not open_path and request.headers.get("Authorization") != f"Bearer {key}":
+            return web.json_response(envelope(401, "invalid or missing API key"), status=401)
         return await handler(request)
 
     async def set_knobs(self, request: web.Request) -> web.Response:

@@ -25,7 +25,7 @@ class RouterProcess:
     def __init__(self, *flags: str, timeout: float = 30.0, wait_ready: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="sglang-pd-router-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(prefix="sglang-pd-router-", suffix=".log", delete=False)  # noqa: SIM115
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen([sys.executable, "-m", "router.launch_router", "--host", "127.0.0.1",
                                       "--port", str(self.port), *flags], stdout=self.log, stderr=subprocess.STDOUT,

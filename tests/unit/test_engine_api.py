@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_pool_idle
+from oracle import assert_pool_idle
 from sglang_pd import Engine
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from conftest import ARCHS, assert_pool_idle
+from oracle import ARCHS, assert_pool_idle
 from sglang_pd import Engine
 
 NEW_TOKENS = 32

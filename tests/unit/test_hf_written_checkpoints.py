@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import HFOracle, assert_pool_idle
+from oracle import HFOracle, assert_pool_idle
 from sglang_pd import Engine
 
 

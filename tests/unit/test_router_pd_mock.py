@@ -12,7 +12,7 @@ import openai
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from router_support.harness import mocks, read_sse, ready, running_router, wait_until  # noqa: E402
+from router_support.harness import mocks, read_sse, ready, running_router, wait_until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 GEN = {"text": "hello", "sampling_params": {"max_new_tokens": 4}}

@@ -114,7 +114,7 @@ def test_split_generate_one_choice_per_job():
     body = {"text": ["ab", "cd"], "sampling_params": [{"n": 2, "seed": 7}, {"temperature": 0}], "rid": ["x", "y"],
             "return_logprob": [True, False], "stream": True}
     parsed = parse_generate(body)
-    jobs = split_generate("/generate", body, parsed, "req")
+    jobs = split_generate("/generate", body, parsed, "req", lambda: "fresh")
     assert [j.rid for j in jobs] == ["x-0", "x-1", "y"]
     assert [j.body["sampling_params"] for j in jobs] == [{"seed": 7}, {"seed": 8}, {"temperature": 0}]
     assert [j.body["text"] for j in jobs] == ["ab", "ab", "cd"]
@@ -125,7 +125,7 @@ def test_split_generate_one_choice_per_job():
 def test_split_openai_and_merge_like_a_colocated_worker():
     body = {"prompt": ["hello", "yo"], "n": 2, "seed": 3, "rid": "base"}
     parsed = parse_completions(body)
-    jobs, base = split_openai("/v1/completions", body, parsed, "req")
+    jobs, base = split_openai("/v1/completions", body, parsed, "req", lambda: "fresh")
     assert base == "base" and [j.rid for j in jobs] == ["base-0", "base-1", "base-2", "base-3"]
     assert [(j.body["prompt"], j.body["seed"], "n" in j.body) for j in jobs] == [
         ("hello", 3, False), ("hello", 4, False), ("yo", 3, False), ("yo", 4, False)]

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from router_support.harness import mocks, read_sse, ready, running_router, wait_until  # noqa: E402
+from router_support.harness import mocks, read_sse, ready, running_router, wait_until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 GEN = {"text": "hello world", "sampling_params": {"max_new_tokens": 4}}
@@ -176,6 +176,9 @@ async def test_client_disconnect_aborts_the_worker_request():
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(post(s, r.url + "/generate", {**GEN, "stream": True, "rid": "gone-early"}), 0.3)
         await wait_until(lambda: a.aborts == ["gone-early"], what="abort before the first token")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(post(s, r.url + "/v1/completions", {"prompt": "x", "rid": "unary", "n": 2}), 0.3)
+        await wait_until(lambda: a.aborts[1:] == ["unary-0", "unary-1"], what="abort of every choice of a whole answer")
         a.knobs.hang, a.knobs.token_delay_ms, a.knobs.num_tokens = False, 50, 100
         async with s.post(r.url + "/generate", json={**GEN, "stream": True, "rid": "gone-mid"}) as resp:
             await resp.content.readuntil(b"\n\n")

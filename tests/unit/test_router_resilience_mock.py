@@ -11,12 +11,12 @@ import aiohttp
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from router_support.harness import mocks, ready, running_router, wait_until  # noqa: E402
-from router_support.mock_worker import MockWorker  # noqa: E402
+from router_support.harness import mocks, ready, running_router, wait_until
+from router_support.mock_worker import MockWorker
 
-from router.config import WorkerSpec  # noqa: E402
-from router.upstream import LegError, Upstream  # noqa: E402
-from router.worker import Worker  # noqa: E402
+from router.config import WorkerSpec
+from router.upstream import LegError, Upstream
+from router.worker import Worker
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 GEN = {"text": "hello", "sampling_params": {"max_new_tokens": 4}}

@@ -334,3 +334,22 @@ def test_decode_shut_down_mid_transfer_fails_prefill_room(cluster: Cluster) -> N
     d.shutdown()
     wait_until(settled(p, 33), 10, "P to notice D is gone")
     assert p.poll(33) == KVPoll.Failed and "decode" in (p.failure(33) or "")
+
+
+
+# --- UCX only ---------------------------------------------------------------------------------------------
+
+
+def test_ucx_prefill_start_on_a_busy_port_fails_cleanly() -> None:
+    import threading
+
+    before = {t.name for t in threading.enumerate()}
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen(1)
+        p = create_transfer("prefill", "ucx", kv_for(desc_for(4), fill=True), desc_for(4), SLOW, HOST,
+                            taken.getsockname()[1])
+        with pytest.raises(OSError, match="bootstrap server cannot bind"):
+            p.start()
+    p.shutdown()  # a no-op after a failed start
+    wait_until(lambda: {t.name for t in threading.enumerate()} <= before, 5, "transfer threads to end")

@@ -1,8 +1,8 @@
 """KV handoff benchmark: our P->D transfer (pack, UCX send, scatter) against torch's copy of the same bytes.
 
-    python bench/transfer.py                                   # 2 GPUs: P on cuda:0, D on cuda:1 (UCX cuda_ipc)
-    python bench/transfer.py --device cpu                      # CPU + UCX over TCP/shm, small shape (seconds)
-    python bench/transfer.py --tokens 256,2048,8192 --iters 10 --json bench/results/transfer.jsonl
+    python bench/kv_transfer.py                                   # 2 GPUs: P on cuda:0, D on cuda:1 (UCX cuda_ipc)
+    python bench/kv_transfer.py --device cpu                      # CPU + UCX over TCP/shm, small shape (seconds)
+    python bench/kv_transfer.py --tokens 256,2048,8192 --iters 10 --json bench/results/transfer.jsonl
 
 Two processes: this one runs the prefill engine, a spawned one the decode engine. For each prompt
 length, ``iters`` rooms (after ``warmup``) each move the whole prompt's KV in one ``send`` (pages drawn
@@ -26,11 +26,6 @@ import time
 from datetime import date
 from pathlib import Path
 from typing import Any
-
-if not __package__:  # python bench/transfer.py: this file's directory would shadow the `transfer` package
-    _here = str(Path(__file__).resolve().parent)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
