@@ -43,13 +43,15 @@ def free_port_block(count: int, attempts: int = 200) -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_path: str, *extra: str, startup_timeout: float = 120.0) -> None:
+    def __init__(self, model_path: str, *extra: str, startup_timeout: float = 180.0,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="sglang-pd-server-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "sglang_pd.launch_server", "--model-path", model_path,
                "--host", "127.0.0.1", "--port", str(self.port), *extra]
-        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "UCX_WARN_UNUSED_ENV_VARS": "n", **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                      start_new_session=True)
         self._wait_healthy(startup_timeout)
@@ -78,6 +80,11 @@ class ServerProcess:
         """SIGTERM and wait; returns the exit code."""
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the server and its children (a crash, not a shutdown)."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
