@@ -182,6 +182,9 @@ class UcxPrefillTransfer(UcxEngineBase[PrefillRoom], PrefillTransfer):
             pending = self._pending.pop(room, None) if created else None
         if pending is not None:
             self._attach(state, pending.peer, pending.num_pages)
+        elif created and (reason := self._recent.get(room)) is not None:
+            # D registered this room earlier and its link has died since: fail now, not at the bootstrap timeout.
+            self._fail(state, reason, None)
         return state
 
     def _attach(self, state: PrefillRoom, peer: DecodePeer, num_pages: int) -> None:

@@ -116,6 +116,9 @@ class DecodeHooks(SchedulerHooks):
         return {
             "num_decode_prealloc_queue_reqs": len(self.prealloc_queue),
             "num_decode_transfer_queue_reqs": len(self.transfer_queue),
+            # of those, how many P has acknowledged (registered; waiting for or receiving KV)
+            "num_decode_registered_reqs": sum(self.transfer.poll(_room(r)) >= KVPoll.WaitingForInput
+                                              for r in self.transfer_queue),
             "num_transfer_failed_reqs": self.num_transfer_failed,
         }
 

@@ -160,7 +160,7 @@ def test_decode_dies_mid_transfer(tiny_llama):
             ex.submit(lambda: _quiet(leg, d.url, boot, 31, list(range(4, 60))))  # D registers room 31 with P
             deadline = time.monotonic() + 10
             while requests.get(d.url + "/get_server_info", timeout=5).json()["scheduler"]["disagg"].get(
-                    "num_decode_transfer_queue_reqs", 0) == 0:
+                    "num_decode_registered_reqs", 0) == 0:  # P has D's registration
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             d.kill()
