@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
-# Quick start: install sglang-pd, make a tiny local model, serve it, print ready-to-paste curl lines.
+# Quick start: install sglang-pd, make a tiny local model, start a prefill/decode cluster on CPU
+# (one prefill worker, one decode worker, the router in front) and print ready-to-paste curl lines.
 #
-#   bash deploy/quickstart.sh [--port N] [--model-path DIR] [--no-install]
+#   bash deploy/quickstart.sh [--port N] [--model-path DIR] [--no-install] [--colocated]
 #
 # Runs on a fresh Linux machine with Python 3.11+ and no GPU; nothing is downloaded except the
-# Python packages. The server stays in the foreground; Ctrl-C (or SIGTERM) drains and stops it.
+# Python packages. Everything stays in the foreground; Ctrl-C (or SIGTERM) drains and stops it all.
 #
 # Options and environment:
-#   --port N          HTTP port of the cluster's entry point (env PORT, default 30000)
+#   --port N          the cluster's entry point: the router (env PORT, default 8000); with
+#                     --colocated, the single server (default 30000)
 #   --model-path DIR  serve this HF model directory instead of making a tiny one
 #   --no-install      skip the pip installs (the package is already installed)
+#   --colocated       the old single-server mode: one colocated worker, no router
 #   PYTHON            interpreter to use (default python3)
 #   MODEL_DIR         where the tiny model goes (default ${TMPDIR:-/tmp}/sglang-pd-tiny-llama)
 #   SERVED_MODEL_NAME the API's model id (default tiny-llama, or the --model-path directory's name)
-#   STARTUP_TIMEOUT   seconds to wait for /health (default 300)
+#   STARTUP_TIMEOUT   seconds to wait for each /health (default 300)
 #
-# Layout: one function per step. Today the "cluster" is one colocated worker (start_worker with
-# role "server"); the PD setup becomes start_worker prefill + start_worker decode + start_router,
-# each tracked in PIDS/LOGS, with the health wait and the curl lines pointed at the router.
+# Layout: one function per step. PD mode: start_worker prefill + start_worker decode (HTTP and
+# bootstrap ports picked free), wait for both, start_router on --port, wait for its /health; every
+# process is tracked in PIDS/LOGS/NAMES and stopped by stop_all (router first).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
-PORT=${PORT:-30000}
+PORT=${PORT:-}
+COLOCATED=0
 HOST=127.0.0.1
 MODEL_PATH=""
 SERVED_NAME=${SERVED_MODEL_NAME:-}
@@ -31,11 +35,12 @@ STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-300}
 WORK_DIR=${TMPDIR:-/tmp}
 MODEL_DIR=${MODEL_DIR:-$WORK_DIR/sglang-pd-tiny-llama}
 LOG_DIR=""
+TOPOLOGY=""
 PIDS=()   # every process this script started, in start order
 LOGS=()   # their log files, same order
 NAMES=()  # their roles, same order
 
-usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 say() { printf '[quickstart] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
@@ -47,10 +52,14 @@ parse_args() {
             --model-path) [[ $# -ge 2 ]] || die "--model-path needs a value"; MODEL_PATH=$2; shift 2 ;;
             --model-path=*) MODEL_PATH=${1#*=}; shift ;;
             --no-install) INSTALL=0; shift ;;
+            --colocated) COLOCATED=1; shift ;;
             -h|--help) usage; exit 0 ;;
             *) die "unknown option $1 (see --help)" ;;
         esac
     done
+    if [[ -z $PORT ]]; then
+        if [[ $COLOCATED == 1 ]]; then PORT=30000; else PORT=8000; fi
+    fi
     [[ $PORT =~ ^[0-9]+$ ]] || die "--port must be a number, got '$PORT'"
 }
 
@@ -90,6 +99,18 @@ with socket.socket() as s:  # SO_REUSEADDR as aiohttp: TIME_WAIT leftovers are f
 EOF
 }
 
+free_ports() {  # free_ports N: N distinct free TCP ports on HOST, one per line
+    "$PY" - "$HOST" "$1" <<'EOF'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[2]))]
+for s in socks:  # all bound at once, so the ports differ
+    s.bind((sys.argv[1], 0))
+print("\n".join(str(s.getsockname()[1]) for s in socks))
+for s in socks:
+    s.close()
+EOF
+}
+
 # start_worker ROLE PORT [extra launch_server flags...]: background a worker, remember pid and log.
 start_worker() {
     local role=$1 port=$2 log
@@ -101,6 +122,17 @@ start_worker() {
     PIDS+=("$!")
     LOGS+=("$log")
     NAMES+=("$role")
+}
+
+# start_router PREFILL_URL BOOTSTRAP_PORT DECODE_URL: background the PD router on PORT.
+start_router() {
+    local log=$LOG_DIR/router-$PORT.log
+    say "starting router on http://$HOST:$PORT (log: $log)"
+    "$PY" -m router.launch_router --pd-disaggregation --prefill "$1" "$2" --decode "$3" \
+        --host "$HOST" --port "$PORT" --health-check-interval-secs 1 >"$log" 2>&1 &
+    PIDS+=("$!")
+    LOGS+=("$log")
+    NAMES+=("router")
 }
 
 http_status() {  # http_status URL -> the HTTP status code, 000 when nothing answers
@@ -145,6 +177,7 @@ print_examples() {
     cat <<EOF
 
 sglang-pd is serving $MODEL_PATH as "$model" at $url
+$TOPOLOGY
 Try it (paste into another terminal):
 
 curl -s $url/generate -H 'Content-Type: application/json' -d '{"text": "The capital of France is", "sampling_params": {"temperature": 0, "max_new_tokens": 16}}'
@@ -153,7 +186,7 @@ curl -s $url/v1/chat/completions -H 'Content-Type: application/json' -d '{"model
 
 EOF
     [[ $MODEL_PATH != "$MODEL_DIR" ]] || echo "(The tiny model has random weights: expect random text.)"
-    echo "Ctrl-C stops the server."
+    echo "Logs: $LOG_DIR. Ctrl-C stops everything."
 }
 
 stop_all() {  # SIGTERM everything started (last first: router before workers), then wait
@@ -175,8 +208,26 @@ main() {
     trap stop_all EXIT
     trap 'stop_all; exit 130' INT
     trap 'stop_all; exit 143' TERM
-    start_worker server "$PORT" --served-model-name "$SERVED_NAME" --enable-metrics
-    wait_healthy "http://$HOST:$PORT"
+    export UCX_WARN_UNUSED_ENV_VARS=${UCX_WARN_UNUSED_ENV_VARS:-n}
+    require_free_port "$PORT"
+    if [[ $COLOCATED == 1 ]]; then
+        start_worker server "$PORT" --served-model-name "$SERVED_NAME" --enable-metrics
+        wait_healthy "http://$HOST:$PORT"
+        TOPOLOGY="(one colocated worker, no router)"
+    else
+        local ports p_port d_port b_port
+        mapfile -t ports < <(free_ports 3)
+        p_port=${ports[0]} d_port=${ports[1]} b_port=${ports[2]}
+        start_worker prefill "$p_port" --served-model-name "$SERVED_NAME" --enable-metrics \
+            --disaggregation-mode prefill --disaggregation-bootstrap-port "$b_port"
+        start_worker decode "$d_port" --served-model-name "$SERVED_NAME" --enable-metrics \
+            --disaggregation-mode decode
+        wait_healthy "http://$HOST:$p_port"
+        wait_healthy "http://$HOST:$d_port"
+        start_router "http://$HOST:$p_port" "$b_port" "http://$HOST:$d_port"
+        wait_healthy "http://$HOST:$PORT"
+        TOPOLOGY="(router in front of prefill http://$HOST:$p_port, bootstrap port $b_port, and decode http://$HOST:$d_port; KV over UCX)"
+    fi
     print_examples "http://$HOST:$PORT" "$SERVED_NAME"
     serve_foreground
 }
