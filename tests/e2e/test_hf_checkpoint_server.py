@@ -263,16 +263,11 @@ def test_still_healthy_afterwards(srv: ServerProcess, client: openai.OpenAI, tok
     assert "Traceback" not in log and "internal server error" not in log.lower(), log[-3000:]
 
 
-# Wrong types that /generate answers with 500 "internal server error" instead of 400 (a TypeError in
-# sglang_pd/generate_request.py: normalize_generate). Kept last: they leave a traceback in the server
-# log, which test_still_healthy_afterwards checks is clean. strict: fixing the server flips them to XPASS.
-KNOWN_500 = pytest.mark.xfail(strict=True, reason="server bug: wrong-typed /generate field gives 500, not 400")
-
-
 @pytest.mark.parametrize("body", [
-    pytest.param({"text": 42}, marks=KNOWN_500, id="text-int"),
-    pytest.param({"input_ids": 5}, marks=KNOWN_500, id="input_ids-int"),
-    pytest.param({"text": "Hi", "top_logprobs_num": "2"}, marks=KNOWN_500, id="top_logprobs_num-str"),
+    pytest.param({"text": 42}, id="text-int"),
+    pytest.param({"input_ids": 5}, id="input_ids-int"),
+    pytest.param({"text": "Hi", "top_logprobs_num": "2"}, id="top_logprobs_num-str"),
+    pytest.param({"text": "Hi", "return_logprob": "yes"}, id="return_logprob-str"),
 ])
 def test_native_wrong_types_are_400(srv: ServerProcess, body: dict) -> None:
     r = post(srv, "/generate", body)
