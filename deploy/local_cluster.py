@@ -13,6 +13,7 @@ a curl line for people, and waits.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import signal
@@ -80,8 +81,8 @@ def wait_healthy(procs: list[Proc], timeout: float, log_dir: Path) -> None:
                 with urllib.request.urlopen(p.url + "/health", timeout=2) as r:
                     if r.status == 200:
                         pending.remove(p)
-            except OSError:
-                pass
+            except (OSError, http.client.HTTPException):
+                pass  # not up yet
         if pending and time.monotonic() > deadline:
             raise TimeoutError(f"not healthy within {timeout}s: {[p.name for p in pending]} (logs in {log_dir})")
         time.sleep(0.2)

@@ -16,9 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port outside the ephemeral range (see free_port_block)."""
+    return free_port_block(1)
 
 
 def free_port_block(count: int, attempts: int = 200) -> int:
@@ -26,7 +25,8 @@ def free_port_block(count: int, attempts: int = 200) -> int:
     import random
 
     for _ in range(attempts):
-        base = random.randrange(20000, 60000 - count)
+        # Below the kernel's ephemeral range (32768+), where UCX listeners and clients take their ports.
+        base = random.randrange(20000, 32000 - count)
         try:
             socks = []
             for p in range(base, base + count):
