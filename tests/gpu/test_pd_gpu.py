@@ -36,10 +36,27 @@ def llama8b_dummy(tiny: Path, out: Path) -> Path:
     return out
 
 
-def greedy(url: str, prompts: list[list[int]], n: int) -> list[list[int]]:
+BF16_TIE = 0.125  # nats: top-1/top-2 margins below this flip under bf16 rounding of equivalent computations
+
+
+def greedy(url: str, prompts: list[list[int]], n: int) -> list[tuple[list[int], list[float]]]:
+    """(tokens, top-1/top-2 logprob margin at each step) per prompt."""
     sp = {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}
-    return [requests.post(url + "/generate", json={"input_ids": p, "sampling_params": sp}, timeout=300).json()["output_ids"]
-            for p in prompts]
+    outs = []
+    for p in prompts:
+        body = {"input_ids": p, "sampling_params": sp, "return_logprob": True, "top_logprobs_num": 2}
+        o = requests.post(url + "/generate", json=body, timeout=300).json()
+        margins = [top[0][0] - top[1][0] for top in o["meta_info"]["output_top_logprobs"]]
+        outs.append((o["output_ids"], margins))
+    return outs
+
+
+def agreed_prefix(want: tuple[list[int], list[float]], exact: bool) -> int:
+    """Tokens that must match: all of them (fp32-like margins), or up to the first bf16 near-tie."""
+    ids, margins = want
+    if exact:
+        return len(ids)
+    return next((i for i, m in enumerate(margins) if m < BF16_TIE), len(ids))
 
 
 @pytest.mark.parametrize("model", ["tiny", "llama8b-dummy"])
@@ -65,4 +82,7 @@ def test_pd_equals_colocated_on_two_gpus(model, tiny_model_dir, tmp_path):
         print(json.dumps({"model": model, "kv_transfer_1500_tokens": meta.get("kv_transfer")}))
     finally:
         c.stop()
-    assert got == want
+    exact = model == "tiny"  # the tiny checkpoint is peaked; random bf16 8B weights have near-ties
+    for (g, _), w in zip(got, want):
+        k = agreed_prefix(w, exact)
+        assert g[:k] == w[0][:k], (k, g, w[0])
