@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -29,7 +29,7 @@ from sglang_pd.server.openai_completions import (
     parse_completion,
 )
 from sglang_pd.server.openai_protocol import ResponseMeta, TokenTexts
-from sglang_pd.server.req_state import GenerateChunk, ReqState
+from sglang_pd.server.req_state import GenerateChunk
 from sglang_pd.server.server_state import ServerState
 from sglang_pd.server.stream_merge import collect_all, merge_chunks
 
