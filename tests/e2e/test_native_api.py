@@ -61,7 +61,10 @@ def test_streaming_is_cumulative_and_ends_with_done(server, engine):
                 events.append(line.decode())
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
-    assert len(chunks) == 24
+    # Events are cumulative; chunks that queue up while the handler writes are coalesced, so there is
+    # at most one event per token and every event brings at least one new token.
+    counts = [len(c["output_ids"]) for c in chunks]
+    assert 1 <= len(chunks) <= 24 and counts == sorted(set(counts)) and counts[-1] == 24
     exp = engine.generate(prompt="Hello world", sampling_params=GREEDY)
     assert chunks[-1]["text"] == exp["text"] and chunks[-1]["output_ids"] == exp["output_ids"]
     assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
