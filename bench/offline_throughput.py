@@ -3,8 +3,12 @@
     python bench/offline_throughput.py --model-path DIR [--load-format dummy] \
         --num-prompts 64 --random-input-len 128 --random-output-len 64 [--hf-num-prompts 16]
     python bench/offline_throughput.py --tiny llama     # makes a tiny checkpoint first (CPU smoke run)
+    python bench/offline_throughput.py --shape llama-3.1-8b --num-prompts 1000 --random-input-len 1024 \
+        --random-output-len 1024 --hf-num-prompts 64 --itl --prefill      # the GPU run (dummy weights)
 
 Prints output tokens/s of both and the ratio, and appends a JSON line with --output-file.
+``--itl``: batch-1 inter-token latency at 1k context (one 1024-token prompt; (time for 257 tokens -
+time for 1) / 256). ``--prefill``: prompt tokens/s over 2048-token prompts with one output token each.
 Both sides see the same prompts (token ids) and generate exactly --random-output-len tokens each
 (EOS ignored), greedy.
 """
@@ -47,20 +51,36 @@ def make_workload(vocab: int, n: int, in_len: int, out_len: int, ratio: float, s
     return Workload(prompts, out_len)
 
 
-def run_ours(engine_kwargs: dict, work: Workload) -> Measurement:
-    from sglang_pd import Engine
-
-    engine = Engine(**engine_kwargs)
-    sp = {"temperature": 0, "max_new_tokens": work.output_len, "ignore_eos": True}
-    engine.generate(input_ids=work.prompts[:2], sampling_params={**sp, "max_new_tokens": 4})  # warm-up
+def timed_generate(engine: object, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, int]:
+    """(seconds, output tokens) of one greedy generate call over ``prompts`` on a flushed cache."""
     engine.flush_cache()
-    sync(engine_kwargs.get("device", "auto"))
+    sp = {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
     t0 = time.perf_counter()
-    outs = engine.generate(input_ids=work.prompts, sampling_params=sp)
-    sync(engine_kwargs.get("device", "auto"))
-    dt = time.perf_counter() - t0
-    engine.shutdown()
-    return Measurement("sglang_pd", len(work.prompts), sum(len(o["output_ids"]) for o in outs), dt)
+    outs = engine.generate(input_ids=prompts, sampling_params=sp)
+    return time.perf_counter() - t0, sum(len(o["output_ids"]) for o in outs)
+
+
+def run_ours(engine: object, work: Workload) -> Measurement:
+    timed_generate(engine, work.prompts[:2], 4)  # warm-up
+    dt, tokens = timed_generate(engine, work.prompts, work.output_len)
+    return Measurement("sglang_pd", len(work.prompts), tokens, dt)
+
+
+def batch1_itl_ms(engine: object, vocab: int, context: int = 1024, steps: int = 256) -> float:
+    """Inter-token latency of one request at ``context`` tokens: (T(steps + 1 tokens) - T(1 token)) / steps."""
+    prompt = make_workload(vocab, 1, context, 1, 1.0, seed=1).prompts
+    timed_generate(engine, prompt, 8)  # warm-up
+    first, _ = timed_generate(engine, prompt, 1)
+    full, _ = timed_generate(engine, prompt, steps + 1)
+    return (full - first) / steps * 1e3
+
+
+def prefill_tok_s(engine: object, vocab: int, prompt_len: int = 2048, n: int = 64) -> float:
+    """Prompt tokens/s over ``n`` prompts of ``prompt_len`` tokens, one output token each."""
+    prompts = make_workload(vocab, n, prompt_len, 1, 1.0, seed=2).prompts
+    timed_generate(engine, prompts[:4], 1)  # warm-up
+    dt, _ = timed_generate(engine, prompts, 1)
+    return n * prompt_len / dt
 
 
 def run_transformers(path: str, load_format: str, dtype: torch.dtype, device: str, work: Workload, batch: int) -> Measurement:
@@ -99,6 +119,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path")
     ap.add_argument("--tiny", choices=("llama", "mistral", "qwen2", "qwen3"), help="make a tiny checkpoint and use it")
+    ap.add_argument("--shape", choices=("llama-3.1-8b",), help="a config-only checkpoint of this shape (implies dummy weights)")
+    ap.add_argument("--itl", action="store_true", help="also measure batch-1 inter-token latency at 1k context")
+    ap.add_argument("--prefill", action="store_true", help="also measure prefill tokens/s on 2048-token prompts")
     ap.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
@@ -119,15 +142,30 @@ def main() -> None:
         from sglang_pd.tools.make_tiny_model import make_tiny_model
 
         path = str(make_tiny_model(tempfile.mkdtemp(prefix="tiny-"), arch=args.tiny))
+    if args.shape:
+        from model_shapes import write_config
+
+        path, args.load_format = str(write_config(tempfile.mkdtemp(prefix="shape-"), args.shape)), "dummy"
     if not path:
-        ap.error("--model-path or --tiny is required")
+        ap.error("--model-path, --tiny or --shape is required")
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(path).vocab_size
+    hf_config = AutoConfig.from_pretrained(path)
+    vocab = hf_config.vocab_size
     work = make_workload(vocab, args.num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio, args.seed)
     extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.engine_arg)}
     kwargs = {"model_path": path, "load_format": args.load_format, "dtype": args.dtype, "device": args.device, **extra}
-    ours = run_ours(kwargs, work)
+    from sglang_pd import Engine
+
+    engine = Engine(**kwargs)
+    ours = run_ours(engine, work)
+    extra_metrics: dict[str, float] = {}
+    if args.itl:
+        extra_metrics["batch1_itl_ms_1k_ctx"] = batch1_itl_ms(engine, vocab)
+    if args.prefill:
+        prompt_len = min(2048, hf_config.max_position_embeddings - 1)  # tiny models stop at 2048
+        extra_metrics[f"prefill_tok_s_{prompt_len}"] = prefill_tok_s(engine, vocab, prompt_len)
+    engine.shutdown()
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -141,10 +179,12 @@ def main() -> None:
     ratio = ours.output_tok_s / results[1].output_tok_s if len(results) > 1 else None
     if ratio is not None:
         print(f"ratio sglang_pd / transformers: {ratio:.2f}x")
+    for name, value in extra_metrics.items():
+        print(f"{name}: {value:.2f}")
     if args.output_file:
         record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "device": device,
                   "args": vars(args), "results": [asdict(m) | {"output_tok_s": m.output_tok_s} for m in results],
-                  "ratio": ratio}
+                  "ratio": ratio, **extra_metrics}
         with open(args.output_file, "a") as f:
             f.write(json.dumps(record) + "\n")
 

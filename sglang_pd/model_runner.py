@@ -6,7 +6,9 @@ import logging
 
 import torch
 
+from sglang_pd.attention.forward_batch import ForwardBatch
 from sglang_pd.attention.registry import create_attention_backend
+from sglang_pd.cuda_graph_runner import CudaGraphRunner
 from sglang_pd.forward_batch_builder import LogitsLayout, build_forward_batch
 from sglang_pd.mem.kv_cache import KVCache, KVCacheShape
 from sglang_pd.models.config import ModelConfig
@@ -25,7 +27,8 @@ class ModelRunner:
         self.device = runtime.device
         self.page_size = args.page_size
         torch.manual_seed(args.random_seed)
-        self.model = load_model(model_config, args.model_path, args.load_format, runtime.dtype, runtime.device)
+        self.model = load_model(model_config, args.model_path, args.load_format, runtime.dtype, runtime.device,
+                                ops=runtime.attention_backend)
         shape = KVCacheShape(
             num_layers=model_config.num_hidden_layers,
             num_pages=0,
@@ -43,6 +46,12 @@ class ModelRunner:
         self.sampler = Sampler()
         logger.info("KV pool: %d pages x %d tokens (%.1f MiB)", num_pages, args.page_size,
                     self.kv_cache.buffer.numel() * self.kv_cache.buffer.element_size() / 2**20)
+        self.graph_runner: CudaGraphRunner | None = None
+        if runtime.cuda_graph_max_bs > 0:
+            max_bs = min(runtime.cuda_graph_max_bs, args.max_running_requests or runtime.cuda_graph_max_bs)
+            max_pages = -(-runtime.context_length // args.page_size)
+            with torch.inference_mode():
+                self.graph_runner = CudaGraphRunner(self._forward_eager, max_bs, max_pages, args.page_size, self.device)
 
     @property
     def num_pages(self) -> int:
@@ -52,11 +61,17 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, plan: BatchPlan) -> BatchResult:
         batch, layout = build_forward_batch(plan, self.page_size, self.device)
-        hidden = self.model.forward(batch, self.attn)
-        logits = self.model.compute_logits(hidden)  # [N, vocab] float32
+        if self.graph_runner is not None and self.graph_runner.can_run(batch, layout.sample_rows):
+            logits = self.graph_runner.replay(batch)
+        else:
+            logits = self._forward_eager(batch)
         sampled = self._sample(plan, layout, logits)
         input_lp = self._input_logprobs(plan, layout, logits)
         return BatchResult(items=tuple(_merge(s, lp) for s, lp in zip(sampled, input_lp)))
+
+    def _forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
+        """Float32 logits [N, vocab] of rows ``batch.logits_indices``."""
+        return self.model.compute_logits(self.model.forward(batch, self.attn))
 
     def _sample(self, plan: BatchPlan, layout: LogitsLayout, logits: torch.Tensor) -> list[ItemResult]:
         rows = [i for i, it in enumerate(plan.items) if it.sampling is not None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,8 @@ class RuntimeConfig:
     device: torch.device
     dtype: torch.dtype
     context_length: int
-    attention_backend: str
+    attention_backend: str  # also names the pointwise ops (sglang_pd.models.ops): torch or triton
+    cuda_graph_max_bs: int  # 0: decode runs eagerly
 
 
 def resolve_runtime(args: ServerArgs, model_config: ModelConfig) -> RuntimeConfig:
@@ -34,8 +36,28 @@ def resolve_runtime(args: ServerArgs, model_config: ModelConfig) -> RuntimeConfi
             f"context_length {ctx} exceeds the model's max_position_embeddings "
             f"({model_config.max_position_embeddings}); rope tables end there"
         )
-    backend = args.attention_backend or "torch"
-    return RuntimeConfig(device=device, dtype=dtype, context_length=ctx, attention_backend=backend)
+    backend = _resolve_attention_backend(args.attention_backend, device)
+    graphs = device.type == "cuda" and backend == "triton" and not args.disable_cuda_graph
+    if device.type == "cuda" and backend == "torch" and not args.disable_cuda_graph:
+        logger.info("CUDA graphs are off: the torch attention backend sizes its tensors on the host per batch")
+    return RuntimeConfig(
+        device=device,
+        dtype=dtype,
+        context_length=ctx,
+        attention_backend=backend,
+        cuda_graph_max_bs=args.cuda_graph_max_bs if graphs else 0,
+    )
+
+
+def _resolve_attention_backend(name: str | None, device: torch.device) -> str:
+    """triton on CUDA, torch on CPU; triton on CPU only inside Triton's interpreter (tests)."""
+    backend = name or ("triton" if device.type == "cuda" else "torch")
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "attention_backend 'triton' needs a CUDA device; on CPU use 'torch' "
+            "(or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter, slowly)"
+        )
+    return backend
 
 
 def _resolve_device(args: ServerArgs) -> torch.device:

@@ -17,7 +17,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 SCHEDULE_POLICIES = ("fcfs", "lpm")
-ATTENTION_BACKENDS = ("torch",)
+ATTENTION_BACKENDS = ("torch", "triton")
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -43,7 +43,9 @@ class ServerArgs:
     max_prefill_tokens: int = _f(16384, "max prompt tokens admitted per step")
     schedule_policy: Literal["fcfs", "lpm"] = _f("fcfs", "waiting-queue order: fcfs, or lpm (longest cached prefix first)", choices=SCHEDULE_POLICIES)
     disable_radix_cache: bool = _f(False, "turn off prefix caching")
-    attention_backend: str | None = _f(None, "torch (default on CPU); triton comes with the kernels", choices=ATTENTION_BACKENDS)
+    attention_backend: str | None = _f(None, "triton (default on CUDA) or torch (default on CPU, the reference)", choices=ATTENTION_BACKENDS)
+    cuda_graph_max_bs: int = _f(256, "largest decode batch replayed from a captured CUDA graph")
+    disable_cuda_graph: bool = _f(False, "run decode eagerly (no CUDA graphs)")
     skip_tokenizer_init: bool = _f(False, "no tokenizer: input_ids in, output_ids out")
     # prefill/decode disaggregation
     disaggregation_mode: str = _f("null", "null (colocated), prefill or decode", choices=("null", "prefill", "decode"))
@@ -73,6 +75,7 @@ class ServerArgs:
         if self.attention_backend is not None:
             _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_int("page_size", self.page_size, 1)
+        _check_int("cuda_graph_max_bs", self.cuda_graph_max_bs, 1)
         _check_int("base_gpu_id", self.base_gpu_id, 0)
         _check_int("max_total_tokens", self.max_total_tokens, 1, optional=True)
         _check_int("max_running_requests", self.max_running_requests, 1, optional=True)

@@ -12,8 +12,10 @@ import torch
 from oracle import HFOracle
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter on CPU; triton.jit reads this when a kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
 
 
 @pytest.fixture(scope="session")

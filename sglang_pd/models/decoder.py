@@ -15,19 +15,21 @@ from sglang_pd.attention.base import AttentionBackend, AttentionLayerSpec
 from sglang_pd.attention.forward_batch import ForwardBatch
 from sglang_pd.models.config import ModelConfig
 from sglang_pd.models.layers import Device, Embedding, GatedMLP, Linear, LMHead, RMSNorm
+from sglang_pd.models.ops import LayerOps, TorchOps
 from sglang_pd.models.rope import RotaryEmbedding
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype, device: Device) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype, device: Device, ops: LayerOps) -> None:
         super().__init__()
         c = config
+        self.ops = ops
         self.q_size, self.kv_size = c.q_size, c.kv_size
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.qkv_proj = Linear(c.hidden_size, c.q_size + 2 * c.kv_size, c.attention_bias, dtype, device)
         self.o_proj = Linear(c.q_size, c.hidden_size, c.o_proj_bias, dtype, device)
-        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device) if c.qk_norm else None
-        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device) if c.qk_norm else None
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device, ops) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device, ops) if c.qk_norm else None
         self.spec = AttentionLayerSpec(
             layer_id=layer_id,
             num_heads=c.num_attention_heads,
@@ -48,19 +50,19 @@ class DecoderAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm.norm(q), self.k_norm.norm(k)  # per head, before rope (HF Qwen3)
-        q, k = rope(q, k, positions)
+        q, k = self.ops.rotary(q, k, positions, rope)
         out = attn.forward(q, k, v, self.spec)  # [T, num_heads, head_dim]
         return self.o_proj(out.reshape(t, self.q_size))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype, device: Device) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype, device: Device, ops: LayerOps) -> None:
         super().__init__()
         c = config
-        self.self_attn = DecoderAttention(c, layer_id, dtype, device)
-        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, device)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.self_attn = DecoderAttention(c, layer_id, dtype, device, ops)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, device, ops)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device, ops)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device, ops)
 
     def forward(
         self,
@@ -78,12 +80,12 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: Device) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: Device, ops: LayerOps) -> None:
         super().__init__()
         c = config
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(c, i, dtype, device) for i in range(c.num_hidden_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(c, i, dtype, device, ops) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device, ops)
         self.rotary_emb = RotaryEmbedding(c.head_dim, c.rope, c.max_position_embeddings, device)
 
     def forward(
@@ -101,12 +103,12 @@ class DecoderModel(nn.Module):
 
 
 class DecoderForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: Device) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: Device, ops: LayerOps | None = None) -> None:
         super().__init__()
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.model = DecoderModel(config, dtype, device)
+        self.model = DecoderModel(config, dtype, device, ops or TorchOps())
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, device)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one Parameter, two names

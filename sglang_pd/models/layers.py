@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sglang_pd.models.ops import LayerOps, TorchOps, torch_rms_norm
+
 Device = torch.device | str | None
 
 
@@ -34,24 +36,21 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF LlamaRMSNorm: float32 mean of squares over the last dim, rsqrt, cast back, times weight."""
-    input_dtype = x.dtype
-    x32 = x.to(torch.float32)
-    variance = x32.pow(2).mean(-1, keepdim=True)
-    x32 = x32 * torch.rsqrt(variance + eps)
-    return weight * x32.to(input_dtype)
+rms_norm = torch_rms_norm  # the reference RMSNorm, HF numerics
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: Device) -> None:
+    def __init__(
+        self, hidden_size: int, eps: float, dtype: torch.dtype, device: Device, ops: LayerOps | None = None
+    ) -> None:
         super().__init__()
         self.eps = eps
         self.weight = empty_param((hidden_size,), dtype, device)
+        self.ops = ops or TorchOps()
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         """Plain RMSNorm over the last dim (q_norm/k_norm use it on [T, heads, head_dim])."""
-        return rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)[0]
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -60,25 +59,29 @@ class RMSNorm(nn.Module):
 
         The sum is the residual stream in the model dtype, exactly HF's ``residual + hidden_states``.
         """
-        if residual is not None:
-            x = residual + x
-        return rms_norm(x, self.weight, self.eps), x
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused: gate_up_proj.weight = [gate; up]."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, bias: bool, dtype: torch.dtype, device: Device
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: Device,
+        ops: LayerOps | None = None,
     ) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
+        self.ops = ops or TorchOps()
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias, dtype, device)
         self.down_proj = Linear(intermediate_size, hidden_size, bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class Embedding(nn.Module):

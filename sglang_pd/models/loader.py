@@ -21,6 +21,7 @@ from safetensors import safe_open
 from sglang_pd.models.config import ModelConfig
 from sglang_pd.models.decoder import DecoderForCausalLM
 from sglang_pd.models.layers import Device
+from sglang_pd.models.ops import create_layer_ops
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +47,16 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     device: Device = "cpu",
     seed: int = 0,
+    ops: str = "torch",
 ) -> DecoderForCausalLM:
-    """The model with weights from ``model_path`` (``auto``) or seeded random ones (``dummy``)."""
+    """The model with weights from ``model_path`` (``auto``) or seeded random ones (``dummy``).
+
+    ``ops`` names the pointwise-op implementation (``sglang_pd.models.ops``): torch or triton.
+    """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not supported; choose one of {list(LOAD_FORMATS)}")
     with torch.no_grad():
-        model = DecoderForCausalLM(config, dtype, device)
+        model = DecoderForCausalLM(config, dtype, device, create_layer_ops(ops))
         if load_format == "dummy":
             init_dummy_weights(model, seed)
         else:
