@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import json
+import logging
 import platform
 import random
 import tempfile
@@ -143,6 +144,7 @@ def main() -> None:
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="extra Engine kwargs (JSON values)")
     ap.add_argument("--output-file")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the engine's batch lines
 
     path = args.model_path
     if args.tiny:
@@ -166,6 +168,7 @@ def main() -> None:
 
     engine = Engine(**kwargs)
     ours = run_ours(engine, work)
+    print(f"sglang_pd: {ours.output_tok_s:.1f} out tok/s over {ours.seconds:.1f} s", flush=True)
     extra_metrics: dict[str, float] = {}
     if args.itl:
         extra_metrics["batch1_itl_ms_1k_ctx"] = batch1_itl_ms(engine, vocab)

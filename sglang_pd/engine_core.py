@@ -45,6 +45,7 @@ class EngineCore:
                 schedule_policy=args.schedule_policy,
                 # D's pages arrive from P; prefix reuse on D is off (DESIGN §4, PD issue).
                 enable_radix_cache=not args.disable_radix_cache and args.disaggregation_mode != "decode",
+                decode_log_interval=args.decode_log_interval,
             ),
             self.runner,
             StopChecker(self.model_config.eos_token_ids, self.runtime.context_length, self.tokenizer),

@@ -66,6 +66,7 @@ class ServerArgs:
     enable_metrics: bool = _f(False, "serve Prometheus metrics at /metrics")
     log_level: str = _f("info", "debug, info, warning, error", choices=("debug", "info", "warning", "error", "critical"))
     log_requests: bool = _f(False, "log every request and its outcome")
+    decode_log_interval: int = _f(40, "decode steps between 'Decode batch' throughput log lines (0: never)")
 
     def __post_init__(self) -> None:
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
@@ -76,6 +77,7 @@ class ServerArgs:
             _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_int("page_size", self.page_size, 1)
         _check_int("cuda_graph_max_bs", self.cuda_graph_max_bs, 1)
+        _check_int("decode_log_interval", self.decode_log_interval, 0)
         _check_int("base_gpu_id", self.base_gpu_id, 0)
         _check_int("max_total_tokens", self.max_total_tokens, 1, optional=True)
         _check_int("max_running_requests", self.max_running_requests, 1, optional=True)

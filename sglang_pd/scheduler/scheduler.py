@@ -18,6 +18,7 @@ from sglang_pd.scheduler.kv_manager import ReqKVManager
 from sglang_pd.scheduler.plan_items import make_plan_item, record_result
 from sglang_pd.scheduler.policy import create_schedule_policy
 from sglang_pd.scheduler.req import FinishReason, Req, ReqStatus
+from sglang_pd.scheduler.step_log import StepLogger, StepStats
 from sglang_pd.scheduler.stop_checker import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class SchedulerConfig:
     max_running_requests: int
     schedule_policy: str
     enable_radix_cache: bool
+    decode_log_interval: int = 40  # decode steps between "Decode batch" log lines (0: never)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Scheduler:
         self.policy = create_schedule_policy(cfg.schedule_policy)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admission order; retraction takes from the end
+        self.step_log = StepLogger(cfg.decode_log_interval)
         self.num_retractions = 0
         self.hooks = hooks or NullHooks()
         self.hooks.bind(self)
@@ -97,6 +100,7 @@ class Scheduler:
         if not scheduled:
             return out
         plan = BatchPlan(tuple(make_plan_item(r, n, self.stop) for r, n in scheduled))
+        self.step_log.record(self._step_stats(scheduled))
         result = self.runner.run(plan)
         out.ran_batch = True
         for (req, n), res in zip(scheduled, result.items):
@@ -118,6 +122,16 @@ class Scheduler:
         if reason is not None:
             self.finish(req, reason)
             out.finished.append(req)
+
+    def _step_stats(self, scheduled: list[tuple[Req, int]]) -> StepStats:
+        prefill = [(r, n) for r, n in scheduled if r.in_prefill]
+        new = [r for r, _ in prefill if r.num_computed_tokens == r.cached_tokens]
+        used_pages = self.kv.pool.num_total - self.kv.pool.num_free
+        return StepStats(
+            new_seqs=len(new), prefill_tokens=sum(n for _, n in prefill), cached_tokens=sum(r.cached_tokens for r in new),
+            decode_reqs=len(scheduled) - len(prefill), running=len(self.running), queued=len(self.waiting),
+            used_tokens=used_pages * self.cfg.page_size, total_tokens=self.kv.capacity_tokens,
+        )
 
     # --- planning ------------------------------------------------------------------------------
     def _plan(self, out: StepOutput) -> list[tuple[Req, int]]:
