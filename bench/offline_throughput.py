@@ -95,7 +95,8 @@ def run_transformers(path: str, load_format: str, dtype: torch.dtype, device: st
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if load_format == "dummy":
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        with torch.device(device):  # random init on the GPU: an 8B model initialised on the CPU takes minutes
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model = model.to(device).eval()

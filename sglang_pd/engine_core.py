@@ -46,6 +46,7 @@ class EngineCore:
                 # D's pages arrive from P; prefix reuse on D is off (DESIGN §4, PD issue).
                 enable_radix_cache=not args.disable_radix_cache and args.disaggregation_mode != "decode",
                 decode_log_interval=args.decode_log_interval,
+                schedule_conservativeness=args.schedule_conservativeness,
             ),
             self.runner,
             StopChecker(self.model_config.eos_token_ids, self.runtime.context_length, self.tokenizer),
@@ -91,4 +92,5 @@ class EngineCore:
 
 
 def _default_max_running(num_pages: int) -> int:
-    return max(1, min(256, num_pages))
+    """At most one request per page and 1024 in all; admission's new-token ratio keeps the pool from running dry."""
+    return max(1, min(1024, num_pages))

@@ -78,11 +78,13 @@ class ModelRunner:
         results = [ItemResult() for _ in plan.items]
         if not rows:
             return results
-        row_idx = torch.tensor([layout.sample_rows[i] for i in rows], device=logits.device)
+        sample_rows = [layout.sample_rows[i] for i in rows]
+        if sample_rows != list(range(logits.shape[0])):  # decode batches: every row samples, in order
+            logits = logits.index_select(0, torch.tensor(sample_rows, device=logits.device))
         info = SamplingBatchInfo.build(
             [plan.items[i].sampling for i in rows], self.model_config.vocab_size, logits.device
         )
-        out = self.sampler(logits.index_select(0, row_idx), info)
+        out = self.sampler(logits, info)
         next_ids = out.next_token_ids.tolist()
         logprobs = out.logprobs.tolist() if out.logprobs is not None else [None] * len(rows)
         for k, i in enumerate(rows):

@@ -43,8 +43,9 @@ class ServerArgs:
     max_prefill_tokens: int = _f(16384, "max prompt tokens admitted per step")
     schedule_policy: Literal["fcfs", "lpm"] = _f("fcfs", "waiting-queue order: fcfs, or lpm (longest cached prefix first)", choices=SCHEDULE_POLICIES)
     disable_radix_cache: bool = _f(False, "turn off prefix caching")
+    schedule_conservativeness: float = _f(1.0, "scales the KV set aside for tokens running requests will still generate (0: none)")
     attention_backend: str | None = _f(None, "triton (default on CUDA) or torch (default on CPU, the reference)", choices=ATTENTION_BACKENDS)
-    cuda_graph_max_bs: int = _f(256, "largest decode batch replayed from a captured CUDA graph")
+    cuda_graph_max_bs: int = _f(512, "largest decode batch replayed from a captured CUDA graph")
     disable_cuda_graph: bool = _f(False, "run decode eagerly (no CUDA graphs)")
     skip_tokenizer_init: bool = _f(False, "no tokenizer: input_ids in, output_ids out")
     # prefill/decode disaggregation
@@ -78,6 +79,8 @@ class ServerArgs:
         _check_int("page_size", self.page_size, 1)
         _check_int("cuda_graph_max_bs", self.cuda_graph_max_bs, 1)
         _check_int("decode_log_interval", self.decode_log_interval, 0)
+        if not isinstance(self.schedule_conservativeness, (int, float)) or not 0 <= self.schedule_conservativeness <= 10:
+            raise ValueError(f"schedule_conservativeness must be in [0, 10], got {self.schedule_conservativeness!r}")
         _check_int("base_gpu_id", self.base_gpu_id, 0)
         _check_int("max_total_tokens", self.max_total_tokens, 1, optional=True)
         _check_int("max_running_requests", self.max_running_requests, 1, optional=True)

@@ -1,4 +1,4 @@
-"""Random prompts, reproducible from a seed.
+"""Datasets, reproducible from a seed: which prompts a run sends.
 
 ``random-ids``: token ids drawn uniformly from the vocabulary (special ids excluded when a
 tokenizer is known); sent as ``input_ids`` / a token-id ``prompt``, so the prompt length is exact.
@@ -6,38 +6,25 @@ tokenizer is known); sent as ``input_ids`` / a token-id ``prompt``, so the promp
 length; ``prompt_len`` is its re-encoded length (the server's count may differ by a few tokens,
 and the server's usage wins when it reports one).
 Lengths follow SGLang: uniform integers in ``[max(1, int(len * ratio)), len]``.
+``generated-shared-prefix`` (shared_prefix.py) and ``chat-synthetic`` (chat_synthetic.py) have
+their own modules; ``build_prompts`` picks by ``--dataset-name``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+from .chat_synthetic import chat_synthetic_prompts
+from .prompt import SAFE_VOCAB_SIZE, Prompt, TextTokenizer, allowed_ids, draw_ids, text_of_length
+from .shared_prefix import shared_prefix_prompts
 
 if TYPE_CHECKING:
     from .config import BenchConfig
 
-SAFE_VOCAB_SIZE = 256  # ids every real vocabulary has; used when nothing tells us the vocab size
-
-
-class TextTokenizer(Protocol):
-    """The part of a Hugging Face tokenizer the benchmark uses."""
-
-    vocab_size: int
-    all_special_ids: list[int]
-
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str | None  # exactly one of text / input_ids is set
-    input_ids: tuple[int, ...] | None
-    prompt_len: int  # tokens, as far as the client knows
-    output_len: int  # max_new_tokens asked for
+__all__ = ["SAFE_VOCAB_SIZE", "Prompt", "TextTokenizer", "build_prompts", "load_tokenizer",
+           "random_ids_prompts", "random_text_prompts", "prompts_as_text", "sample_lengths"]
 
 
 def load_tokenizer(path: str) -> Any:
@@ -53,13 +40,6 @@ def sample_lengths(rng: np.random.Generator, length: int, ratio: float, n: int) 
     return rng.integers(low, length + 1, size=n)
 
 
-def _allowed_ids(vocab_size: int, special_ids: Sequence[int]) -> np.ndarray:
-    allowed = np.setdiff1d(np.arange(vocab_size), np.asarray(list(special_ids), dtype=np.int64))
-    if allowed.size == 0:
-        raise ValueError("no non-special token ids to sample prompts from")
-    return allowed
-
-
 def random_ids_prompts(
     n: int, input_len: int, output_len: int, ratio: float, vocab_size: int, seed: int,
     special_ids: Sequence[int] = (),
@@ -67,20 +47,12 @@ def random_ids_prompts(
     rng = np.random.default_rng(seed)
     in_lens = sample_lengths(rng, input_len, ratio, n)
     out_lens = sample_lengths(rng, output_len, ratio, n)
-    allowed = _allowed_ids(vocab_size, special_ids)
+    allowed = allowed_ids(vocab_size, special_ids)
     prompts = []
     for in_len, out_len in zip(in_lens, out_lens, strict=True):
-        ids = tuple(int(t) for t in rng.choice(allowed, size=int(in_len)))
+        ids = draw_ids(rng, allowed, int(in_len))
         prompts.append(Prompt(None, ids, len(ids), int(out_len)))
     return prompts
-
-
-def _text_of_length(tok: TextTokenizer, ids: Sequence[int], target: int) -> tuple[str, int]:
-    """Decode ``ids``, re-encode, cut to ``target`` tokens, decode again: (text, its token count)."""
-    text = tok.decode(list(ids), skip_special_tokens=True)
-    again = tok.encode(text, add_special_tokens=False)[:target]
-    text = tok.decode(again, skip_special_tokens=True)
-    return text, len(tok.encode(text, add_special_tokens=False))
 
 
 def random_text_prompts(
@@ -92,7 +64,7 @@ def random_text_prompts(
     out = []
     for p in id_prompts:
         assert p.input_ids is not None
-        text, count = _text_of_length(tok, p.input_ids, p.prompt_len)
+        text, count = text_of_length(tok, p.input_ids, p.prompt_len)
         out.append(Prompt(text, None, count, p.output_len))
     return out
 

@@ -15,6 +15,7 @@ from typing import Protocol
 from sglang_pd.disagg.hooks import NullHooks, SchedulerHooks
 from sglang_pd.scheduler.batch import BatchPlan, BatchResult
 from sglang_pd.scheduler.kv_manager import ReqKVManager
+from sglang_pd.scheduler.new_token_ratio import NewTokenRatio
 from sglang_pd.scheduler.plan_items import make_plan_item, record_result
 from sglang_pd.scheduler.policy import create_schedule_policy
 from sglang_pd.scheduler.req import FinishReason, Req, ReqStatus
@@ -38,6 +39,7 @@ class SchedulerConfig:
     schedule_policy: str
     enable_radix_cache: bool
     decode_log_interval: int = 40  # decode steps between "Decode batch" log lines (0: never)
+    schedule_conservativeness: float = 1.0  # scales the new-token-ratio admission headroom (0: off)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admission order; retraction takes from the end
         self.step_log = StepLogger(cfg.decode_log_interval)
+        self.new_token_ratio = NewTokenRatio(cfg.schedule_conservativeness)
         self.num_retractions = 0
         self.hooks = hooks or NullHooks()
         self.hooks.bind(self)
@@ -96,6 +99,7 @@ class Scheduler:
     def step(self) -> StepOutput:
         out = StepOutput()
         self.hooks.before_step(out)
+        self.new_token_ratio.step()
         scheduled = self._plan(out)
         if not scheduled:
             return out
@@ -188,12 +192,15 @@ class Scheduler:
         req.set_status(ReqStatus.WAITING)
         req.num_retractions += 1
         self.num_retractions += 1
+        self.new_token_ratio.on_retract()
         self.waiting.appendleft(req)
         logger.debug("retracted %s (%d tokens); pool free=%d", req.rid, req.seq_len, self.kv.pool.num_free)
 
     def _admit(self, budget: int, scheduled: list[tuple[Req, int]]) -> None:
         if not self.waiting:
             return
+        ratio = self.new_token_ratio
+        future_pages = sum(self.kv.pages_for(ratio.future_tokens(r)) for r in self.running)
         for req in self.policy.order(self.waiting, self.kv.match):
             if len(self.running) >= self.cfg.max_running_requests:
                 break
@@ -203,10 +210,14 @@ class Scheduler:
             n = req.num_uncomputed if self.cfg.chunk_size is None else min(req.num_uncomputed, budget)
             n = max(n, 1)
             need = self.kv.pages_for(req.num_computed_tokens + n) - len(req.pages)
-            # Headroom: one page per running request so decodes can grow without retracting at once.
-            if self.kv.available_pages - need < len(self.running) or not self.kv.reserve(req, n):
+            growth = self.kv.pages_for(ratio.future_tokens(req))
+            # Headroom: one page per running request so decodes can grow without retracting at once,
+            # plus the pages the running requests and this one are expected to generate into.
+            headroom = len(self.running) + future_pages + growth
+            if self.kv.available_pages - need < headroom or not self.kv.reserve(req, n):
                 self.kv.release(req)
                 break  # keep the queue order: no overtaking by smaller requests
+            future_pages += growth
             self.waiting.remove(req)
             req.set_status(ReqStatus.RUNNING)
             if not req.admitted_once:
