@@ -92,5 +92,6 @@ class EngineCore:
 
 
 def _default_max_running(num_pages: int) -> int:
-    """At most one request per page and 1024 in all; admission's new-token ratio keeps the pool from running dry."""
-    return max(1, min(1024, num_pages))
+    """At most one request per page and 256 in all (measured on H200, Llama-8B shapes: 256 beat 512+, whose
+    batches outgrow the pool and retract; bench/RESULTS.md)."""
+    return max(1, min(256, num_pages))

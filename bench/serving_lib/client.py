@@ -99,3 +99,33 @@ async def send_request(
     except Exception as exc:  # noqa: BLE001 - a failed request is a record, never a crash
         state.fail(f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS])
     return state.to_record(prompt.prompt_len, time.perf_counter())
+
+
+FLUSH_BUSY_STATUSES = (400, 409, 503)  # "requests still running": our worker answers 400, then retry
+FLUSH_UNSUPPORTED_STATUSES = (404, 405, 501)
+
+
+async def flush_cache(session: aiohttp.ClientSession, base_url: str, headers: dict[str, str],
+                      attempts: int = 20, retry_s: float = 0.5) -> str:
+    """POST /flush_cache; returns "ok", "unsupported" (a server without the route) or "failed: ...".
+
+    Never raises: a benchmark against a foreign OpenAI-compatible server runs on without it.
+    Retries while the server says it is busy (the warm-up's requests may still be finishing).
+    """
+    last = ""
+    for _ in range(attempts):
+        try:
+            async with session.post(base_url + "/flush_cache", headers=headers) as resp:
+                body = await resp.text(errors="replace")
+                if resp.status == 200:
+                    return "ok"
+                if resp.status in FLUSH_UNSUPPORTED_STATUSES:
+                    return "unsupported"
+                last = http_error(resp.status, body)
+                if resp.status not in FLUSH_BUSY_STATUSES:
+                    break
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+            break
+        await asyncio.sleep(retry_s)
+    return f"failed: {last}"[:MAX_ERROR_CHARS]

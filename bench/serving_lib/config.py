@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
+from .slo import SLO
+
 BACKENDS: tuple[str, ...] = ("sglang", "openai", "openai-chat")
-DATASETS: tuple[str, ...] = ("random", "random-ids")
+DATASETS: tuple[str, ...] = ("random", "random-ids", "generated-shared-prefix", "chat-synthetic")
 
 # Route each backend posts to.
 BACKEND_PATHS: Mapping[str, str] = MappingProxyType({
@@ -39,6 +42,20 @@ class BenchConfig:
     output_file: str | None
     disable_tqdm: bool
     api_key: str | None
+    # Everything below has a default, so code and tests that build a config can leave it out.
+    burstiness: float = 1.0  # gamma-distributed gaps of this shape; 1.0 = Poisson
+    gsp_num_groups: int = 64
+    gsp_prompts_per_group: int = 16
+    gsp_system_prompt_len: int = 2048
+    gsp_question_len: int = 128
+    gsp_output_len: int = 256
+    chat_long_fraction: float = 0.0  # chat-synthetic: share of long-document requests
+    chat_long_input_len: int = 8192  # ... whose input is uniform in [len // 2, len]
+    flush_cache: bool = False  # POST /flush_cache after warm-up, before the measured run
+    slo: SLO | None = None  # --goodput
+    tag: str | None = None  # series name in sweep plots (e.g. "pd", "colocated")
+    labels: tuple[tuple[str, str], ...] = ()  # --label KEY=VALUE, copied into the JSON line
+    plot_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -57,6 +74,18 @@ class BenchConfig:
             raise ValueError("--max-concurrency must be >= 1")
         if self.warmup_requests < 0:
             raise ValueError("--warmup-requests must be >= 0")
+        if not (self.burstiness > 0 and math.isfinite(self.burstiness)):
+            raise ValueError("--burstiness must be > 0")
+        gsp = (self.gsp_num_groups, self.gsp_prompts_per_group, self.gsp_system_prompt_len,
+               self.gsp_question_len, self.gsp_output_len)
+        if min(gsp) < 1:
+            raise ValueError("--gsp-* sizes must be >= 1")
+        if not 0.0 <= self.chat_long_fraction <= 1.0 or self.chat_long_input_len < 1:
+            raise ValueError("--chat-long-fraction must be in [0, 1] and --chat-long-input-len >= 1")
+
+    @property
+    def label_dict(self) -> dict[str, str]:
+        return dict(self.labels)
 
     @property
     def url(self) -> str:

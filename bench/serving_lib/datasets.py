@@ -84,15 +84,27 @@ def prompts_as_text(prompts: Sequence[Prompt], tok: TextTokenizer) -> list[Promp
 
 def build_prompts(cfg: BenchConfig, tok: TextTokenizer | None, vocab_size: int) -> list[Prompt]:
     """The run's prompts for ``cfg``; raises ValueError when the combination needs a tokenizer."""
-    args = (cfg.num_prompts, cfg.random_input_len, cfg.random_output_len, cfg.random_range_ratio)
-    if cfg.dataset_name == "random":
+    if cfg.dataset_name == "random" and tok is None:
+        raise ValueError("--dataset-name random needs --tokenizer (or use --dataset-name random-ids)")
+    prompts = _generate(cfg, tok, vocab_size)
+    if cfg.backend == "openai-chat" and any(p.text is None for p in prompts):
         if tok is None:
-            raise ValueError("--dataset-name random needs --tokenizer (or use --dataset-name random-ids)")
-        return random_text_prompts(*args, tok, cfg.seed)
-    special = tok.all_special_ids if tok is not None else ()
-    prompts = random_ids_prompts(*args, vocab_size, cfg.seed, special)
-    if cfg.backend == "openai-chat":
-        if tok is None:
-            raise ValueError("--backend openai-chat sends text: random-ids needs --tokenizer to decode them")
+            raise ValueError(f"--backend openai-chat sends text: {cfg.dataset_name} needs --tokenizer to make it")
         return prompts_as_text(prompts, tok)
     return prompts
+
+
+def _generate(cfg: BenchConfig, tok: TextTokenizer | None, vocab_size: int) -> list[Prompt]:
+    special = tok.all_special_ids if tok is not None else ()
+    if cfg.dataset_name == "generated-shared-prefix":
+        return shared_prefix_prompts(cfg.gsp_num_groups, cfg.gsp_prompts_per_group, cfg.gsp_system_prompt_len,
+                                     cfg.gsp_question_len, cfg.gsp_output_len, vocab_size, cfg.seed, special, tok)
+    if cfg.dataset_name == "chat-synthetic":
+        return chat_synthetic_prompts(cfg.num_prompts, cfg.random_input_len, cfg.random_output_len,
+                                      cfg.chat_long_fraction, cfg.chat_long_input_len, vocab_size, cfg.seed,
+                                      special, tok)
+    args = (cfg.num_prompts, cfg.random_input_len, cfg.random_output_len, cfg.random_range_ratio)
+    if cfg.dataset_name == "random":
+        assert tok is not None
+        return random_text_prompts(*args, tok, cfg.seed)
+    return random_ids_prompts(*args, vocab_size, cfg.seed, special)

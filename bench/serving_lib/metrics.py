@@ -3,7 +3,7 @@
 Definitions (SGLang's ``bench_serving``): over successful requests only; percentiles by numpy's
 default (linear) method; TPOT per request ``(latency - ttft) / (output_len - 1)`` for requests with
 more than one output token; ITL pools every request's gaps; concurrency ``sum(latency) / duration``.
-A distribution with no samples has every statistic None.
+A distribution with no samples has every statistic None. Goodput (with an SLO) is in slo.py.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .records import RequestRecord
+from .slo import SLO, Goodput, compute_goodput
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class BenchMetrics:
     tpot: Distribution
     itl: Distribution
     e2e_latency: Distribution
+    goodput: Goodput | None = None  # None without --goodput
 
 
 def tpot_seconds(rec: RequestRecord) -> float | None:
@@ -65,7 +67,7 @@ def tpot_seconds(rec: RequestRecord) -> float | None:
     return (rec.latency - rec.ttft) / (rec.output_len - 1)
 
 
-def compute_metrics(records: Sequence[RequestRecord], duration: float) -> BenchMetrics:
+def compute_metrics(records: Sequence[RequestRecord], duration: float, slo: SLO | None = None) -> BenchMetrics:
     if duration <= 0:
         raise ValueError(f"duration must be > 0, got {duration}")
     ok = [r for r in records if r.success]
@@ -90,4 +92,5 @@ def compute_metrics(records: Sequence[RequestRecord], duration: float) -> BenchM
         tpot=Distribution.of_seconds(tpots),
         itl=Distribution.of_seconds([gap for r in ok for gap in r.itl]),
         e2e_latency=Distribution.of_seconds([r.latency for r in ok]),
+        goodput=compute_goodput(records, duration, slo) if slo is not None else None,
     )

@@ -1,4 +1,4 @@
-"""One benchmark run: resolve the model, warm up, send every prompt on schedule, collect records."""
+"""One benchmark run: resolve the model, warm up, flush the cache, send every prompt on schedule, collect records."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import asyncio
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import aiohttp
 
 from .arrivals import arrival_offsets
-from .client import auth_headers, make_session, send_request
+from .client import auth_headers, flush_cache, make_session, send_request
 from .config import BenchConfig
 from .datasets import SAFE_VOCAB_SIZE, Prompt, TextTokenizer, build_prompts, load_tokenizer
+from .progress import make_progress
 from .records import RequestRecord
 
 WARMUP_MAX_TOKENS = 16
@@ -24,6 +25,7 @@ class RunResult:
     model: str | None
     records: tuple[RequestRecord, ...]
     duration: float  # seconds from the first send to the last answer
+    flush_status: str | None = None  # None: --flush-cache not asked; else client.flush_cache's answer
 
 
 def log(msg: str) -> None:
@@ -50,7 +52,7 @@ def vocab_size_for(cfg: BenchConfig, tok: TextTokenizer | None) -> int:
         return cfg.random_vocab_size
     if tok is not None:
         return int(tok.vocab_size)
-    if cfg.dataset_name == "random-ids":
+    if cfg.dataset_name != "random":
         log(f"no --tokenizer or --random-vocab-size: random ids drawn from [0, {SAFE_VOCAB_SIZE})")
     return SAFE_VOCAB_SIZE
 
@@ -83,24 +85,12 @@ async def warmup(session: aiohttp.ClientSession, cfg: BenchConfig, model: str | 
     log(f"warm-up: {sum(r.success for r in records)}/{len(records)} requests succeeded")
 
 
-def _progress(cfg: BenchConfig, total: int) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(tick, close) of a tqdm bar when tqdm is installed and not disabled; no-ops otherwise."""
-    if cfg.disable_tqdm:
-        return (lambda: None), (lambda: None)
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return (lambda: None), (lambda: None)
-    bar = tqdm(total=total, file=sys.stderr)
-    return (lambda: bar.update(1)), bar.close
-
-
 async def dispatch(session: aiohttp.ClientSession, cfg: BenchConfig, model: str | None,
                    prompts: Sequence[Prompt], headers: dict[str, str]) -> tuple[list[RequestRecord], float]:
     """Send each prompt at its Poisson arrival time (behind the semaphore when capped)."""
-    offsets = arrival_offsets(cfg.request_rate, len(prompts), cfg.seed)
+    offsets = arrival_offsets(cfg.request_rate, len(prompts), cfg.seed, cfg.burstiness)
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-    tick, close = _progress(cfg, len(prompts))
+    progress = make_progress(len(prompts), cfg.disable_tqdm)
 
     async def one(prompt: Prompt) -> RequestRecord:
         if sem is None:
@@ -108,7 +98,7 @@ async def dispatch(session: aiohttp.ClientSession, cfg: BenchConfig, model: str 
         else:
             async with sem:
                 rec = await send_request(session, cfg, model, prompt, headers)
-        tick()
+        progress.tick()
         return rec
 
     start = time.perf_counter()
@@ -120,7 +110,7 @@ async def dispatch(session: aiohttp.ClientSession, cfg: BenchConfig, model: str 
         tasks.append(asyncio.create_task(one(prompt)))
     records = await asyncio.gather(*tasks)
     duration = time.perf_counter() - start
-    close()
+    progress.close()
     return list(records), duration
 
 
@@ -135,5 +125,8 @@ async def run_benchmark(cfg: BenchConfig, tok: Any | None = None) -> RunResult:
         log(f"{cfg.backend} {cfg.url} model={model} prompts={len(prompts)} "
             f"input_tokens={sum(p.prompt_len for p in prompts)} rate={cfg.request_rate}")
         await warmup(session, cfg, model, prompts, headers)
+        flushed = await flush_cache(session, cfg.base_url, headers) if cfg.flush_cache else None
+        if flushed is not None and flushed != "ok":
+            log(f"warning: --flush-cache: {flushed}; running with whatever the server has cached")
         records, duration = await dispatch(session, cfg, model, prompts, headers)
-    return RunResult(model, finalize(records, tok), duration)
+    return RunResult(model, finalize(records, tok), duration, flushed)
