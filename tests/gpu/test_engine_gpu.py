@@ -89,7 +89,7 @@ def test_triton_bf16_first_tokens_match_torch_backend_llama8b(tmp_path):
     got = run(path, ids, 1, dtype="bfloat16", attention_backend="triton", load_format="dummy")
     clear = gaps = 0
     for g, w in zip(got, want):
-        (w1, _), (w2, _) = w["meta_info"]["output_top_logprobs"][0][:2]
+        w1, w2 = (entry[0] for entry in w["meta_info"]["output_top_logprobs"][0][:2])  # (logprob, id, text)
         g1 = g["meta_info"]["output_top_logprobs"][0][0][0]
         gaps = max(gaps, abs(g1 - w1))
         if w1 - w2 >= 4 * BF16_TIE:
