@@ -20,12 +20,15 @@ after --warmup-requests, with --flush-cache.
 
 SLO (default ``--goodput ttft:3000 itl:150``): a request is good when its first token comes within
 3 s and no gap between two of its tokens exceeds 150 ms (serving_lib/slo.py: ``itl`` bounds the
-request's largest gap). The ITL bound is the decode-interference test: a long prefill sharing the
-GPU stalls every running stream for the length of that prefill (a few hundred ms for 4-8k tokens of
-an 8B model), while a healthy 8B decode step on an H200 is tens of ms; 150 ms is a stall a reader of
-a stream notices. The TTFT bound is 5-10x the bare prefill of an 8k prompt, so it fails only requests
+request's largest gap). The ITL bound is the decode-interference test: a colocated worker runs each
+prompt chunk (up to --chunked-prefill-size, 8192 tokens by default) in the same step as its decodes,
+so a long prefill stalls every running stream for that step (a few hundred ms for 4-8k tokens of an
+8B model), while a healthy 8B decode step on an H200 is tens of ms; 150 ms is a stall a reader of a
+stream notices. The TTFT bound is 5-10x the bare prefill of an 8k prompt, so it fails only requests
 that queue for prefill, which is where PD (one prefill GPU against two) is expected to lose.
 
+Rows accumulate in --out-dir/raw.jsonl across invocations (--fresh starts it over; for a rerun
+point the last row wins), so a sweep can run in slices and --report-only joins them.
 Writes to --out-dir: raw.jsonl (every point, tagged pd / colocated, labels.workload), WORKLOAD.md
 (rates x p99 ITL, p99 TTFT, output throughput, goodput for both, ratios pd/colocated),
 WORKLOAD_*.png (serving_lib/plots.py) and summary.md (a section for bench/RESULTS.md), and prints them.
@@ -49,9 +52,9 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -95,7 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--systems", type=csv, default=list(SYSTEMS), help=f"comma list of {list(SYSTEMS)}")
     ap.add_argument("--workloads", type=csv, default=["long", "mixed"], help=f"comma list of {list(WORKLOADS)}")
     ap.add_argument("--request-rates", type=lambda s: [float(x) for x in csv(s)],
-                    help="req/s for every workload (default: per workload, see the code's WORKLOADS)")
+                    help="req/s for every workload (default: " +
+                    "; ".join(f"{w} {','.join(f'{r:g}' for r in wl.rates)}" for w, wl in WORKLOADS.items()) + ")")
     ap.add_argument("--num-prompts", type=int, help="requests per point (default: see --point-seconds)")
     ap.add_argument("--point-seconds", type=float, default=40.0, help="arrivals span about this long per point")
     ap.add_argument("--min-prompts", type=int, default=24)
@@ -106,11 +110,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--router-arg", action="append", default=[], help="extra router flag, --router-arg=--flag=value")
     ap.add_argument("--bench-arg", action="append", default=[],
                     help="extra bench/serving.py flag after the workload's (wins), --bench-arg=--flag=value")
+    ap.add_argument("--show-progress", action="store_true", help="let the benchmark draw its progress bar")
     ap.add_argument("--base-port", type=int, default=31000, help="workers B, B+1; bootstrap B+10..; router B+20")
     ap.add_argument("--out-dir", default=str(BENCH / "results" / "pd_vs_colocated"))
     ap.add_argument("--fresh", action="store_true", help="start a new raw.jsonl (default: append; last row wins)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from raw.jsonl")
-    ap.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds for the whole run")
+    ap.add_argument("--timeout", type=float, default=4 * 3600.0,
+                    help="seconds: no point starts after it and a running one is cut at it; stopping the cluster "
+                         "(seconds, at most ~2 min) and the report follow")
     ap.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for a cluster to become healthy")
     ap.add_argument("--point-timeout", type=float, default=900.0, help="seconds for one benchmark point")
     args = ap.parse_args(argv)
@@ -131,7 +138,10 @@ def prepare_model(args: argparse.Namespace) -> tuple[str, list[str], int]:
 
         path = write_config(Path(tempfile.mkdtemp(prefix="llama-3.1-8b-")))
         extra = ["--load-format=dummy"]  # local_cluster splits --worker-arg values at the first "="
-    vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])
+    try:
+        vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"error: --model-path {path}: no readable config.json with vocab_size ({exc})") from None
     return str(path), extra, vocab
 
 
@@ -173,7 +183,10 @@ class Cluster:
             seen.append(line)
             if line.startswith("{"):
                 return json.loads(line)
-        raise RuntimeError("cluster did not start in time:\n" + "".join(seen)[-3000:] + self.logs())
+        logs = self.logs()
+        last = next((x for x in reversed((logs + "".join(seen)).splitlines()) if x.strip() and not x.startswith("---")), "")
+        what = "did not start in time" if self.proc.poll() is None else f"exited ({self.proc.returncode})"
+        raise RuntimeError(f"cluster {what}; last log line: {last.strip()[:300]}\n" + "".join(seen)[-3000:] + logs)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -203,13 +216,15 @@ def num_prompts(args: argparse.Namespace, rate: float) -> int:
 
 
 def bench_command(args: argparse.Namespace, url: str, system: str, workload: str, rate: float, vocab: int,
-                  raw: Path) -> list[str]:
+                  raw: Path, run_labels: tuple[str, ...] = ()) -> list[str]:
+    """``run_labels``: ``KEY=VALUE`` labels of this invocation (machine, command) carried by every row."""
+    labels = [x for kv in (f"workload={workload}", *run_labels) for x in ("--label", kv)]
     return [sys.executable, str(BENCH / "serving.py"), "--base-url", url, "--backend", "sglang",
             *WORKLOADS[workload].bench_args, "--num-prompts", str(num_prompts(args, rate)),
             "--request-rate", f"{rate:g}", "--seed", str(args.seed), "--random-vocab-size", str(vocab),
             "--warmup-requests", str(args.warmup_requests), "--flush-cache", "--goodput", *args.goodput,
-            "--tag", system, "--label", f"workload={workload}", "--output-file", str(raw),
-            *[x for a in args.bench_arg for x in a.split("=", 1)]]
+            "--tag", system, *labels, "--output-file", str(raw),
+            *([] if args.show_progress else ["--disable-tqdm"]), *[x for a in args.bench_arg for x in a.split("=", 1)]]
 
 
 def run_point(cmd: list[str], timeout: float, raw: Path) -> bool:
@@ -228,7 +243,7 @@ def run_point(cmd: list[str], timeout: float, raw: Path) -> bool:
 
 
 def run_system(args: argparse.Namespace, system: str, model: tuple[str, list[str], int], raw: Path,
-               deadline: float) -> str | None:
+               deadline: float, run_labels: tuple[str, ...]) -> str | None:
     """Every (workload, rate) point of one system on one cluster; returns a failure note or None."""
     path, model_args, vocab = model
     cluster = Cluster(args, system, path, model_args + args.worker_arg)
@@ -242,7 +257,7 @@ def run_system(args: argparse.Namespace, system: str, model: tuple[str, list[str
                     return f"{system}: --timeout reached before {workload} at rate {rate:g}"
                 if not cluster.alive():
                     return f"{system}: cluster exited during the sweep{cluster.logs()}"
-                cmd = bench_command(args, info["router"], system, workload, rate, vocab, raw)
+                cmd = bench_command(args, info["router"], system, workload, rate, vocab, raw, run_labels)
                 run_point(cmd, min(args.point_timeout, left), raw)
         return None
     except RuntimeError as exc:
@@ -274,15 +289,35 @@ def report(args: argparse.Namespace, raw: Path, out_dir: Path, notes: list[str])
             plot_sweep(select_rows(rows, {"labels.workload": workload}), out_dir, f"{workload}_", f"{workload}:")
         except RuntimeError as exc:
             notes.append(f"plots not written: {exc}")
-    facts = [("date", datetime.now(timezone.utc).strftime("%Y-%m-%d")), ("machine", machine()),
-             ("command", f"`python {shlex.join(['bench/pd_vs_colocated.py', *args.argv])}`"),
-             ("model", args.model_path or "Llama-3.1-8B shapes, dummy weights (bf16)"),
-             ("SLO", " ".join(args.goodput) + " (itl = a request's largest inter-token gap)"),
+    shown = [r for r in rows if (r.get("labels") or {}).get("workload") in args.workloads]
+    facts = [("dates (UTC)", _distinct(str(r.get("date", ""))[:10] for r in shown)),
+             ("machine", _distinct((r.get("labels") or {}).get("machine") for r in shown)),
+             ("commands", _distinct(f"`{c}`" for r in shown if (c := (r.get("labels") or {}).get("command")))),
+             ("model", _distinct(_model_desc(r.get("model")) for r in shown)),
+             ("router", "PD mode for pd, regular mode for colocated; its default policy (cache_aware) unless a "
+              "command sets --router-arg=--policy=..."),
+             ("SLO", _distinct(json.dumps(r.get("goodput_slo")) for r in shown) +
+              " in ms; itl = a request's largest inter-token gap"),
              ("workloads", "; ".join(f"{w}: {' '.join(WORKLOADS[w].bench_args)}" for w in args.workloads)),
              ("raw", str(raw))]
     text = summary_markdown("PD (1P+1D) vs colocated (2 workers) on the same GPUs", facts, tables, notes)
     (out_dir / "summary.md").write_text(text)
     return text
+
+
+def _model_desc(model: Any) -> str | None:
+    if isinstance(model, str) and Path(model).name.startswith("llama-3.1-8b-"):  # prepare_model's temp dir
+        return "Llama-3.1-8B shapes, dummy bf16 weights"
+    return model
+
+
+def _distinct(values: Iterable[Any]) -> str:
+    seen = list(dict.fromkeys(str(v) for v in values if v))
+    return "; ".join(seen) if seen else "n/a"
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,11 +331,18 @@ def main(argv: list[str] | None = None) -> int:
             raw.unlink()
         deadline = time.monotonic() + args.timeout
         model = prepare_model(args)
-        for system in args.systems:
-            note = run_system(args, system, model, raw, deadline)
-            if note:
-                log(f"FAILED {note}")
-                notes.append(f"- failed: {note.splitlines()[0]}")
+        run_labels = (f"machine={machine()}",
+                      f"command=python {shlex.join(['bench/pd_vs_colocated.py', *args.argv])}")
+        signal.signal(signal.SIGTERM, _interrupt)  # so that `finally` stops the cluster on SIGTERM too
+        try:
+            for system in args.systems:
+                note = run_system(args, system, model, raw, deadline, run_labels)
+                if note:
+                    log(f"FAILED {note}")
+                    notes.append(f"- failed: {note.splitlines()[0]}")
+        except KeyboardInterrupt:
+            log("interrupted: the cluster is stopped; reporting what ran")
+            notes.append("- interrupted before the end of the sweep")
     print(report(args, raw, out_dir, notes), flush=True)
     rows = load_rows([raw]) if raw.exists() else []
     return 0 if any(r.get("completed") for r in rows) else 1

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -98,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     base_url = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
     dataset = args.dataset_name or ("random" if args.tokenizer else "random-ids")
+    if dataset == "generated-shared-prefix":  # SGLang's rule: the groups decide the count
+        args.num_prompts = args.gsp_num_groups * args.gsp_prompts_per_group
     return BenchConfig(
         base_url=base_url, backend=args.backend, model=args.model, tokenizer=args.tokenizer,
         dataset_name=dataset, random_input_len=args.random_input_len,
@@ -135,12 +139,19 @@ def check_plotting() -> None:
 
 
 def write_plots(cfg: BenchConfig, result: RunResult) -> None:
+    """CDFs of this run; with --output-file, the sweep charts of its rows that carry this run's labels."""
     assert cfg.plot_dir is not None
-    rate = "inf" if cfg.request_rate == float("inf") else f"{cfg.request_rate:g}"
-    stem = "_".join([cfg.tag or "run", *(v for _, v in cfg.labels), f"rate{rate}"])
-    written = plots.plot_run_cdfs(result.records, cfg.plot_dir, stem, title=stem)
-    if cfg.output_file:
-        written += plots.plot_sweep(plots.load_rows([cfg.output_file]), cfg.plot_dir)
+    rate = "inf" if math.isinf(cfg.request_rate) else f"{cfg.request_rate:g}"
+    labels = [re.sub(r"[^A-Za-z0-9.-]+", "-", v)[:32] for _, v in cfg.labels]  # file-name safe
+    stem = "_".join([cfg.tag or "run", *labels, f"rate{rate}"])
+    try:
+        written = plots.plot_run_cdfs(result.records, cfg.plot_dir, stem, title=stem)
+        if cfg.output_file:
+            rows = plots.select_rows(plots.load_rows([cfg.output_file]), {f"labels.{k}": v for k, v in cfg.labels})
+            written += plots.plot_sweep(rows, cfg.plot_dir, "".join(f"{v}_" for v in labels), " ".join(labels))
+    except (RuntimeError, OSError, ValueError) as exc:
+        print(f"error: --plot: {exc}", file=sys.stderr)
+        return
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
 

@@ -127,6 +127,6 @@ async def run_benchmark(cfg: BenchConfig, tok: Any | None = None) -> RunResult:
         await warmup(session, cfg, model, prompts, headers)
         flushed = await flush_cache(session, cfg.base_url, headers) if cfg.flush_cache else None
         if flushed is not None and flushed != "ok":
-            log(f"warning: --flush-cache: {flushed}; running with whatever the server has cached")
+            log(f"warning: POST /flush_cache: {flushed}; running with whatever the server has cached")
         records, duration = await dispatch(session, cfg, model, prompts, headers)
     return RunResult(model, finalize(records, tok), duration, flushed)

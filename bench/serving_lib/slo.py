@@ -82,7 +82,7 @@ def is_good(rec: RequestRecord, slo: SLO) -> bool:
     if not rec.success:
         return False
     values = request_values_ms(rec)
-    return all(values[k] is None or values[k] <= bound for k, bound in slo.bounds().items())
+    return all((v := values[k]) is None or v <= bound for k, bound in slo.bounds().items())
 
 
 @dataclass(frozen=True)
