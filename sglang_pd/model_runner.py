@@ -26,6 +26,8 @@ class ModelRunner:
         self.model_config = model_config
         self.device = runtime.device
         self.page_size = args.page_size
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # Triton launches and graph capture use the current device
         torch.manual_seed(args.random_seed)
         self.model = load_model(model_config, args.model_path, args.load_format, runtime.dtype, runtime.device,
                                 ops=runtime.attention_backend)
