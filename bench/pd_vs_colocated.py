@@ -58,7 +58,8 @@ from typing import Any, Iterable
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-sys.path.insert(0, str(BENCH))
+if str(BENCH) not in sys.path:
+    sys.path.append(str(BENCH))  # last: bench/kernels.py must not shadow the kernels/ package
 
 from serving_lib.compare import summary_markdown, workload_table  # noqa: E402
 from serving_lib.plots import load_rows, plot_sweep, select_rows  # noqa: E402

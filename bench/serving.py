@@ -35,8 +35,9 @@ if __package__:  # python -m bench.serving
     from .serving_lib.report import append_jsonl, format_table, result_json, summarize_errors
     from .serving_lib.runner import RunResult, run_benchmark
     from .serving_lib.slo import parse_slo
-else:  # python bench/serving.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+else:  # python bench/serving.py (bench/ is sys.path[0] then), or imported as ``serving`` by tests
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.append(str(Path(__file__).resolve().parent))  # last: bench/kernels.py must not shadow kernels/
     from serving_lib import plots
     from serving_lib.config import BACKENDS, DATASETS, BenchConfig
     from serving_lib.metrics import compute_metrics

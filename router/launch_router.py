@@ -11,7 +11,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from aiohttp import web
 
@@ -28,7 +29,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_router_args(argv)
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s router %(name)s: %(message)s")
-    return asyncio.run(serve(config))
+    return run_event_loop(serve(config))
+
+
+def run_event_loop(main_coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed (libuv: fewer microseconds per proxied request), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main_coro)
+    return uvloop.run(main_coro)
 
 
 async def serve(config: RouterConfig) -> int:
