@@ -5,7 +5,7 @@ viewed as rows ``[A, B, N]`` with strides ``(sa, sb, 1)``: a contiguous ``[T, N]
 wider tensor, or a ``[T, H, D]`` per-head view of a fused qkv slice (q/k norm). ``residual`` has x's shape,
 its own strides. Outputs are new contiguous tensors shaped like x. ``N <= MAX_N``; weight is ``[N]``.
 
-Numerics equal ``sglang_pd.models.layers.rms_norm`` / ``RMSNorm.forward`` (HF Llama), step for step:
+Numerics equal ``sglang_pd.models.ops.torch_rms_norm`` / ``RMSNorm.forward`` (HF Llama), step for step:
   s   = residual + x, rounded to the dtype            (torch's add in the dtype)
   n   = float32 s * rsqrt(mean(float32 s^2) + eps), rounded to the dtype
   out = n * weight, rounded to the dtype              (torch's multiply in the dtype)

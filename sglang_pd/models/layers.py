@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sglang_pd.models.ops import LayerOps, TorchOps, torch_rms_norm
+from sglang_pd.models.ops import LayerOps, TorchOps
 
 Device = torch.device | str | None
 
@@ -34,9 +34,6 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-
-rms_norm = torch_rms_norm  # the reference RMSNorm, HF numerics
 
 
 class RMSNorm(nn.Module):

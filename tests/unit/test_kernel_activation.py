@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref
-
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
-                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
-DEVICES = ["cpu", CUDA]
-
-
-@contextmanager
-def nan_empty() -> Iterator[None]:
-    """Inside, ``torch.empty`` fills floats with NaN, so an element the kernel never wrote shows up."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
+from kernel_testing import DEVICES, nan_empty
 
 
 def rand(*shape: int, device: str, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

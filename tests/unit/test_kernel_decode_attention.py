@@ -12,10 +12,8 @@ import pytest
 import torch
 
 from kernels.decode_attention import decode_attention, decode_attention_ref, default_num_kv_splits
+from kernel_testing import DEVICES
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
-                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
-DEVICES = ["cpu", CUDA]
 LENS = [1, 2, 17, 33, 70]
 
 

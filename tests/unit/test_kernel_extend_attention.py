@@ -12,10 +12,8 @@ import pytest
 import torch
 
 from kernels.extend_attention import extend_attention, extend_attention_ref
+from kernel_testing import DEVICES
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
-                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
-DEVICES = ["cpu", CUDA]
 # (seq_len, extend_len): decode row, prefix + chunk, no rows, fresh prefill, decode row after a prefix
 SEQS = [(1, 1), (40, 23), (17, 0), (33, 33), (5, 1)]
 

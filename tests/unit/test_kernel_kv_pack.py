@@ -6,11 +6,8 @@ import pytest
 import torch
 
 from kernels.kv_pack import pack_pages, pack_pages_ref, unpack_pages, unpack_pages_ref
+from kernel_testing import DEVICES
 from transfer import pack as transfer_pack
-
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
-                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
-DEVICES = ["cpu", CUDA]
 
 
 def kv(layers: int, pages: int, page_size: int, heads: int, head_dim: int, dtype: torch.dtype,

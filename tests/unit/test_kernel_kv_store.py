@@ -6,11 +6,8 @@ import pytest
 import torch
 
 from kernels.kv_store import store_kv, store_kv_ref
+from kernel_testing import DEVICES
 from sglang_pd.mem.kv_cache import KVCache, KVCacheShape
-
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
-                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
-DEVICES = ["cpu", CUDA]
 
 
 def random_cache(shape: KVCacheShape, dtype: torch.dtype, device: str, seed: int = 0) -> KVCache:

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 from kernels.rmsnorm import rms_norm, rms_norm_ref
+from kernel_testing import DEVICES, nan_empty
 from sglang_pd.models.layers import RMSNorm
-from sglang_pd.models.layers import rms_norm as model_rms_norm
+from sglang_pd.models.ops import torch_rms_norm as model_rms_norm
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
-                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
-DEVICES = ["cpu", CUDA]
 EPS = 1e-6
-
-
-@contextmanager
-def nan_empty() -> Iterator[None]:
-    """Inside, ``torch.empty`` fills floats with NaN, so an element the kernel never wrote shows up."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def dtype_for(device: str) -> torch.dtype:

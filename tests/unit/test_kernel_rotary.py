@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 from kernels.rotary import apply_rotary, apply_rotary_, apply_rotary_ref
+from kernel_testing import DEVICES, nan_empty
 from sglang_pd.models.rope import RopeConfig, RotaryEmbedding
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
-                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
-DEVICES = ["cpu", CUDA]
 MAX_POS = 4096
 ROPES = {
     "default": RopeConfig(theta=10000.0),
@@ -21,17 +16,6 @@ ROPES = {
                          high_freq_factor=4.0, original_max_position_embeddings=1024),
     "yarn": RopeConfig(theta=10000.0, rope_type="yarn", factor=4.0, original_max_position_embeddings=1024),
 }
-
-
-@contextmanager
-def nan_empty() -> Iterator[None]:
-    """Inside, ``torch.empty`` fills floats with NaN, so an element the kernel never wrote shows up."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def fused_qkv(tokens: int, heads: int, kv_heads: int, head_dim: int, device: str, dtype: torch.dtype,
