@@ -27,6 +27,7 @@ class LogitsLayout:
 
     input_row_starts: tuple[int, ...]
     sample_rows: tuple[int, ...]
+    has_placeholders: bool = False  # some input id stands for an in-flight sample (FutureTokens)
 
 
 def build_forward_batch(plan: BatchPlan, page_size: int, device: torch.device) -> tuple[ForwardBatch, LogitsLayout]:
@@ -44,7 +45,10 @@ def build_forward_batch(plan: BatchPlan, page_size: int, device: torch.device) -
     flat = [ids, positions, out_loc, np.asarray(seq_lens, np.int64), np.asarray(extend_lens, np.int64),
             starts[:-1], np.asarray(logits_idx, np.int64), table.reshape(-1).astype(np.int64)]
     sizes = [a.size for a in flat]
-    packed = torch.from_numpy(np.concatenate(flat)).to(device, non_blocking=True)
+    packed = torch.from_numpy(np.concatenate(flat))
+    if device.type == "cuda":  # pinned, so the copy is queued without waiting for the device
+        packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
     parts = packed.split(sizes)
     batch = ForwardBatch(
         input_ids=parts[0],
@@ -59,7 +63,8 @@ def build_forward_batch(plan: BatchPlan, page_size: int, device: torch.device) -
         extend_lens_cpu=tuple(extend_lens),
         page_size=page_size,
     )
-    return batch, LogitsLayout(tuple(input_row_starts), tuple(sample_rows))
+    has_placeholders = bool(ids.size) and int(ids.min()) < 0
+    return batch, LogitsLayout(tuple(input_row_starts), tuple(sample_rows), has_placeholders)
 
 
 def _page_table(items: tuple) -> np.ndarray:

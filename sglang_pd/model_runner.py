@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -10,12 +11,14 @@ from sglang_pd.attention.forward_batch import ForwardBatch
 from sglang_pd.attention.registry import create_attention_backend
 from sglang_pd.cuda_graph_runner import CudaGraphRunner
 from sglang_pd.forward_batch_builder import LogitsLayout, build_forward_batch
+from sglang_pd.future_tokens import FutureTokens
 from sglang_pd.mem.kv_cache import KVCache, KVCacheShape
 from sglang_pd.models.config import ModelConfig
 from sglang_pd.models.loader import load_model
 from sglang_pd.runtime_config import RuntimeConfig, kv_pool_tokens
-from sglang_pd.sampling.sampler import Sampler, SamplingBatchInfo
-from sglang_pd.scheduler.batch import BatchPlan, BatchResult, ItemResult, PlanItem, TopLogprobs
+from sglang_pd.pending_batch import InputLogprobs, PendingBatch
+from sglang_pd.sampling.sampler import SampleOutput, Sampler, SamplingBatchInfo
+from sglang_pd.scheduler.batch import BatchPlan, BatchResult, PlanItem
 from sglang_pd.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class ModelRunner:
         self.kv_cache = KVCache(shape, runtime.dtype, runtime.device)
         self.attn = create_attention_backend(runtime.attention_backend, self.kv_cache)
         self.sampler = Sampler()
+        self.future = FutureTokens(self.device)
         logger.info("KV pool: %d pages x %d tokens (%.1f MiB)", num_pages, args.page_size,
                     self.kv_cache.buffer.numel() * self.kv_cache.buffer.element_size() / 2**20)
         self.graph_runner: CudaGraphRunner | None = None
@@ -61,63 +65,56 @@ class ModelRunner:
         return self.kv_cache.shape.num_pages - 1
 
     @torch.inference_mode()
-    def run(self, plan: BatchPlan) -> BatchResult:
+    def launch(self, plan: BatchPlan) -> PendingBatch:
+        """Queue the batch's forward and sampling on the device; nothing here waits for the device.
+
+        Plan token ids may be placeholders of the previous launch's samples (``FutureTokens``).
+        """
         batch, layout = build_forward_batch(plan, self.page_size, self.device)
+        if layout.has_placeholders:
+            batch = dataclasses.replace(batch, input_ids=self.future.resolve(batch.input_ids))
         if self.graph_runner is not None and self.graph_runner.can_run(batch, layout.sample_rows):
             logits = self.graph_runner.replay(batch)
         else:
             logits = self._forward_eager(batch)
-        sampled = self._sample(plan, layout, logits)
-        input_lp = self._input_logprobs(plan, layout, logits)
-        return BatchResult(items=tuple(_merge(s, lp) for s, lp in zip(sampled, input_lp)))
+        sample_items, sampled = self._sample(plan, layout, logits)
+        placeholders: list[int | None] = [None] * len(plan.items)
+        if sampled is not None:
+            for i, ph in zip(sample_items, self.future.store(sampled.next_token_ids)):
+                placeholders[i] = ph
+        input_lp = [_item_input_logprobs(it, logits[start : start + len(it.input_logprob_targets)])
+                    for it, start in zip(plan.items, layout.input_row_starts)]
+        return PendingBatch(len(plan.items), sample_items, sampled, input_lp, tuple(placeholders), self.device)
+
+    def run(self, plan: BatchPlan) -> BatchResult:
+        """``launch`` and wait for the result (benchmarks and tests)."""
+        return self.launch(plan).result()
 
     def _forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits [N, vocab] of rows ``batch.logits_indices``."""
         return self.model.compute_logits(self.model.forward(batch, self.attn))
 
-    def _sample(self, plan: BatchPlan, layout: LogitsLayout, logits: torch.Tensor) -> list[ItemResult]:
+    def _sample(self, plan: BatchPlan, layout: LogitsLayout, logits: torch.Tensor) -> tuple[list[int], SampleOutput | None]:
+        """(plan items that sample, their samples in that order)."""
         rows = [i for i, it in enumerate(plan.items) if it.sampling is not None]
-        results = [ItemResult() for _ in plan.items]
         if not rows:
-            return results
+            return rows, None
         sample_rows = [layout.sample_rows[i] for i in rows]
         if sample_rows != list(range(logits.shape[0])):  # decode batches: every row samples, in order
             logits = logits.index_select(0, torch.tensor(sample_rows, device=logits.device))
         info = SamplingBatchInfo.build(
             [plan.items[i].sampling for i in rows], self.model_config.vocab_size, logits.device
         )
-        out = self.sampler(logits, info)
-        next_ids = out.next_token_ids.tolist()
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else [None] * len(rows)
-        for k, i in enumerate(rows):
-            top = None
-            if out.top_logprobs is not None and out.top_logprobs[k] is not None:
-                vals, ids = out.top_logprobs[k]
-                top = tuple(zip(vals, ids))
-            results[i] = ItemResult(next_token_id=next_ids[k], logprob=logprobs[k], top_logprobs=top)
-        return results
-
-    def _input_logprobs(
-        self, plan: BatchPlan, layout: LogitsLayout, logits: torch.Tensor
-    ) -> list[tuple[tuple[float, ...], tuple[TopLogprobs, ...]]]:
-        out: list[tuple[tuple[float, ...], tuple[TopLogprobs, ...]]] = []
-        for it, start in zip(plan.items, layout.input_row_starts):
-            out.append(_item_input_logprobs(it, logits[start : start + len(it.input_logprob_targets)]))
-        return out
+        return rows, self.sampler(logits, info)
 
 
-def _item_input_logprobs(it: PlanItem, rows: torch.Tensor) -> tuple[tuple[float, ...], tuple[TopLogprobs, ...]]:
+def _item_input_logprobs(it: PlanItem, rows: torch.Tensor) -> InputLogprobs | None:
     if not it.input_logprob_targets:
-        return (), ()
+        return None
     logp = torch.log_softmax(rows.float(), dim=-1)
     targets = torch.tensor(it.input_logprob_targets, device=rows.device)
-    chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
-    tops: tuple[TopLogprobs, ...] = ()
-    if it.input_top_logprobs_num > 0:
-        vals, ids = logp.topk(it.input_top_logprobs_num, dim=-1)
-        tops = tuple(tuple(zip(v, i)) for v, i in zip(vals.tolist(), ids.tolist()))
-    return tuple(chosen), tops
-
-
-def _merge(s: ItemResult, lp: tuple[tuple[float, ...], tuple[TopLogprobs, ...]]) -> ItemResult:
-    return ItemResult(s.next_token_id, s.logprob, s.top_logprobs, lp[0], lp[1])
+    chosen = logp.gather(1, targets[:, None])[:, 0]
+    if it.input_top_logprobs_num <= 0:
+        return InputLogprobs(chosen, None, None)
+    vals, ids = logp.topk(it.input_top_logprobs_num, dim=-1)
+    return InputLogprobs(chosen, vals, ids)

@@ -45,8 +45,10 @@ class ServerArgs:
     disable_radix_cache: bool = _f(False, "turn off prefix caching")
     schedule_conservativeness: float = _f(1.0, "scales the KV set aside for tokens running requests will still generate (0: none)")
     attention_backend: str | None = _f(None, "triton (default on CUDA) or torch (default on CPU, the reference)", choices=ATTENTION_BACKENDS)
-    cuda_graph_max_bs: int = _f(256, "largest decode batch replayed from a captured CUDA graph")
+    cuda_graph_max_bs: int = _f(384, "largest decode batch replayed from a captured CUDA graph")
     disable_cuda_graph: bool = _f(False, "run decode eagerly (no CUDA graphs)")
+    disable_overlap_schedule: bool = _f(False, "process each batch's results before launching the next one "
+                                               "(by default the host plans batch k+1 while the device runs batch k)")
     skip_tokenizer_init: bool = _f(False, "no tokenizer: input_ids in, output_ids out")
     # prefill/decode disaggregation
     disaggregation_mode: str = _f("null", "null (colocated), prefill or decode", choices=("null", "prefill", "decode"))

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 class SchedulerHooks:
     """Default behaviour: nothing extra (colocated)."""
 
+    # The scheduler may launch a batch before the previous one's results are processed: hooks that
+    # act on a request between two of its steps (PrefillHooks.take_over) must turn this off.
+    supports_overlap = True
+
     def bind(self, scheduler: "Scheduler") -> None:
         self.sched = scheduler
 

@@ -22,6 +22,10 @@ from transfer.base import AuxRecord, KVPoll, PrefillTransfer
 
 
 class PrefillHooks(SchedulerHooks):
+    # take_over must see the first token before the scheduler plans the request's next step, and a
+    # prompt-only worker gains little from overlap: its steps are long prefills.
+    supports_overlap = False
+
     def __init__(self, transfer: PrefillTransfer, device: torch.device) -> None:
         self.transfer = transfer
         self.device = device

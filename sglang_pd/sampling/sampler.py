@@ -40,11 +40,26 @@ class SamplingRow:
 
 @dataclass(frozen=True)
 class SampleOutput:
+    """Device tensors only: sampling never waits for the device (the host reads results later)."""
+
     next_token_ids: torch.Tensor  # [B] int64
     logprobs: torch.Tensor | None  # [B] float32, log_softmax(raw logits)[chosen]; None if no row asked
-    # Per row: (logprobs descending, token ids) of the raw distribution, length top_logprobs_num;
-    # None for rows that asked for none. The whole list is None when no row asked.
-    top_logprobs: list[tuple[list[float], list[int]] | None] | None
+    # Top logprobs of the raw distribution, [B, k] descending, k = the largest count asked for; row i
+    # keeps its first top_logprobs_nums[i]. None when no row asked.
+    top_values: torch.Tensor | None
+    top_ids: torch.Tensor | None
+    top_logprobs_nums: tuple[int, ...]
+
+    def top_logprobs(self) -> list[tuple[list[float], list[int]] | None] | None:
+        """Per row: (logprobs descending, token ids), or None for rows that asked for none (host read)."""
+        if self.top_values is None or self.top_ids is None:
+            return None
+        return top_logprob_lists(self.top_values.tolist(), self.top_ids.tolist(), self.top_logprobs_nums)
+
+
+def top_logprob_lists(values: list[list[float]], ids: list[list[int]],
+                      nums: Sequence[int]) -> list[tuple[list[float], list[int]] | None]:
+    return [(values[i][:n], ids[i][:n]) if n > 0 else None for i, n in enumerate(nums)]
 
 
 @dataclass(frozen=True)
@@ -109,8 +124,8 @@ class Sampler:
         if draw.rows.numel() > 0:
             sampled = _draw(x.index_select(0, draw.rows), draw)
             next_ids = next_ids.index_copy(0, draw.rows, sampled)
-        logprobs, top = _logprobs(logits, next_ids, info)
-        return SampleOutput(next_token_ids=next_ids, logprobs=logprobs, top_logprobs=top)
+        logprobs, top_values, top_ids = _logprobs(logits, next_ids, info)
+        return SampleOutput(next_ids, logprobs, top_values, top_ids, info.top_logprobs_nums)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +191,10 @@ def _build_penalties(rows: Sequence[SamplingRow], vocab: int, device: torch.devi
 def _build_draw(rows: Sequence[SamplingRow], vocab: int, device: torch.device) -> DrawParams:
     """Per-row tensors are packed into one int64 and one float32 block: two host-to-device copies."""
     picked = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+    if not picked:  # all greedy: no host-to-device copies
+        none_i, none_f = torch.empty(0, 1, dtype=torch.int64, device=device), torch.empty(0, 1, device=device)
+        return DrawParams(rows=none_i[:, 0], temperatures=none_f, top_ks=none_i, top_ps=none_f, min_ps=none_f,
+                          keys=(none_i[:, 0], none_i[:, 0]), needs_filter=False)
     params = [rows[i].params for i in picked]
     top_ks = [vocab if p.top_k < 0 else min(p.top_k, vocab) for p in params]
     seeds = torch.tensor([rows[i].seed % SEED_MODULUS for i in picked], dtype=torch.int64)
@@ -221,7 +240,8 @@ def _filter(probs: torch.Tensor, d: DrawParams) -> tuple[torch.Tensor, torch.Ten
     """top_k, top_p, min_p on probs [S, V]; returns (kept probs, their token ids), both [S, W].
 
     Sorted descending (stable: ties keep ascending token id), every mask zeroes a suffix, so the
-    survivors are a prefix; W is the widest surviving prefix (one host sync).
+    survivors are a prefix; W is the widest surviving prefix (one host sync; on CUDA W = V instead,
+    so sampling never waits for the device: the zeroed tail cannot win the race).
     """
     p, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
     rank = torch.arange(p.shape[-1], device=p.device)
@@ -230,6 +250,8 @@ def _filter(probs: torch.Tensor, d: DrawParams) -> tuple[torch.Tensor, torch.Ten
     nucleus_done = mass_before >= d.top_ps * p.sum(dim=-1, keepdim=True)
     p = p.masked_fill(nucleus_done & (d.top_ps < 1.0), 0.0)  # top_p == 1 never drops (rounding)
     p = p.masked_fill(p < d.min_ps * p[:, :1], 0.0)
+    if p.is_cuda:
+        return p, ids
     width = max(1, int((p > 0).sum(dim=-1).max().item()))
     return p[:, :width], ids[:, :width]
 
@@ -248,16 +270,15 @@ def _draw(x: torch.Tensor, d: DrawParams) -> torch.Tensor:
 
 def _logprobs(
     logits: torch.Tensor, next_ids: torch.Tensor, info: SamplingBatchInfo
-) -> tuple[torch.Tensor | None, list[tuple[list[float], list[int]] | None] | None]:
-    """Logprobs of the raw distribution (before penalties and temperature, as vLLM's default)."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Logprobs of the raw distribution (before penalties and temperature, as vLLM's default):
+    (chosen [B], top values [B, k], top ids [B, k]); None where not asked."""
     if not info.needs_logprobs:
-        return None, None
+        return None, None, None
     logp = torch.log_softmax(logits.to(torch.float32), dim=-1)
     chosen = logp.gather(1, next_ids[:, None]).squeeze(1)
     k = min(max(info.top_logprobs_nums, default=0), info.vocab_size)
     if k == 0:
-        return chosen, None
+        return chosen, None, None
     vals, idx = logp.topk(k, dim=-1)  # sorted descending
-    vals_l, idx_l = vals.tolist(), idx.tolist()
-    top = [(vals_l[i][:n], idx_l[i][:n]) if n > 0 else None for i, n in enumerate(info.top_logprobs_nums)]
-    return chosen, top
+    return chosen, vals, idx

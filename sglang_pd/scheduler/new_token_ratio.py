@@ -34,5 +34,5 @@ class NewTokenRatio:
 
     def future_tokens(self, req: Req) -> int:
         """Tokens ``req`` is expected to still add to the pool."""
-        remaining = min(req.params.max_new_tokens - len(req.output_ids), CLIP_MAX_NEW_TOKENS)
+        remaining = min(req.params.max_new_tokens - req.num_sampled, CLIP_MAX_NEW_TOKENS)
         return int(max(0, remaining) * self.value)

@@ -26,13 +26,21 @@ def make_plan_item(req: Req, n: int, stop: StopChecker) -> PlanItem:
     )
 
 
+def needs_token_history(req: Req) -> bool:
+    """The sampler reads the request's token ids (penalties): its planning must wait for every
+    in-flight sample to reach the host."""
+    p = req.params
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
 def _sampling_row(req: Req, stop: StopChecker) -> SamplingRow:
     p = req.params
-    needs_ids = p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+    needs_ids = needs_token_history(req)
+    assert not (needs_ids and req.pending_ids), "penalised requests are planned only without in-flight samples"
     return SamplingRow(
         params=p,
         seed=req.seed,
-        step=len(req.output_ids),
+        step=req.num_sampled,
         prompt_ids=tuple(req.prompt_ids) if needs_ids else (),
         output_ids=tuple(req.output_ids) if needs_ids else (),
         min_tokens_blocked_ids=stop.blocked_ids(req),
@@ -69,6 +77,8 @@ def record_result(req: Req, start: int, res: ItemResult) -> bool:
             rec.input_top.extend([None] * len(res.input_logprobs))
     if res.next_token_id is None:
         return False
+    if req.pending_ids:  # the oldest placeholder is this token
+        req.pending_ids.pop(0)
     req.output_ids.append(res.next_token_id)
     if req.logprob.return_logprob and res.logprob is not None:
         rec.output_token.append((res.logprob, res.next_token_id))

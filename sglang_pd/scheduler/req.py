@@ -6,6 +6,12 @@ Progress invariant: the KV cache holds positions ``[0, num_computed_tokens)`` of
 ``[num_computed_tokens, num_computed_tokens + n)``; when that reaches ``len(all_ids)`` the step
 also samples the next token. A fresh prefill, a chunk of one, a decode step, a prefix-cache hit,
 a recomputation after retraction (and, in PD mode, "KV arrived") all move the same counter.
+
+Overlapped scheduling: a batch is launched before the previous batch's sampled tokens reach the
+host. A token that is sampled on the device but not yet seen by the host sits in ``pending_ids`` as a
+placeholder (a negative id the model runner resolves on the device), so
+``all_ids = prompt_ids + output_ids + pending_ids`` and ``seq_len`` counts it; ``output_ids`` holds
+only tokens the host has seen, so stop checks and streamed outputs never see a placeholder.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ class Req:
     logprob: LogprobRequest = field(default_factory=LogprobRequest)
     bootstrap: BootstrapInfo | None = None  # PD mode only
     output_ids: list[int] = field(default_factory=list)
+    pending_ids: list[int] = field(default_factory=list)  # placeholders of in-flight samples (oldest first)
     status: ReqStatus = ReqStatus.WAITING
     num_computed_tokens: int = 0
     pages: list[int] = field(default_factory=list)
@@ -92,7 +99,12 @@ class Req:
     # --- derived views -------------------------------------------------------------------------
     @property
     def seq_len(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + len(self.pending_ids)
+
+    @property
+    def num_sampled(self) -> int:
+        """Output tokens sampled so far, the in-flight ones included (the next sample's index)."""
+        return len(self.output_ids) + len(self.pending_ids)
 
     @property
     def num_uncomputed(self) -> int:
@@ -104,13 +116,17 @@ class Req:
         return self.num_uncomputed > 1
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """all_ids[start:end] without building all_ids."""
+        """all_ids[start:end] without building all_ids (placeholders included)."""
         p = len(self.prompt_ids)
         if end <= p:
             return self.prompt_ids[start:end]
-        if start >= p:
+        o = p + len(self.output_ids)
+        if start >= p and end <= o:
             return self.output_ids[start - p : end - p]
-        return self.prompt_ids[start:] + self.output_ids[: end - p]
+        if start >= o:
+            return self.pending_ids[start - o : end - o]
+        ids = self.prompt_ids[start:] + self.output_ids[max(0, start - p) :] + self.pending_ids
+        return ids[: end - start]
 
     @property
     def wants_input_logprobs(self) -> bool:

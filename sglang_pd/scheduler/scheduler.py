@@ -1,8 +1,16 @@
 """Scheduler: continuous batching with chunked prefill, prefix reuse and retraction.
 
-``step()`` = plan (running requests first, then admissions) -> run the batch -> process results.
+``step()`` = plan (running requests first, then admissions) -> launch the batch -> process results.
 Every step is one mixed batch: each running request brings its next chunk of uncomputed positions
 (one position when decoding), so decode never waits for a long prompt to finish.
+
+Overlap (``SchedulerConfig.overlap``, SGLang's overlap schedule): step k plans and launches batch k
+while batch k-1 still runs on the device, then processes batch k-1's results, so the host's Python
+hides behind the device. Batch k reads k-1's sampled tokens on the device through placeholders
+(``Req.pending_ids``). A request that stops at k-1 has computed one token too many at k; that token
+is dropped. A step falls back to the serial order (collect k-1, then plan k) when planning needs
+what only k-1's results tell: penalties that read the token history, or a pool so full that
+planning might retract (a retraction must never hit a request with in-flight samples).
 """
 
 from __future__ import annotations
@@ -10,23 +18,19 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from sglang_pd.disagg.hooks import NullHooks, SchedulerHooks
-from sglang_pd.scheduler.batch import BatchPlan, BatchResult
+from sglang_pd.scheduler.batch import BatchPlan
+from sglang_pd.scheduler.inflight import BatchRunner, InflightBatch
 from sglang_pd.scheduler.kv_manager import ReqKVManager
 from sglang_pd.scheduler.new_token_ratio import NewTokenRatio
-from sglang_pd.scheduler.plan_items import make_plan_item, record_result
+from sglang_pd.scheduler.plan_items import make_plan_item, needs_token_history, record_result
 from sglang_pd.scheduler.policy import create_schedule_policy
 from sglang_pd.scheduler.req import FinishReason, Req, ReqStatus
 from sglang_pd.scheduler.step_log import StepLogger, StepStats
 from sglang_pd.scheduler.stop_checker import StopChecker
 
 logger = logging.getLogger(__name__)
-
-
-class BatchRunner(Protocol):
-    def run(self, plan: BatchPlan) -> BatchResult: ...
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class SchedulerConfig:
     enable_radix_cache: bool
     decode_log_interval: int = 40  # decode steps between "Decode batch" log lines (0: never)
     schedule_conservativeness: float = 1.0  # scales the new-token-ratio admission headroom (0: off)
+    overlap: bool = True  # launch step k before processing step k-1's results (if the hooks allow)
 
 
 @dataclass
@@ -64,6 +69,8 @@ class Scheduler:
         self.num_retractions = 0
         self.hooks = hooks or NullHooks()
         self.hooks.bind(self)
+        self.overlap = cfg.overlap and self.hooks.supports_overlap
+        self.inflight: InflightBatch | None = None  # the launched batch whose results are not processed yet
 
     # --- public API ----------------------------------------------------------------------------
     def submit(self, req: Req) -> Req | None:
@@ -94,28 +101,66 @@ class Scheduler:
         return None
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running) or self.hooks.has_work()
+        return bool(self.waiting or self.running or self.inflight) or self.hooks.has_work()
 
     def step(self) -> StepOutput:
+        """Plan and launch one batch; returns what the last completed batch produced."""
         out = StepOutput()
         self.hooks.before_step(out)
         self.new_token_ratio.step()
+        prev = self.inflight
+        if prev is not None and not self._can_overlap():
+            self.inflight = None
+            self._collect(prev, out)
+            prev = None
         scheduled = self._plan(out)
-        if not scheduled:
-            return out
+        if scheduled:
+            self.step_log.record(self._step_stats(scheduled))
+            self.inflight = self._launch(scheduled)
+            out.ran_batch = True
+        elif prev is not None:
+            self.inflight = None
+        if prev is not None:
+            self._collect(prev, out)  # the device already runs the next batch
+        if not self.overlap and self.inflight is not None:
+            batch, self.inflight = self.inflight, None
+            self._collect(batch, out)
+        return out
+
+    def _launch(self, scheduled: list[tuple[Req, int]]) -> InflightBatch:
         plan = BatchPlan(tuple(make_plan_item(r, n, self.stop) for r, n in scheduled))
-        self.step_log.record(self._step_stats(scheduled))
-        result = self.runner.run(plan)
-        out.ran_batch = True
-        for (req, n), res in zip(scheduled, result.items):
-            start = req.num_computed_tokens
+        pending = self.runner.launch(plan)
+        items = []
+        for (req, n), placeholder in zip(scheduled, pending.placeholders):
+            items.append((req, req.num_computed_tokens, n))
             req.num_computed_tokens += n
+            if placeholder is not None:
+                req.pending_ids.append(placeholder)
+        return InflightBatch(tuple(items), pending, frozenset(r for r, _ in scheduled))
+
+    def _collect(self, batch: InflightBatch, out: StepOutput) -> None:
+        """Apply a launched batch's results (blocks until the device has them)."""
+        result = batch.pending.result()
+        for (req, start, n), res in zip(batch.items, result.items):
+            if req.status is not ReqStatus.RUNNING:
+                continue  # stopped or aborted while this batch ran: its sample is dropped
             got_token = record_result(req, start, res)
             self.hooks.after_compute(req, start, n)
             if got_token and not self.hooks.take_over(req):
                 out.updated.append(req)
                 self.check_stop(req, out)
-        return out
+        out.ran_batch = True
+        for req in batch.deferred_release:
+            self.kv.release(req)
+
+    def _can_overlap(self) -> bool:
+        """Planning the next batch needs nothing from the in-flight batch's results: no penalty reads
+        the token history, and the pool can give every running request its next pages without
+        retracting (each decode takes at most one page; prefill chunks share the token budget)."""
+        if not self.overlap or any(needs_token_history(r) for r in self.running):
+            return False
+        budget = self.cfg.chunk_size or self.cfg.max_prefill_tokens
+        return self.kv.available_pages > len(self.running) + self.kv.pages_for(budget)
 
     def check_stop(self, req: Req, out: StepOutput) -> None:
         reason = self.stop.check(req)
@@ -145,6 +190,9 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             req = self.running[i]
+            if req.pending_ids and self.stop.surely_stops(req):
+                i += 1  # its in-flight sample is its last: nothing more to compute
+                continue
             n = min(req.num_uncomputed, budget) if req.in_prefill else 1
             if n <= 0:  # prefill budget spent; this request keeps its pages and waits a step
                 i += 1
@@ -182,6 +230,8 @@ class Scheduler:
 
     def _retract(self, req: Req, out: StepOutput) -> None:
         """Preempt: free the pages (full ones stay cached) and requeue first; recomputed later."""
+        if req.pending_ids:
+            raise RuntimeError(f"retracting {req.rid} with in-flight samples (the overlap check should prevent it)")
         reason = self.hooks.on_retract(req)
         if reason is not None:
             self.finish(req, reason)
@@ -230,5 +280,12 @@ class Scheduler:
     def finish(self, req: Req, reason: FinishReason) -> None:
         if req in self.running:
             self.running.remove(req)
-            self.kv.release(req)
+            # Forget in-flight samples; the position of the last seen token counts as uncomputed.
+            req.pending_ids.clear()
+            req.num_computed_tokens = min(req.num_computed_tokens, req.seq_len - 1)
+            batch = self.inflight
+            if batch is not None and req in batch.members:
+                batch.deferred_release.append(req)  # the device may still write its pages
+            else:
+                self.kv.release(req)
         req.finish(reason)

@@ -19,13 +19,16 @@ class StopChecker:
 
     def blocked_ids(self, req: Req) -> tuple[int, ...]:
         """Token ids the sampler must not pick while ``min_new_tokens`` is not reached."""
-        if len(req.output_ids) >= req.params.min_new_tokens:
+        if req.num_sampled >= req.params.min_new_tokens:  # the next sample's index
             return ()
         eos = () if req.params.ignore_eos else tuple(self.eos_token_ids)
         return tuple(sorted(set(eos) | set(req.params.stop_token_ids)))
 
     def check(self, req: Req) -> FinishReason | None:
-        """Called after each appended token; returns why ``req`` is done, or None."""
+        """Called after each appended token; returns why ``req`` is done, or None.
+
+        Reads only tokens the host has seen (``output_ids``), never in-flight placeholders.
+        """
         p = req.params
         n = len(req.output_ids)
         last = req.output_ids[-1]
@@ -37,9 +40,14 @@ class StopChecker:
                 return FinishReason("stop", matched=matched)
         if n >= p.max_new_tokens:
             return FinishReason("length", length=n)
-        if req.seq_len >= self.context_length:
+        if len(req.prompt_ids) + n >= self.context_length:
             return FinishReason("length", length=n)
         return None
+
+    def surely_stops(self, req: Req) -> bool:
+        """True if ``req`` will stop once its in-flight samples land, whatever they are (max_new_tokens
+        or context length reached): the scheduler need not plan another step for it."""
+        return req.num_sampled >= req.params.max_new_tokens or req.seq_len >= self.context_length
 
     def _stop_string(self, req: Req) -> str | None:
         if not req.params.stop or self.tokenizer is None:

@@ -216,11 +216,12 @@ def test_logprobs_are_of_the_raw_distribution() -> None:
             _row(seed=3, top_logprobs_num=40, frequency_penalty=1.0, output_ids=[0])]
     out = _sample(logits, rows)
     raw = torch.log_softmax(logits, -1)
-    assert out.logprobs is not None and out.top_logprobs is not None
+    top = out.top_logprobs()
+    assert out.logprobs is not None and top is not None
     assert torch.allclose(out.logprobs, raw.gather(1, out.next_token_ids[:, None])[:, 0])
-    assert out.top_logprobs[0] is None and out.top_logprobs[2] is None
+    assert top[0] is None and top[2] is None
     for i, n in ((1, 5), (3, 30)):
-        vals, ids = out.top_logprobs[i]  # type: ignore[misc]
+        vals, ids = top[i]  # type: ignore[misc]
         ref_v, ref_i = raw[i].topk(n)
         assert len(vals) == n and vals == sorted(vals, reverse=True) and ids == ref_i.tolist()
         assert torch.allclose(torch.tensor(vals), ref_v)
@@ -228,7 +229,7 @@ def test_logprobs_are_of_the_raw_distribution() -> None:
 
 def test_no_logprobs_unless_asked() -> None:
     out = _sample(torch.randn(2, 8), [_row(), _row(temperature=0.0)])
-    assert out.logprobs is None and out.top_logprobs is None
+    assert out.logprobs is None and out.top_logprobs() is None
     assert out.next_token_ids.dtype == torch.int64
 
 
