@@ -44,7 +44,7 @@ class Engine:
         for req in reqs:
             if core.submit(req) is not None:
                 done[id(req)] = 0.0
-        while len(done) < len(reqs):
+        while len(done) < len(reqs) or core.scheduler.has_work():  # has_work: an in-flight batch holds pages
             for req in core.step().finished:
                 done[id(req)] = time.perf_counter() - start
         outs = [generate_output(core.tokenizer, r, done[id(r)]) for r in reqs]

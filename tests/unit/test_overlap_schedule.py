@@ -118,3 +118,17 @@ def test_abort_and_stop_of_in_flight_requests_free_every_page(tiny_model_dir):
     assert reqs[2].output_ids == alone["output_ids"]
     assert_pool_idle(eng)
     eng.shutdown()
+
+
+def test_pool_is_idle_when_generate_returns_after_a_stop_token(tiny_model_dir):
+    """The last request stops on a token the host sees one step late: the batch launched meanwhile
+    still holds its pages, and generate() returns only after that batch is collected."""
+    eng = Engine(model_path=str(tiny_model_dir("llama")), page_size=4)
+    base = eng.generate(input_ids=[5, 6, 7], sampling_params={"temperature": 0, "max_new_tokens": 12, "ignore_eos": True})
+    stop_id = base["output_ids"][6]
+    out = eng.generate(input_ids=[5, 6, 7], sampling_params={"temperature": 0, "max_new_tokens": 12, "ignore_eos": True,
+                                                            "stop_token_ids": [stop_id]})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_id}
+    assert eng.core.scheduler.inflight is None
+    assert_pool_idle(eng)
+    eng.shutdown()
