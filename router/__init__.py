@@ -9,7 +9,7 @@ Data flow of one inference request (``/generate``, ``/v1/completions``, ``/v1/ch
          ──> jobs / fanout: one Job per worker call (PD: one per choice, scalar bootstrap fields)
          ──> dispatch: policies pick workers (503 if none) -> legs.PairCall -> retry before the first byte
                 legs: regular worker, or P and D concurrently (P failing aborts D and vice versa)
-                upstream: pooled aiohttp session, stale-connection recovery, /abort_request
+                upstream: pooled keep-alive HTTP/1.1 client (h1_*), stale-connection recovery, /abort_request
          ──> responder: whole JSON, or SSE forwarded event by event (late errors as a final event)
 
 Modules:
@@ -23,7 +23,9 @@ Modules:
   dispatch, legs    picking, attempts, retries; one attempt's worker calls, aborts and accounting
   logprob_merge     P's prompt logprobs into D's answer
   responder, sse    writing answers; whole-event SSE splitting and rewriting
-  upstream          the HTTP client side and ``LegError``
+  upstream          worker calls (one request = one write), their ``LegError``s, aborts
+  h1_client, h1_conn, h1_parser   the lean HTTP/1.1 client under upstream: per-worker keep-alive pool,
+                    one connection's asyncio Protocol, response parsing without I/O (chunked, length)
   worker, registry  per-worker runtime state; the registry with drain-on-delete
   health            background probes: eject after N failures, re-admit after M successes
   circuit_breaker   per-worker closed/open/half-open breaker

@@ -67,8 +67,14 @@ def error_middleware(state: RouterState) -> Middleware:
 def request_id_middleware(names: tuple[str, ...], new_id: Callable[[], str]) -> Middleware:
     @web.middleware
     async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
-        rid = next((request.headers[n] for n in names if request.headers.get(n)), None)
-        request[REQUEST_ID] = rid or new_id()
+        headers = request.headers
+        for name in names:
+            given = headers.get(name)
+            if given:
+                request[REQUEST_ID] = given
+                break
+        else:
+            request[REQUEST_ID] = new_id()
         return await handler(request)
 
     return request_id

@@ -11,7 +11,6 @@ final SSE error event). A client's 4xx is never retried.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator
 
 from router.config import Role
@@ -37,11 +36,13 @@ class Dispatcher:
         if not workers:
             raise APIError(503, f"no healthy {role} worker is available", retry_after=NO_WORKER_RETRY_AFTER_S)
         candidates = [w for w in workers if w.url not in avoid] or workers
+        policy = self.state.policies[role]
         if len(candidates) == 1:
             chosen = candidates[0]
-            self.state.policies[role].choose([chosen.view()], key)  # keeps policy state (trees) current
+            if policy.remembers_prompts:
+                policy.choose([chosen.view()], key)  # keeps its prefix tree current
             return chosen
-        view = self.state.policies[role].choose([w.view() for w in candidates], key)
+        view = policy.choose([w.view() for w in candidates], key)
         return next(w for w in candidates if w.url == view.url)
 
     def _call(self, job: Job, attempt: int, avoid: set[str]) -> PairCall:
@@ -68,36 +69,30 @@ class Dispatcher:
         """Whole SSE events for ``job``; LegError/APIError when it fails (after the first event: final)."""
         avoid: set[str] = set()
         for attempt in range(self.retry.max_retries + 1):
+            if attempt:
+                await self._backoff(attempt - 1)
             call = self._call(job, attempt, avoid)
-            async with contextlib.aclosing(self._attempt(call)) as events:
-                try:
-                    first = await anext(events)
-                except StopAsyncIteration:
-                    return
-                except LegError as e:
-                    if not self._may_retry(job, e, attempt, avoid):
-                        raise
-                else:
-                    yield first
-                    async for blob in events:
-                        yield blob
-                    return
-            await self._backoff(attempt)
-
-    async def _attempt(self, call: PairCall) -> AsyncGenerator[bytes, None]:
-        reason = "failed"
-        try:
-            async with contextlib.aclosing(call.stream()) as events:
+            events = call.stream()
+            reason, sent = "failed", False
+            try:
+                first = await anext(events)
+                sent = True
+                yield first
                 async for blob in events:
                     yield blob
-        except LegError as e:
-            call.blame(e)
-            raise
-        except BaseException:  # cancelled, or closed by the responder: the client went away
-            reason = "client_disconnected"
-            raise
-        finally:
-            call.close(reason)
+                return
+            except StopAsyncIteration:  # an empty answer
+                return
+            except LegError as e:
+                call.blame(e)  # before close(): the failing leg is finished with its error, not aborted
+                if sent or not self._may_retry(job, e, attempt, avoid):
+                    raise
+            except BaseException:  # cancelled, or closed by the responder: the client went away
+                reason = "client_disconnected"
+                raise
+            finally:
+                await events.aclose()
+                call.close(reason)
 
     # --- whole answers -------------------------------------------------------------------------------
     async def unary(self, job: Job) -> tuple[bytes, str]:

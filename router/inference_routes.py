@@ -8,6 +8,7 @@ it to a P/D pair, split per choice when it holds several (``fanout``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -35,13 +36,17 @@ from router.validation import PARSERS, Kind, Parsed
 ROUTES: dict[str, Kind] = {"/generate": "generate", "/v1/completions": "completions", "/v1/chat/completions": "chat"}
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or 400 (malformed) / 413 (too large)."""
+async def read_json(request: web.Request) -> tuple[dict[str, Any], bytes]:
+    """The body as a JSON object and as the bytes it came in, or 400 (malformed) / 413 (too large)."""
     limit = request.app[STATE_KEY].config.max_payload_size
     if request.content_length is not None and request.content_length > limit:
         raise APIError(413, f"request body exceeds the limit of {limit} bytes")
     try:
-        raw = await request.read()
+        n = request.content_length
+        # with a length (checked above): one read of exactly the body, no growing buffer
+        raw = await request.content.readexactly(n) if n else await request.read()
+    except asyncio.IncompleteReadError as e:
+        raise APIError(400, "the request body ended before its Content-Length") from e
     except web.HTTPRequestEntityTooLarge as e:
         raise APIError(413, f"request body exceeds the limit of {limit} bytes") from e
     try:
@@ -50,16 +55,19 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise APIError(400, f"malformed JSON body: {e}") from e
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    return body
+    return body, raw
 
 
 def single_job(route: str, body: dict[str, Any], parsed: Parsed, request_id: str, pd: bool,
-               new_rid: Callable[[], str]) -> Job:
+               new_rid: Callable[[], str], raw: bytes | None = None) -> Job:
+    """The whole request as one Job; ``raw`` (the body's bytes) lets it skip re-encoding a body without rid."""
     rid = client_rid(body, len(parsed.n), parsed.is_batch, new_rid)
     merge: Merge = None
     if pd and parsed.input_logprobs[0]:
         merge = "generate" if parsed.kind == "generate" else "completions"
-    return Job(route, strip_rid(body), rid, parsed.n, parsed.stream, parsed.routing_key, merge, request_id)
+    if "rid" in body:
+        body, raw = strip_rid(body), None
+    return Job(route, body, rid, parsed.n, parsed.stream, parsed.routing_key, merge, request_id, raw)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -67,25 +75,27 @@ async def handle(request: web.Request) -> web.StreamResponse:
     dispatcher: Dispatcher = request.app[DISPATCHER_KEY]
     route = request.path
     started = time.perf_counter()
-    body = await read_json(request)
+    body, raw = await read_json(request)
     parsed = PARSERS[ROUTES[route]](body)
     request_id: str = request[REQUEST_ID]
     headers = {"x-request-id": request_id}
     if state.shutting_down:
         raise APIError(503, "the router is shutting down", retry_after=5)
-    async with state.admission.slot():
-        try:
-            if state.config.pd_disaggregation and needs_split(parsed):
-                return await _split(request, state, dispatcher, route, body, parsed, headers, started)
-            job = single_job(route, body, parsed, request_id, state.config.pd_disaggregation, state.new_id)
-            if parsed.stream:
-                return await send_stream(request, dispatcher.stream(job), route, state.metrics, started, headers)
-            raw, ctype = await dispatcher.unary(job)
-            return await send_unary(raw, ctype, headers)
-        except LegError as e:
-            return leg_error_response(e, headers)
-        finally:
-            state.metrics.duration_for(route).observe(time.perf_counter() - started)
+    pd = state.config.pd_disaggregation
+    await state.admission.acquire()
+    try:
+        if pd and needs_split(parsed):
+            return await _split(request, state, dispatcher, route, body, parsed, headers, started)
+        job = single_job(route, body, parsed, request_id, pd, state.new_id, raw)
+        if parsed.stream:
+            return await send_stream(request, dispatcher.stream(job), route, state.metrics, started, headers)
+        data, ctype = await dispatcher.unary(job)
+        return await send_unary(data, ctype, headers)
+    except LegError as e:
+        return leg_error_response(e, headers)
+    finally:
+        state.admission.release()
+        state.metrics.duration_for(route).observe(time.perf_counter() - started)
 
 
 async def _split(request: web.Request, state: RouterState, dispatcher: Dispatcher, route: str, body: dict[str, Any],

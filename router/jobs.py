@@ -12,6 +12,11 @@ PD fields (DESIGN §4.1): ``bootstrap_host`` = P's host, ``bootstrap_port`` = P'
 (``fanout`` splits the rest), so the three fields are always scalars. P gets the same body except
 that it is never asked to stream (``stream: false``, no ``stream_options``): its answer is the one
 token the router reads whole, for errors and prompt logprobs; D gets the client's body as is.
+
+Bytes: when a Job carries the client's own JSON text (``raw``: the client's whole body, which held
+no ``rid``), the router's fields are appended to that text instead of serialising the body again
+(the body is parsed once, for validation, and never re-encoded: O(fields), not O(prompt)). The
+worker parses the same object either way; P's body, which changes ``stream``, is always re-encoded.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from router.config import url_host
 from router.worker import Worker
 
 ROOM_BOUND = 1 << 63
+_JSON = json.JSONEncoder(ensure_ascii=False)  # stateless; json.dumps(ensure_ascii=False) builds one per call
 Merge = Literal["generate", "completions"] | None
 
 
@@ -39,6 +44,7 @@ class Job:
     key: str  # routing key for cache_aware
     merge: Merge  # PD: put P's prompt logprobs into D's answer
     request_id: str
+    raw: bytes | None = None  # the client's JSON text of ``body`` (see the module doc), else None
 
     @property
     def openai(self) -> bool:
@@ -53,19 +59,28 @@ class Job:
 
     def encode(self, attempt: int, prefill: Worker | None, rng: random.Random) -> Encoded:
         rid = self.rid_for(attempt)
-        body = {**self.body, "rid": list(rid) if isinstance(rid, tuple) else rid}
+        fields: dict[str, Any] = {"rid": list(rid) if isinstance(rid, tuple) else rid}
         rids = worker_rids(rid, self.choices, self.openai)
         if prefill is None:
-            return Encoded(_dumps(body), None, rids)
-        body["bootstrap_host"] = url_host(prefill.url)
-        body["bootstrap_port"] = prefill.spec.bootstrap_port
-        body["bootstrap_room"] = rng.randrange(ROOM_BOUND)
-        data = _dumps(body)
-        if not body.get("stream"):
+            return Encoded(self._with(fields), None, rids)
+        fields["bootstrap_host"] = prefill.host
+        fields["bootstrap_port"] = prefill.spec.bootstrap_port
+        fields["bootstrap_room"] = rng.randrange(ROOM_BOUND)
+        data = self._with(fields)
+        if not self.body.get("stream"):
             return Encoded(data, data, rids)
-        p_body = {k: v for k, v in body.items() if k != "stream_options"}
+        p_body = {k: v for k, v in self.body.items() if k != "stream_options"}
+        p_body.update(fields)
         p_body["stream"] = False
         return Encoded(data, _dumps(p_body), rids)
+
+    def _with(self, fields: dict[str, Any]) -> bytes:
+        """The body with ``fields`` set (added last, in order), as JSON bytes."""
+        if self.raw is not None and not any(k in self.body for k in fields):
+            spliced = append_fields(self.raw, fields)
+            if spliced is not None:
+                return spliced
+        return _dumps({**self.body, **fields})
 
 
 @dataclass(frozen=True)
@@ -78,7 +93,19 @@ class Encoded:
 
 
 def _dumps(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, ensure_ascii=False).encode()
+    return _JSON.encode(body).encode()
+
+
+def append_fields(raw: bytes, fields: Mapping[str, Any]) -> bytes | None:
+    """``raw`` (a non-empty JSON object in UTF-8 text) with ``fields`` added at its end; None when
+    ``raw`` is not such plain text (another encoding, a BOM, an empty object): re-encode instead."""
+    end = len(raw.rstrip(b" \t\r\n"))
+    start = len(raw) - len(raw.lstrip(b" \t\r\n"))
+    if end - start < 2 or raw[start] != 0x7B or raw[end - 1] != 0x7D:  # "{" ... "}"
+        return None
+    if not raw[start + 1:end - 1].strip(b" \t\r\n"):  # {} has no member to follow
+        return None
+    return b"%s, %s" % (raw[:end - 1], _dumps(fields)[1:])
 
 
 def worker_rids(rid: str | tuple[str, ...], choices: tuple[int, ...], openai: bool) -> tuple[str, ...]:

@@ -8,7 +8,10 @@ and the prefill leg as a background task, concurrently:
   Only when the client asked for prompt logprobs does the first D event wait for P's answer (D
   cannot produce a token before P's prefill, so this costs next to nothing).
 - P failing aborts D at once (``POST /abort_request`` + closing D's connection) and the attempt
-  fails with P's error; D failing, or the client leaving, aborts P (and D) the same way.
+  fails with P's error; D failing, or the client leaving, aborts P (and D) the same way. While D's
+  head is still awaited, P's failure cancels that await in the caller's task and takes the
+  cancellation back (``uncancel``), as ``asyncio.timeout`` does; a cancellation from anyone else
+  (the client leaving) is never swallowed.
 - After D finished, a P leg still running is left to finish on its own (never aborted: D's answer
   is complete, P's late answer is only released).
 Invariant: when ``close`` returns, every leg is finished (slot released) or owned by a background
@@ -23,18 +26,23 @@ import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import aiohttp
-
 from router import sse
 from router.errors import error_body
+from router.h1_client import Response
 from router.jobs import Encoded, Job
 from router.logprob_merge import PromptLogprobPatcher, merge_generate
 from router.state import RouterState
-from router.upstream import RETRYABLE_STATUS, LegError, status_error, transport_error
+from router.upstream import (
+    NET_ERRORS,
+    RETRYABLE_STATUS,
+    LegError,
+    status_error,
+    transport_error,
+)
 from router.worker import Worker
 
 logger = logging.getLogger(__name__)
-_NET_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+_UNPARSED = object()  # PairCall.p_answer before P's answer was needed
 
 
 class Leg:
@@ -77,8 +85,10 @@ class PairCall:
         self.p = Leg(state, prefill, sent.rids) if prefill is not None else None
         self.p_task: asyncio.Task[Any] | None = None
         self.p_error: LegError | None = None
-        self.d_open: asyncio.Task[aiohttp.ClientResponse] | None = None
-        self.d_resp: aiohttp.ClientResponse | None = None
+        self.p_answer: Any = _UNPARSED
+        self.d_opening: asyncio.Task[Any] | None = None  # PD: the task waiting for D's head (P's failure interrupts it)
+        self.p_interrupted = False  # _prefill_done cancelled d_opening
+        self.d_resp: Response | None = None
         self.succeeded = False
 
     # --- prefill leg -------------------------------------------------------------------------------
@@ -87,20 +97,23 @@ class PairCall:
             self.p_task = asyncio.get_running_loop().create_task(self._prefill())
             self.p_task.add_done_callback(self._prefill_done)
 
-    async def _prefill(self) -> Any:
+    async def _prefill(self) -> tuple[bytes, str]:
+        """P's whole answer (body, content type); LegError when it failed. Parsed only if needed (a merge)."""
         assert self.p is not None
         worker = self.p.worker
         assert self.sent.prefill_data is not None
         resp = await self.state.upstream.post(worker, self.job.route, self.sent.prefill_data, self.job.request_id)
         try:
             raw = await resp.read()
-        except _NET_ERRORS as e:
+        except NET_ERRORS as e:
             raise transport_error(worker, e) from e
         finally:
             resp.release()
         if resp.status != 200:
             raise status_error(worker, resp.status, raw)
-        return answer_of(worker, raw, resp.content_type)
+        if resp.content_type == "text/event-stream":
+            answer_of(worker, raw, resp.content_type)  # an error event is a failed call
+        return raw, resp.content_type
 
     def _prefill_done(self, task: asyncio.Task[Any]) -> None:
         assert self.p is not None
@@ -115,40 +128,51 @@ class PairCall:
         self.p.finish(self.p_error)
         if not self.d.done:  # fail D at once instead of letting it wait for KV that never comes
             self.d.abort("prefill_failed")
+            if self.d_opening is not None:  # stop waiting for D's head: _open_decode raises p_error
+                self.p_interrupted = True
+                self.d_opening.cancel()
             if self.d_resp is not None:
                 self.d_resp.close()
 
     async def _prefill_answer(self) -> Any:
-        assert self.p_task is not None
-        try:
-            return await asyncio.shield(self.p_task)
-        except LegError:
-            raise self.p_error or LegError(500, "prefill failed", retryable=True) from None
+        """P's answer as a payload (for merging prompt logprobs), parsed once."""
+        assert self.p_task is not None and self.p is not None
+        if self.p_answer is _UNPARSED:
+            try:
+                raw, content_type = await asyncio.shield(self.p_task)
+            except LegError:
+                raise self.p_error or LegError(500, "prefill failed", retryable=True) from None
+            self.p_answer = answer_of(self.p.worker, raw, content_type)
+        return self.p_answer
 
     # --- decode leg --------------------------------------------------------------------------------
-    async def _open_decode(self) -> aiohttp.ClientResponse:
+    async def _open_decode(self) -> Response:
         up, worker = self.state.upstream, self.d.worker
         sending = up.post(worker, self.job.route, self.sent.data, self.job.request_id)
         if self.p_task is None:  # regular mode: nothing to race against
             self.d_resp = await sending
-        else:  # PD: P failing while D's headers are awaited fails the attempt at once
-            self.d_open = asyncio.get_running_loop().create_task(sending)
-            waiting: set[asyncio.Future[Any]] = {self.d_open, self.p_task}
-            while not self.d_open.done():
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if self.p_error is not None:
-                    raise self.p_error
-                waiting = {self.d_open}
-            self.d_resp = self.d_open.result()
+        else:  # PD: P failing while D's head is awaited interrupts the wait (no extra task, no asyncio.wait)
+            task = self.d_opening = asyncio.current_task()
+            try:
+                self.d_resp = await sending
+            except asyncio.CancelledError:
+                # ours alone (uncancel -> 0): P failed; another cancel pending (the client left): propagate
+                if self.p_interrupted and task is not None and task.uncancel() == 0 and self.p_error is not None:
+                    raise self.p_error from None
+                raise
+            finally:
+                self.d_opening = None
+            if self.p_error is not None:  # P failed just as D's head came in
+                raise self.p_error
         if self.d_resp.status != 200:
             raw = await self._read(self.d_resp)
             raise status_error(worker, self.d_resp.status, raw)
         return self.d_resp
 
-    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+    async def _read(self, resp: Response) -> bytes:
         try:
             return await resp.read()
-        except _NET_ERRORS as e:
+        except NET_ERRORS as e:
             raise self.p_error or transport_error(self.d.worker, e) from e
 
     async def stream(self) -> AsyncGenerator[bytes, None]:
@@ -158,7 +182,7 @@ class PairCall:
         splitter, first = sse.EventSplitter(), True
         merge = self._stream_merger()
         try:
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp:
                 blob = splitter.feed(chunk)
                 if not blob:
                     continue
@@ -170,7 +194,7 @@ class PairCall:
             tail = splitter.rest()
             if tail:
                 yield await merge(tail) if merge else tail
-        except _NET_ERRORS as e:
+        except NET_ERRORS as e:
             raise self.p_error or transport_error(self.d.worker, e) from e
         if self.p_error is not None and self.d.done:  # P failed and aborted D before D's end
             raise self.p_error
@@ -225,8 +249,6 @@ class PairCall:
 
     def close(self, reason: str) -> None:
         """Called once when the attempt is over, in any way; ``reason`` says why when it failed."""
-        if self.d_open is not None and not self.d_open.done():
-            self.d_open.cancel()
         if self.d_resp is not None:
             self.d_resp.release() if self.succeeded else self.d_resp.close()
         if not self.d.done:

@@ -72,6 +72,11 @@ class Policy:
         self.counter = 0
         self.tree = PrefixTree(cache.max_tree_size) if name == "cache_aware" else None
 
+    @property
+    def remembers_prompts(self) -> bool:
+        """Does a choice change what later choices see (cache_aware's tree), even with one candidate?"""
+        return self.tree is not None
+
     def choose(self, workers: Sequence[WorkerView], key: str | None) -> WorkerView:
         assert workers, "choose() needs at least one candidate"
         if self.name == "random":

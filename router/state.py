@@ -57,6 +57,7 @@ def build_state(config: RouterConfig) -> RouterState:
         for policy in policies.values():
             policy.forget(worker.url)
         metrics.forget_worker(worker.url)
+        upstream.forget(worker.url)
 
     registry.on_remove.append(forget)
     for spec in config.initial_workers():

@@ -1,11 +1,13 @@
-"""The router's HTTP client side: one pooled aiohttp session, worker calls, their errors, and aborts.
+"""The router's HTTP client side: worker calls over the pooled keep-alive client, their errors, and aborts.
 
-- One ``ClientSession`` for the router's lifetime: keep-alive connections per worker, no total cap
-  (admission control bounds concurrency). The client's idle keep-alive (``KEEPALIVE_S``) is
-  shorter than aiohttp servers' (75 s), so the router rarely reuses a connection the worker closed.
-- Stale-connection recovery: when a POST fails with "server disconnected" before any response
-  header, the connection was most likely a stale keep-alive one; it is retried at once, once, on a
-  fresh connection (not counted as a retry, not held against the worker).
+- One ``h1_client.H1Client`` for the router's lifetime: keep-alive connections per worker, no cap
+  on their number (admission control bounds concurrency). Its idle keep-alive (``KEEPALIVE_S``)
+  is shorter than aiohttp servers' (75 s), so the router rarely reuses a connection the worker
+  closed; when it does, the client sends the request again on a fresh connection, once (not a
+  retry: not counted, not held against the worker).
+- The hot path (``post``) writes each request as one message from a head prefix built once per
+  worker, path and API key (method, path, Host, Content-Type, Authorization), plus
+  Content-Length and ``x-request-id``.
 - Every failure becomes a ``LegError`` that says what the client should see (status, message, the
   worker's own error body) and whether another worker may be tried (``retryable``).
 - Aborts (``POST /abort_request``) are fire-and-forget tasks, kept in a set until done.
@@ -19,9 +21,8 @@ import json
 import logging
 from collections.abc import Iterable
 
-import aiohttp
-
 from router.errors import error_from_body
+from router.h1_client import ConnectTimeout, H1Client, Origin, Response, header_value, request_bytes
 from router.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ KEEPALIVE_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 ABORT_TIMEOUT_S = 5.0
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+NET_ERRORS = (OSError, TimeoutError)  # what a worker call raises when the network or the worker fails
 
 
 class LegError(Exception):
@@ -56,8 +58,8 @@ def status_error(worker: Worker, status: int, raw: bytes) -> LegError:
 
 
 def transport_error(worker: Worker, e: BaseException) -> LegError:
-    if isinstance(e, asyncio.TimeoutError):
-        connect = isinstance(e, aiohttp.ConnectionTimeoutError)
+    if isinstance(e, TimeoutError):
+        connect = isinstance(e, ConnectTimeout)
         what = "connecting to" if connect else "waiting for"
         return LegError(504, f"timed out {what} {worker.role} worker {worker.url}", retryable=connect,
                         transport=connect, worker=worker)
@@ -67,20 +69,20 @@ def transport_error(worker: Worker, e: BaseException) -> LegError:
 
 class Upstream:
     def __init__(self, request_timeout_s: float, default_api_key: str | None) -> None:
-        self.timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=CONNECT_TIMEOUT_S)
+        self.request_timeout_s = request_timeout_s
         self.default_api_key = default_api_key
-        self._session: aiohttp.ClientSession | None = None
+        self._client: H1Client | None = None
+        self._origins: dict[str, Origin] = {}  # worker url -> where to connect
+        self._heads: dict[tuple[str, str], tuple[str | None, bytes]] = {}  # (url, path) -> (api key, head prefix)
         self._background: set[asyncio.Task[None]] = set()
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "Upstream.start() was not awaited"
-        return self._session
+    def client(self) -> H1Client:
+        assert self._client is not None, "Upstream.start() was not awaited"
+        return self._client
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, auto_decompress=False,
-                                              skip_auto_headers=("User-Agent", "Accept-Encoding"))
+        self._client = H1Client(KEEPALIVE_S, CONNECT_TIMEOUT_S)
 
     async def close(self) -> None:
         for task in list(self._background):
@@ -88,11 +90,25 @@ class Upstream:
         for task in list(self._background):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            self._client.close()
 
-    def headers(self, worker: Worker, request_id: str | None) -> dict[str, str]:
-        h = {"Content-Type": "application/json"}
+    def forget(self, url: str) -> None:
+        """A worker left: close its idle connections and drop what was cached for it."""
+        origin = self._origins.pop(url, None)
+        if origin is not None and self._client is not None:
+            self._client.forget(origin)
+        for key in [k for k in self._heads if k[0] == url]:
+            del self._heads[key]
+
+    def origin(self, worker: Worker) -> Origin:
+        origin = self._origins.get(worker.url)
+        if origin is None:
+            origin = self._origins[worker.url] = Origin.of(worker.url)
+        return origin
+
+    def headers(self, worker: Worker, request_id: str | None, body: bool = True) -> dict[str, str]:
+        h = {"Content-Type": "application/json"} if body else {}
         key = worker.spec.api_key or self.default_api_key
         if key:
             h["Authorization"] = f"Bearer {key}"
@@ -100,29 +116,35 @@ class Upstream:
             h["x-request-id"] = request_id
         return h
 
-    async def post(self, worker: Worker, path: str, data: bytes, request_id: str | None) -> aiohttp.ClientResponse:
-        """Send; -> the response once its headers are in (any status). LegError on transport failure."""
-        headers = self.headers(worker, request_id)
-        for attempt in (0, 1):
-            try:
-                return await self.session.post(worker.url_for(path), data=data, headers=headers)
-            except aiohttp.ServerDisconnectedError as e:
-                if attempt == 0:
-                    logger.debug("stale connection to %s; retrying on a fresh one", worker.url)
-                    continue
-                raise transport_error(worker, e) from e
-            except (TimeoutError, aiohttp.ClientError, OSError) as e:
-                raise transport_error(worker, e) from e
-        raise AssertionError("unreachable")
+    def _head_prefix(self, worker: Worker, path: str) -> bytes:
+        """POST ``path`` to ``worker``: the request head up to Content-Length (cached; rebuilt on a new key)."""
+        key = worker.spec.api_key or self.default_api_key
+        cached = self._heads.get((worker.url, path))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        head = request_bytes(self.origin(worker), "POST", path, self.headers(worker, None), None)
+        prefix = head[:head.rindex(b"Content-Length:")]
+        self._heads[(worker.url, path)] = (key, prefix)
+        return prefix
+
+    async def post(self, worker: Worker, path: str, data: bytes, request_id: str | None) -> Response:
+        """Send; -> the response once its head is in (any status). LegError on transport failure."""
+        rid = f"x-request-id: {header_value(request_id)}\r\n".encode("utf-8", "surrogateescape") if request_id else b""
+        message = b"%sContent-Length: %d\r\n%s\r\n%s" % (self._head_prefix(worker, path), len(data), rid, data)
+        try:
+            return await self.client.request(self.origin(worker), message, self.request_timeout_s)
+        except NET_ERRORS as e:
+            raise transport_error(worker, e) from e
 
     async def call(self, worker: Worker, method: str, path: str, timeout_s: float,
                    body: bytes | None = None) -> tuple[int, bytes, str]:
         """A small control-plane call -> (status, body, content type). LegError on transport failure."""
+        origin = self.origin(worker)
+        message = request_bytes(origin, method, path, self.headers(worker, None, body is not None), body)
         try:
-            async with self.session.request(method, worker.url + path, data=body, headers=self.headers(worker, None),
-                                            timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-                return resp.status, await resp.read(), resp.content_type
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            resp = await self.client.request(origin, message, timeout_s, head_request=method == "HEAD")
+            return resp.status, await resp.read(), resp.content_type
+        except NET_ERRORS as e:
             raise transport_error(worker, e) from e
 
     async def probe(self, worker: Worker, endpoint: str, timeout_s: float) -> str | None:

@@ -9,7 +9,7 @@ that routing and PD fan-out use; the body itself is forwarded unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -101,23 +101,33 @@ def check_token_ids(v: Any, name: str) -> tuple[int, ...]:
     return tuple(int(t) for t in v)
 
 
+_SAMPLING_CHECKS: dict[str, Callable[[Mapping[str, Any], str], object]] = {
+    "max_new_tokens": lambda sp, k: get_int(sp, k, 0),
+    "min_new_tokens": lambda sp, k: get_int(sp, k, 0),
+    "temperature": lambda sp, k: get_float(sp, k, 0.0, math.inf),
+    "top_p": lambda sp, k: get_float(sp, k, 0.0, 1.0, lo_open=True),
+    "top_k": lambda sp, k: get_int(sp, k, -1),  # -1 and 0 disable it
+    "min_p": lambda sp, k: get_float(sp, k, 0.0, 1.0),
+    "repetition_penalty": lambda sp, k: get_float(sp, k, 0.0, 2.0, lo_open=True),
+    "frequency_penalty": lambda sp, k: get_float(sp, k, -2.0, 2.0),
+    "presence_penalty": lambda sp, k: get_float(sp, k, -2.0, 2.0),
+    "seed": get_int,
+    "ignore_eos": get_bool,
+    "skip_special_tokens": get_bool,
+    "no_stop_trim": get_bool,
+    "stop": check_stop,
+    "stop_token_ids": lambda sp, k: sp[k] is None or check_token_ids(sp[k], k),
+}
+
+
 def check_sampling(sp: Mapping[str, Any]) -> int:
-    """SGLang ``sampling_params`` (or OpenAI extras with the same names) -> n. 400 on a bad value."""
-    get_int(sp, "max_new_tokens", 0)
-    get_int(sp, "min_new_tokens", 0)
-    get_float(sp, "temperature", 0.0, math.inf)
-    get_float(sp, "top_p", 0.0, 1.0, lo_open=True)
-    get_int(sp, "top_k", -1)  # -1 and 0 disable it
-    get_float(sp, "min_p", 0.0, 1.0)
-    get_float(sp, "repetition_penalty", 0.0, 2.0, lo_open=True)
-    get_float(sp, "frequency_penalty", -2.0, 2.0)
-    get_float(sp, "presence_penalty", -2.0, 2.0)
-    get_int(sp, "seed")
-    for flag in ("ignore_eos", "skip_special_tokens", "no_stop_trim"):
-        get_bool(sp, flag)
-    check_stop(sp)
-    if sp.get("stop_token_ids") is not None:
-        check_token_ids(sp["stop_token_ids"], "stop_token_ids")
+    """SGLang ``sampling_params`` (or OpenAI extras with the same names) -> n. 400 on a bad value.
+
+    Only the keys present are looked at (a request names a few of the many known ones)."""
+    for key in sp:
+        check = _SAMPLING_CHECKS.get(key)
+        if check is not None:
+            check(sp, key)
     return get_int(sp, "n", 1) or 1
 
 
@@ -159,6 +169,8 @@ def parse_generate(body: Mapping[str, Any]) -> Parsed:
 def _per_item(body: Mapping[str, Any], name: str, count: int, kind: type) -> list[Any]:
     """A single value applies to every item; a list must have one entry per item, each of ``kind``."""
     v = body.get(name)
+    if v is None:
+        return [None] * count
     values = v if isinstance(v, list) else [v] * count
     if len(values) != count:
         raise bad(name, f"{name} has {len(values)} entries for {count} prompts")

@@ -15,10 +15,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from yarl import URL
-
 from router.circuit_breaker import CircuitBreaker, CircuitState
-from router.config import BreakerConfig, Role, WorkerSpec
+from router.config import BreakerConfig, Role, WorkerSpec, url_host
 
 
 class Health(enum.Enum):
@@ -41,6 +39,7 @@ class WorkerView:
 class Worker:
     def __init__(self, spec: WorkerSpec, breaker: BreakerConfig) -> None:
         self.spec = spec
+        self.host = url_host(spec.url)  # the URL never changes for a registered worker (the registry's key)
         self.breaker = CircuitBreaker(breaker)
         self.health = Health.PENDING
         self.fail_streak = 0  # consecutive failed probes
@@ -51,17 +50,10 @@ class Worker:
         self.processed = 0  # calls finished, any outcome
         self.idle = asyncio.Event()  # set while active == 0 (drain waits on it)
         self.idle.set()
-        self._urls: dict[str, URL] = {}  # path -> parsed URL, so the hot path never re-parses one
 
     @property
     def url(self) -> str:
         return self.spec.url
-
-    def url_for(self, path: str) -> URL:
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = URL(self.url + path)
-        return url
 
     @property
     def role(self) -> Role:

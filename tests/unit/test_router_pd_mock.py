@@ -144,3 +144,37 @@ async def test_readiness_needs_both_roles_and_openai_client_works():
         stream = await client.completions.create(model="m", prompt="hi", stream=True, max_tokens=4)
         assert "".join([c.choices[0].text async for c in stream]) == "w0 w1 w2 w3 "
         await client.close()
+
+
+@pytest.mark.parametrize("client_leaves", [False, True])
+async def test_prefill_failure_interrupts_the_wait_for_decode_head_but_never_hides_a_client_cancel(client_leaves):
+    from router.dispatch import Dispatcher
+    from router.inference_routes import single_job
+    from router.upstream import LegError
+    from router.validation import parse_generate
+
+    async with mocks({**P, "hang": True}, {**D, "hang": True}) as (p, d), pd([p], [d]) as r:
+        await ready(r)
+        body = {**GEN, "stream": True}
+        job = single_job("/generate", body, parse_generate(body), "req", True, lambda: "race")
+        call = Dispatcher(r.state)._call(job, 0, set())
+        events = call.stream()
+        consumer = asyncio.ensure_future(anext(events))
+        await wait_until(lambda: len(d.inference_calls()) == 1 and call.d_opening is not None, what="D head awaited")
+        failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        failed.set_exception(LegError(503, "prefill gave up", retryable=True, worker=call.p.worker))
+        call._prefill_done(failed)  # type: ignore[arg-type]  # what P's task does when it fails
+        if client_leaves:
+            consumer.cancel()  # in the same loop iteration: the client's cancel must win
+            with pytest.raises(asyncio.CancelledError):
+                await consumer
+        else:
+            with pytest.raises(LegError, match="prefill gave up"):
+                await consumer
+            assert not consumer.cancelled()
+        call.close("client_disconnected" if client_leaves else "failed")
+        assert call.p_task is not None
+        call.p_task.cancel()  # the real P call still hangs (its failure above was simulated)
+        await events.aclose()
+        await wait_until(lambda: "race" in d.aborts, what="D aborted")
+        await wait_until(lambda: all(w.active == 0 for w in r.state.registry.all()), what="slots released")
