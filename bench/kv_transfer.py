@@ -1,7 +1,7 @@
 """KV handoff benchmark: our P->D transfer (pack, UCX send, scatter) against torch's copy of the same bytes.
 
     python bench/kv_transfer.py                                   # 2 GPUs: P on cuda:0, D on cuda:1 (UCX cuda_ipc)
-    python bench/kv_transfer.py --device cpu                      # CPU + UCX over TCP/shm, small shape (seconds)
+    python bench/kv_transfer.py --device cpu                      # CPU + UCX over TCP/shm: the fixed cost per handoff
     python bench/kv_transfer.py --tokens 256,2048,8192 --iters 10 --json bench/results/transfer.jsonl
 
 Two processes: this one runs the prefill engine, a spawned one the decode engine. For each prompt
@@ -10,8 +10,12 @@ at random from each side's pool, as a busy cache would have them). Handoff = P's
 sees Success (its pages hold the KV), on the host-wide monotonic clock; the median is reported.
 Ceiling, measured in the same run on the same bytes: GPU0 -> GPU1 ``copy_`` (2 GPUs), or a host
 memcpy (CPU). Also reported: pack alone (P, one gather) and unpack alone (D, one scatter).
-Default shape: Llama-3.1-8B (32 layers, 8 KV heads, head_dim 128, bf16, page 16 = 128 KiB/token);
-on CPU 4 layers unless --layers says otherwise. UCX_* env vars pass through (UCX_TLS, UCX_PROTO_INFO=y).
+"over copy ms" = handoff - the same bytes at the ceiling's speed: the time the handoff adds to a bare copy
+(for tiny prompts it is the fixed cost per handoff: thread wakeups, control messages, kernel launches).
+Default shape: Llama-3.1-8B (32 layers, 8 KV heads, head_dim 128, bf16, page 16 = 128 KiB/token) and
+prompts of 256, 2048, 8192 tokens on GPU; on CPU a tiny one (2 layers, 2 KV heads, head_dim 64 = 1 KiB/token)
+and prompts of 1, 16, 256 tokens, where the handoff is almost all fixed cost. UCX_* env vars pass through
+(UCX_TLS, UCX_PROTO_INFO=y, UCX_RNDV_THRESH, ...).
 """
 
 from __future__ import annotations
@@ -48,25 +52,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                     help="auto: cuda when 2 GPUs are visible, else cpu")
-    ap.add_argument("--tokens", default="256,2048,8192", help="prompt lengths, comma-separated")
-    ap.add_argument("--layers", type=int, default=None, help="default 32 (4 on cpu)")
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--tokens", default=None, help="prompt lengths, comma-separated (default 256,2048,8192; cpu 1,16,256)")
+    ap.add_argument("--layers", type=int, default=None, help="default 32 (2 on cpu)")
+    ap.add_argument("--kv-heads", type=int, default=None, help="default 8 (2 on cpu)")
+    ap.add_argument("--head-dim", type=int, default=None, help="default 128 (64 on cpu)")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=None, help="handoffs per prompt length (default 8; cpu 50)")
+    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--queue-size", type=int, default=4, help="staging slots (SGLANG_DISAGGREGATION_QUEUE_SIZE)")
     ap.add_argument("--max-message-mb", type=float, default=TransferConfig().max_message_mb,
                     help="largest data message; longer sends are split and pipelined (SGLANG_DISAGGREGATION_MAX_MESSAGE_MB)")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch intra-op threads in both processes (default: torch's own; 1 on cpu, where OpenMP "
+                         "threads of a 256 KiB copy fighting over shared cores add milliseconds of noise)")
     ap.add_argument("--json", default=None, help="append one JSON line with the results to this file")
     args = ap.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "cpu"
     if args.device == "cuda" and torch.cuda.device_count() < 2:
         ap.error("--device cuda needs 2 visible GPUs")
-    if args.layers is None:
-        args.layers = 32 if args.device == "cuda" else 4
+    gpu = args.device == "cuda"
+    for name, on_gpu, on_cpu in (("tokens", "256,2048,8192", "1,16,256"), ("layers", 32, 2), ("kv_heads", 8, 2),
+                                 ("head_dim", 128, 64), ("iters", 8, 50)):
+        if getattr(args, name) is None:
+            setattr(args, name, on_gpu if gpu else on_cpu)
+    if args.torch_threads is None and not gpu:
+        args.torch_threads = 1
     args.token_list = [int(t) for t in args.tokens.split(",") if t.strip()]
     return args
 
@@ -93,6 +105,12 @@ def sync(device: torch.device) -> None:
     if device.type == "cuda":
         for i in range(torch.cuda.device_count()):  # a GPU0 -> GPU1 copy involves both
             torch.cuda.synchronize(i)
+
+
+def page_checksums(kv: torch.Tensor, page_ids: list[int]) -> torch.Tensor:
+    """One int64 per page (bits summed over all layers, K and V), in page order: equal on P and D iff the pages arrived."""
+    bits = {2: torch.int16, 4: torch.int32}[kv.element_size()]
+    return kv[:, :, page_ids].view(bits).sum(dim=(0, 1, 3, 4, 5)).cpu()
 
 
 def time_op(fn: Any, device: torch.device, iters: int = 5) -> float:
@@ -125,6 +143,8 @@ def config(args: argparse.Namespace) -> TransferConfig:
 
 def decode_main(args: argparse.Namespace, inbox: Any, outbox: Any) -> None:
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda:1") if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -144,7 +164,9 @@ def decode_main(args: argparse.Namespace, inbox: Any, outbox: Any) -> None:
                 while d.poll(room) not in (KVPoll.Success, KVPoll.Failed):
                     time.sleep(2e-5)  # releases the GIL for the transfer threads
                 t_done = time.monotonic()
-                outbox.put(("done", room, int(d.poll(room)), t_done, d.failure(room), d.stats(room).ms))
+                ok = d.poll(room) == KVPoll.Success
+                outbox.put(("done", room, int(d.poll(room)), t_done, d.failure(room), d.stats(room).ms,
+                            page_checksums(kv, page_ids) if ok else None))
                 d.release(room)
             elif cmd[0] == "unpack":
                 _, n_pages = cmd
@@ -176,13 +198,16 @@ def handoff(p: Any, kv: torch.Tensor, inbox: Any, outbox: Any, room: int, n_page
         raise RuntimeError(f"room {room} failed on decode: {msg[4]}")
     while p.poll(room) not in (KVPoll.Success, KVPoll.Failed):
         time.sleep(1e-4)
-    result = {"handoff_ms": (msg[3] - t_send) * 1e3, "p_stats_ms": p.stats(room).ms, "d_stats_ms": msg[5]}
+    result = {"handoff_ms": (msg[3] - t_send) * 1e3, "p_stats_ms": p.stats(room).ms, "d_stats_ms": msg[5],
+              "verified": torch.equal(msg[6], page_checksums(kv, p_ids))}
     p.release(room)
     return result
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     p_dev = torch.device("cuda:0") if args.device == "cuda" else torch.device("cpu")
     d_dev = torch.device("cuda:1") if args.device == "cuda" else torch.device("cpu")
     if p_dev.type == "cuda":
@@ -216,11 +241,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             to_d.put(("unpack", pages[t]))
             unpack_ms = from_d.get(timeout=RESULT_TIMEOUT_S)[1]
             nbytes = pages[t] * page_bytes
-            ms = statistics.median(s["handoff_ms"] for s in samples)
+            times = sorted(s["handoff_ms"] for s in samples)
+            ms = statistics.median(times)
             gbs = nbytes / (ms * 1e6)
             rows.append({"tokens": t, "bytes": nbytes, "handoff_ms": ms, "gb_s": gbs, "ceiling_gb_s": ceilings[t],
                          "pct_of_ceiling": 100 * gbs / ceilings[t], "pack_ms": packs[t], "unpack_ms": unpack_ms,
-                         "min_handoff_ms": min(s["handoff_ms"] for s in samples),
+                         "over_copy_ms": ms - nbytes / (ceilings[t] * 1e6),
+                         "p10_handoff_ms": times[len(times) // 10], "p90_handoff_ms": times[(len(times) * 9) // 10],
+                         "min_handoff_ms": times[0], "verified": all(s["verified"] for s in samples),
                          "p_stats_ms": statistics.median(s["p_stats_ms"] for s in samples),
                          "d_stats_ms": statistics.median(s["d_stats_ms"] for s in samples)})
     finally:
@@ -235,16 +263,20 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     where = "GPU0 -> GPU1, UCX" if args.device == "cuda" else "CPU -> CPU, UCX (TCP/shm)"
     ceiling = "torch copy_ GPU0->GPU1" if args.device == "cuda" else "host memcpy (torch copy_)"
+    ucx = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("UCX_")) or "(UCX_* unset)"
     print(f"KV handoff, {where}: {args.layers} layers x {args.kv_heads} KV heads x {args.head_dim} dims, "
-          f"{args.dtype}, page {args.page_size}; messages <= {args.max_message_mb:g} MiB; median of {args.iters}; "
-          f"ceiling = {ceiling}")
-    head = f"{'tokens':>7} {'bytes':>13} {'handoff ms':>11} {'GB/s':>8} {'ceiling GB/s':>13} {'% ceiling':>10} " \
-           f"{'pack ms':>8} {'unpack ms':>10}"
+          f"{args.dtype}, page {args.page_size}; pieces <= {args.max_message_mb:g} MiB, {args.queue_size} staging "
+          f"slots; median of {args.iters} (after {args.warmup} warm-up); ceiling = {ceiling}")
+    print(f"env: {ucx}")
+    head = f"{'tokens':>7} {'bytes':>13} {'handoff ms':>11} {'p10-p90 ms':>13} {'over copy ms':>13} {'GB/s':>8} " \
+           f"{'ceiling GB/s':>13} {'% ceiling':>10} {'pack ms':>8} {'unpack ms':>10} {'pages ok':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['tokens']:>7} {r['bytes']:>13,} {r['handoff_ms']:>11.3f} {r['gb_s']:>8.2f} {r['ceiling_gb_s']:>13.1f} "
-              f"{r['pct_of_ceiling']:>9.1f}% {r['pack_ms']:>8.3f} {r['unpack_ms']:>10.3f}")
+        spread = f"{r['p10_handoff_ms']:.2f}-{r['p90_handoff_ms']:.2f}"
+        print(f"{r['tokens']:>7} {r['bytes']:>13,} {r['handoff_ms']:>11.3f} {spread:>13} {r['over_copy_ms']:>13.3f} "
+              f"{r['gb_s']:>8.2f} {r['ceiling_gb_s']:>13.1f} {r['pct_of_ceiling']:>9.1f}% {r['pack_ms']:>8.3f} "
+              f"{r['unpack_ms']:>10.3f} {'yes' if r['verified'] else 'NO':>8}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,7 +180,11 @@ class Cluster:
                 line = self.lines.get(timeout=min(left, 1.0))
             except queue.Empty:
                 continue
-            if line is None:
+            if line is None:  # stdout closed: the cluster is exiting; its exit status follows shortly
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
                 break
             seen.append(line)
             if line.startswith("{"):

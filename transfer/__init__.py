@@ -8,21 +8,25 @@ Modules
   protocol.py      wire messages (typed dataclasses, msgpack) and tags between D and P
   bootstrap.py     P's aiohttp bootstrap server (PUT/GET /route, GET /health) and D's client
   staging.py       persistent staging slots (QUEUE_SIZE of them) on the KV device
-  ucx_runtime.py   the process's one UCXX event-loop thread (shared by all UCX engines of a process)
-  ucx_channel.py   control frames and tagged data messages on one UCXX endpoint
-  ucx_engine.py    what both UCX engines share: runtime, executor, timeouts sweeper, locked pack/unpack
-  ucx_prefill.py   UcxPrefillTransfer: bootstrap server + data listener; per-room send pipeline
-  ucx_decode.py    UcxDecodeTransfer: one cached link per P, heartbeats, receive + scatter
+  ucx_runtime.py   the process's one UCX thread: event-driven worker progress + the engines' asyncio loop
+  ucx_channel.py   one D<->P link: control frames and tagged data messages on one UCX endpoint
+  ucx_engine.py    what both UCX engines share: runtime, event waits, timeouts sweeper, gather/scatter launch
+  ucx_pieces.py    PieceSender: P's per-room piece pipeline (split, gather on the caller's thread, post in order)
+  ucx_prefill.py   UcxPrefillTransfer: bootstrap server + data listener, rooms, D links
+  ucx_decode.py    UcxDecodeTransfer: one cached link per P, heartbeats, receive + scatter per piece
   fake_engine.py   FakeTransferHub + in-process engines with the same semantics (scheduler unit tests)
 
 Data flow of one room (``bootstrap_room``)
-  D.register(room, P's bootstrap host:port, D's page ids) -> GET /route -> UCX endpoint + Hello
+  D.register(room, P's bootstrap host:port, D's page ids) -> GET /route -> UCX endpoint + link id + Hello
   (engine description; P refuses a mismatch) -> Register(room, num_pages) -> P: WaitingForInput.
-  P.send(chunk pages) -> per message of <= MAX_MESSAGE_MB: pack into a staging slot (executor) -> Data
-  header + one tagged message (the next message's pack overlaps this send) -> D receives into its
-  staging slot -> unpack into its pages (executor, under the room lock) ... last message ->
-  Aux(record) -> D: Success, Done -> P: Success. Fail/Abort travel both ways; see protocol.py.
-Both sides are polled by the scheduler (never called back); network and copies run in background threads.
+  P.send(chunk pages) -> pieces of <= MAX_MESSAGE_MB, each gathered into a staging slot right in ``send``
+  (CUDA: one kernel on P's transfer stream, ordered after ``ready_event``) -> per piece, as soon as its
+  gather is done: Data header + one tagged data message, posted back to back (the last header carries the
+  aux record) -> D posts the receive into its staging slot on the header -> scatter into D's pages (CUDA:
+  one kernel on D's transfer stream) as soon as the piece lands ... last piece scattered -> D: Success,
+  Done -> P: Success. Fail/Abort travel both ways; see protocol.py.
+Both sides are polled by the scheduler (never called back). UCX and the protocol run on one background
+thread per process; P's gathers start on the caller's thread inside ``send`` (no host wait on the GPU).
 """
 
 from __future__ import annotations

@@ -101,7 +101,10 @@ class PrefillTransfer(ABC):
 
         Calls for one room come in page order; the one with ``last=True`` carries ``aux`` and
         covers the final (possibly partial) page. ``ready_event`` (a torch.cuda.Event) is recorded
-        after the forward that wrote these pages; the engine waits on it before reading them.
+        after the forward that wrote these pages; the engine reads them only after it (None: after the
+        work queued so far on the caller's current CUDA stream). The engine may start reading inside
+        this call (the UCX engine launches its gather on its own stream there: no host wait on the GPU,
+        on CPU a copy); it never waits for the network.
         """
 
     @abstractmethod

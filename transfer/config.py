@@ -27,7 +27,7 @@ def default_thread_pool_size(cpus: int | None = None) -> int:
 
 @dataclass(frozen=True)
 class TransferConfig:
-    thread_pool_size: int = field(default_factory=default_thread_pool_size)  # pack/unpack threads per engine
+    thread_pool_size: int = field(default_factory=default_thread_pool_size)  # threads that wait on CUDA events
     queue_size: int = 4  # staging slots per engine (parallel chunks in flight)
     bootstrap_timeout: float = 300.0  # s, P: first poll/send of a room -> D's registration
     waiting_timeout: float = 300.0  # s, D: register() -> Success

@@ -37,19 +37,28 @@ def page_nbytes(kv_buffer: torch.Tensor) -> int:
 
 
 def page_index(kv_buffer: torch.Tensor, page_ids: PageIds) -> torch.Tensor:
-    """``page_ids`` as an int64 tensor on the KV device, range-checked when that costs no device sync."""
+    """``page_ids`` as an int64 tensor on the KV device, range-checked when that costs no device sync.
+
+    Host ids go to a CUDA device through pinned memory, ``non_blocking`` on the current stream: the call
+    never waits for the stream (which may still be behind a forward), unlike a pageable copy.
+    """
     num_pages = kv_buffer.shape[2]
     if isinstance(page_ids, torch.Tensor):
-        idx = page_ids.to(device=kv_buffer.device, dtype=torch.int64)
-        if idx.dim() != 1:
-            raise ValueError(f"page_ids must be 1-D, got shape {tuple(idx.shape)}")
+        if page_ids.dim() != 1:
+            raise ValueError(f"page_ids must be 1-D, got shape {tuple(page_ids.shape)}")
+        idx = page_ids.to(dtype=torch.int64)
         if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_pages):
             raise IndexError(f"page id out of range [0, {num_pages})")
+    else:
+        ids = list(page_ids)
+        if ids and (min(ids) < 0 or max(ids) >= num_pages):
+            raise IndexError(f"page id out of range [0, {num_pages}): min {min(ids)}, max {max(ids)}")
+        idx = torch.tensor(ids, dtype=torch.int64)
+    if idx.device == kv_buffer.device:
         return idx
-    ids = list(page_ids)
-    if ids and (min(ids) < 0 or max(ids) >= num_pages):
-        raise IndexError(f"page id out of range [0, {num_pages}): min {min(ids)}, max {max(ids)}")
-    return torch.tensor(ids, dtype=torch.int64, device=kv_buffer.device)
+    if kv_buffer.is_cuda and idx.device.type == "cpu":
+        return idx.pin_memory().to(kv_buffer.device, non_blocking=True)
+    return idx.to(kv_buffer.device)
 
 
 def pack_pages(kv_buffer: torch.Tensor, page_ids: PageIds, out: torch.Tensor) -> torch.Tensor:

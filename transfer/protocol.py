@@ -1,17 +1,26 @@
-"""Wire messages between D and P on one UCX endpoint: typed dataclasses, msgpack-encoded, dispatched by type.
+"""Wire messages between D and P on one UCX link: typed dataclasses, msgpack-encoded, dispatched by type.
 
-Endpoint life (D connects to P's data listener, found through P's bootstrap server):
+Link life (D connects to P's data listener, found through P's bootstrap server):
+  D->P the link id (8 bytes on the UCX stream API: the only untagged message; it names the link's tags)
   D->P Hello(engine, decode_id)          P->D HelloOk(prefill_id) | HelloRefused(reason)
-Room life (any number of rooms interleave on one endpoint):
+Room life (any number of rooms interleave on one link):
   D->P Register(room, num_pages)         P->D Registered(room)
-  P->D Data(room, seq, first_page, num_pages, nbytes), then the packed chunk as ONE tagged message
-       with tag ``data_tag(seq)`` (``seq`` counts data messages on this endpoint, so tags never repeat
-       and cannot be confused across rooms or chunks)
-  P->D Aux(room, record, total_pages)    D->P Done(room)
+  P->D Data(room, seq, first_page, num_pages, nbytes, total_pages, aux), then, when ``nbytes > 0``, the
+       packed pages as ONE tagged message with tag ``data_tag(link, seq)`` (``seq`` counts data messages on
+       the link, so tags never repeat and cannot be confused across rooms or pieces). The room's last
+       Data carries the aux record and ``total_pages`` (pages P sent in all); earlier ones carry
+       ``aux=None, total_pages=-1``. A last Data without pages (``nbytes == 0``) has ``seq == -1``.
+       P posts a Data header and its data back to back without waiting for either to complete.
+  D->P Done(room) once D holds every page and the aux record
   either way: Fail(room, reason) (engine failure: timeout, injection, bad request) and
               Abort(room, reason) (the scheduler aborted); the receiver fails the room with the reason.
-Control messages travel on ``CTRL_TAG`` as frames: u32 length + msgpack payload, the payload inline when
-it fits in ``CTRL_FRAME_BYTES`` and otherwise as a second message on the same tag (UCX keeps order).
+Control messages travel on the link's control tag of their direction as frames: u32 length + msgpack
+payload, the payload inline when it fits in ``CTRL_FRAME_BYTES`` and otherwise as a second message on
+the same tag, posted right after the first (UCX matches one sender's messages of one tag in order).
+
+Tags are 64-bit and matched per UCX worker (not per endpoint), so every tag names its link:
+``link_id << 24 | kind << 22 | seq`` with a 40-bit random link id drawn by D, ``kind`` the direction /
+purpose and a 22-bit sequence number (data only; wraps, far beyond the messages ever in flight).
 """
 
 from __future__ import annotations
@@ -22,15 +31,28 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
-CTRL_TAG = 1
-_DATA_TAG_BASE = 1 << 20
 CTRL_FRAME_BYTES = 4096
 FRAME_HEADER = struct.Struct("<I")
+LINK_ID = struct.Struct("<Q")
+LINK_ID_BITS = 40
+_SEQ_BITS = 22
+_KIND_CTRL_TO_PREFILL, _KIND_CTRL_TO_DECODE, _KIND_DATA = 0, 1, 2
 
 
-def data_tag(seq: int) -> int:
-    """Tag of the ``seq``-th data message on an endpoint (UCXX scopes tags to the endpoint pair)."""
-    return _DATA_TAG_BASE + seq
+def ctrl_tag(link_id: int, to_prefill: bool) -> int:
+    """Tag of the control frames of one direction of link ``link_id``."""
+    return _tag(link_id, _KIND_CTRL_TO_PREFILL if to_prefill else _KIND_CTRL_TO_DECODE, 0)
+
+
+def data_tag(link_id: int, seq: int) -> int:
+    """Tag of the ``seq``-th data message (P->D) of link ``link_id``."""
+    return _tag(link_id, _KIND_DATA, seq & ((1 << _SEQ_BITS) - 1))
+
+
+def _tag(link_id: int, kind: int, seq: int) -> int:
+    if not 0 <= link_id < 1 << LINK_ID_BITS:
+        raise ValueError(f"link id {link_id} out of range [0, 2^{LINK_ID_BITS})")
+    return link_id << (_SEQ_BITS + 2) | kind << _SEQ_BITS | seq
 
 
 @dataclass(frozen=True)
@@ -63,17 +85,16 @@ class Registered:
 @dataclass(frozen=True)
 class Data:
     room: int
-    seq: int
+    seq: int  # -1: no data message follows (nbytes == 0)
     first_page: int
     num_pages: int
     nbytes: int
+    total_pages: int = -1  # >= 0 on the room's last Data only: pages sent in all
+    aux: dict[str, Any] | None = None  # the aux record, on the room's last Data only
 
-
-@dataclass(frozen=True)
-class Aux:
-    room: int
-    record: dict[str, Any]
-    total_pages: int
+    @property
+    def last(self) -> bool:
+        return self.total_pages >= 0
 
 
 @dataclass(frozen=True)
@@ -93,8 +114,8 @@ class Abort:
     reason: str
 
 
-Message = Hello | HelloOk | HelloRefused | Register | Registered | Data | Aux | Done | Fail | Abort
-MESSAGE_TYPES: tuple[type, ...] = (Hello, HelloOk, HelloRefused, Register, Registered, Data, Aux, Done, Fail, Abort)
+Message = Hello | HelloOk | HelloRefused | Register | Registered | Data | Done | Fail | Abort
+MESSAGE_TYPES: tuple[type, ...] = (Hello, HelloOk, HelloRefused, Register, Registered, Data, Done, Fail, Abort)
 _TYPE_ID = {t: i for i, t in enumerate(MESSAGE_TYPES)}
 
 
@@ -110,7 +131,7 @@ def decode(payload: bytes | memoryview) -> Message:
 
 
 def frame(payload: bytes) -> tuple[bytes, bytes | None]:
-    """(first message, optional second message) carrying ``payload`` on CTRL_TAG."""
+    """(first message, optional second message) carrying ``payload`` on a control tag."""
     header = FRAME_HEADER.pack(len(payload))
     if FRAME_HEADER.size + len(payload) <= CTRL_FRAME_BYTES:
         return header + payload, None

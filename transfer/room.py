@@ -2,8 +2,13 @@
 
 Invariants: a room's status only moves forward (Bootstrapping < WaitingForInput < Transferring <
 Success); Failed and Success are terminal. ``lock`` (re-entrant) guards status changes, and engines
-hold it around every read (P's pack) or write (D's scatter) of the room's pages, so that once
-``fail``/abort returns no page access of that room is in progress or can start.
+hold it while they start a read (P's pack) or write (D's scatter) of the room's pages, skipping dead rooms.
+On CUDA, D's scatters run asynchronously on D's engine stream; D records the latest one's completion in
+``gpu_work`` (one stream runs them in order, so it covers all), and ``fail`` waits for it before it marks
+the room Failed. So once D's ``fail``/abort returns, or ``poll`` shows Failed, no write into the room's
+pages is in progress or can start. P's packs only read; P never waits for them when a room fails: a pack
+still queued behind the forward may read pages the scheduler has reused, but a dead room's bytes are
+never sent (P posts a piece only after its pack finished while the room was alive).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from transfer.base import KVPoll, TransferStats
 
@@ -27,6 +32,7 @@ class RoomState:
         self.num_bytes = 0
         self.t_first: float | None = None  # first byte packed (P) / header received (D)
         self.t_end: float | None = None  # Success or Failed
+        self.gpu_work: Any = None  # D: torch.cuda.Event after the room's latest scatter on the engine stream
 
     @property
     def terminal(self) -> bool:
@@ -48,10 +54,15 @@ class RoomState:
             return True
 
     def fail(self, reason: str) -> bool:
-        """Mark Failed with ``reason`` unless already terminal; True if this call failed it."""
+        """Mark Failed with ``reason`` unless already terminal; True if this call failed it.
+
+        Waits for the room's queued GPU writes (``gpu_work``) first: at most the scatter of a few pieces."""
         with self.lock:
             if self.terminal:
                 return False
+            if self.gpu_work is not None:
+                self.gpu_work.synchronize()
+                self.gpu_work = None
             self.status = KVPoll.Failed
             self.reason = reason
             self.t_end = time.monotonic()

@@ -1,14 +1,19 @@
-"""Channel: typed control messages and tagged data messages on one UCXX endpoint (see protocol.py).
+"""Channel: one D<->P link on a UCX endpoint: typed control frames both ways, tagged P->D data messages.
 
-Runs on the UCX runtime's event loop only. Sends are serialized by a lock (a control frame and its
-overflow payload must stay adjacent on CTRL_TAG); ``recv`` has exactly one caller, the endpoint's
-receive loop.
+Loop thread only (see ucx_runtime.py). ``post``/``post_data``/``post_recv_data`` put the request(s) on the
+wire at once and return a future of their completion, so a caller can post several messages back to back
+(a Data header and its data, one piece after another) and wait for them together. A control frame and
+its overflow payload are posted in one synchronous call, so they stay adjacent on their tag without a
+lock. ``recv`` has exactly one caller, the link's receive loop.
+When the endpoint fails (peer died, link closed) every request of the channel fails with
+``ConnectionError``: UCX itself does not end receives posted on a dead endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from typing import Any
 
 import numpy as np
@@ -16,65 +21,153 @@ import torch
 
 from transfer.protocol import (
     CTRL_FRAME_BYTES,
-    CTRL_TAG,
     FRAME_HEADER,
+    LINK_ID,
+    LINK_ID_BITS,
     Message,
+    ctrl_tag,
     data_tag,
     decode,
     encode,
     frame,
 )
+from transfer.ucx_runtime import UcxRuntime
 
 logger = logging.getLogger(__name__)
 
-def ucx_buffer(t: torch.Tensor) -> Any:
-    """What UCXX accepts for a contiguous tensor: the tensor on CUDA (__cuda_array_interface__), numpy on CPU."""
-    if t.device.type == "cuda":
-        return t
-    return t.numpy()
+CLOSE_TIMEOUT_S = 0.1  # a live peer answers within a round trip; a dead one is not waited for longer
+
+
+def ucx_array(buf: torch.Tensor | np.ndarray) -> Any:
+    """A UCXX Array over a contiguous buffer: CUDA tensors directly (__cuda_array_interface__), CPU ones as numpy."""
+    from ucxx._lib.arr import Array  # type: ignore[import-untyped]
+
+    if isinstance(buf, torch.Tensor) and buf.device.type != "cuda":
+        buf = buf.numpy()
+    return Array(buf)
 
 
 class Channel:
-    def __init__(self, ep: Any) -> None:
+    def __init__(self, runtime: UcxRuntime, ep: Any, link_id: int, prefill_side: bool) -> None:
+        from ucxx.types import Tag  # type: ignore[import-untyped]
+
+        self.rt = runtime
         self.ep = ep
-        self._send_lock = asyncio.Lock()
+        self.link_id = link_id
+        self._tag_of = Tag
+        self._send_tag = Tag(ctrl_tag(link_id, to_prefill=not prefill_side))
+        self._recv_tag = Tag(ctrl_tag(link_id, to_prefill=prefill_side))
         self._frame = np.empty(CTRL_FRAME_BYTES, dtype=np.uint8)
-        self._next_seq = 0  # data message counter of this side's sends
-        self.closed = False
+        self._next_seq = 0  # data messages posted by this side
+        self._futs: set[asyncio.Future[None]] = set()
+        self.broken: str | None = None  # why the channel stopped working (no more requests)
+        self._closed = False
+        ep.set_close_callback(self._on_endpoint_closed)
 
     def next_seq(self) -> int:
         seq = self._next_seq
         self._next_seq += 1
         return seq
 
-    async def send(self, msg: Message) -> None:
-        first, rest = frame(encode(msg))
-        async with self._send_lock:
-            await self.ep.send(np.frombuffer(first, dtype=np.uint8), tag=CTRL_TAG)
-            if rest is not None:
-                await self.ep.send(np.frombuffer(rest, dtype=np.uint8), tag=CTRL_TAG)
+    # --- requests ------------------------------------------------------------------------------------------
 
-    async def send_data(self, seq: int, buf: torch.Tensor) -> None:
-        """The chunk announced by Data(seq=seq): one message on its own tag (no lock: tags never repeat)."""
-        await self.ep.send(ucx_buffer(buf), tag=data_tag(seq))
+    def post(self, msg: Message) -> asyncio.Future[Any]:
+        """Put ``msg`` on the wire now; the future completes when UCX is done with it."""
+        first, rest = frame(encode(msg))
+        futs = [self._send(np.frombuffer(first, dtype=np.uint8), self._send_tag)]
+        if rest is not None:
+            futs.append(self._send(np.frombuffer(rest, dtype=np.uint8), self._send_tag))
+        return futs[0] if len(futs) == 1 else asyncio.gather(*futs)
+
+    async def send(self, msg: Message) -> None:
+        await self.post(msg)
+
+    def post_data(self, seq: int, buf: torch.Tensor) -> asyncio.Future[None]:
+        """The data announced by Data(seq=seq): one message on its own tag."""
+        return self._send(buf, self._tag_of(data_tag(self.link_id, seq)))
+
+    def post_recv_data(self, seq: int, buf: torch.Tensor) -> asyncio.Future[None]:
+        self._check()
+        return self._track(self.ep.tag_recv(ucx_array(buf), self._tag_of(data_tag(self.link_id, seq))), buf, True)
 
     async def recv(self) -> Message:
-        await self.ep.recv(self._frame, tag=CTRL_TAG)
+        await self._recv_frame(self._frame)
         (length,) = FRAME_HEADER.unpack_from(self._frame.data)
         if FRAME_HEADER.size + length <= CTRL_FRAME_BYTES:
             return decode(self._frame[FRAME_HEADER.size:FRAME_HEADER.size + length].tobytes())
         payload = np.empty(length, dtype=np.uint8)
-        await self.ep.recv(payload, tag=CTRL_TAG)
+        await self._recv_frame(payload)
         return decode(payload.tobytes())
 
-    async def recv_data(self, seq: int, buf: torch.Tensor) -> None:
-        await self.ep.recv(ucx_buffer(buf), tag=data_tag(seq))
+    def _send(self, buf: torch.Tensor | np.ndarray, tag: Any) -> asyncio.Future[None]:
+        self._check()
+        return self._track(self.ep.tag_send(ucx_array(buf), tag), buf, True)
+
+    def _recv_frame(self, buf: np.ndarray) -> asyncio.Future[None]:
+        self._check()
+        return self._track(self.ep.tag_recv(ucx_array(buf), self._recv_tag), buf, False)
+
+    def _track(self, req: Any, keep: Any, urgent: bool) -> asyncio.Future[None]:
+        fut = self.rt.track(req, keep, urgent)
+        if not fut.done():
+            self._futs.add(fut)
+            fut.add_done_callback(self._futs.discard)
+        return fut
+
+    def _check(self) -> None:
+        if self.broken is not None:
+            raise ConnectionError(self.broken)
+
+    # --- failure and close -------------------------------------------------------------------------------------
+
+    def _on_endpoint_closed(self) -> None:  # called from inside UCX: defer to the loop
+        self.rt.loop.call_soon_threadsafe(self._break, "UCX endpoint closed or failed (peer gone)")
+
+    def _break(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason
+        for fut in list(self._futs):
+            self.rt.fail(fut, ConnectionError(reason))
 
     async def close(self) -> None:
-        if self.closed:
+        if self._closed:
             return
-        self.closed = True
+        self._closed = True
+        self._break("channel closed")
+        await asyncio.sleep(0)  # let the failed requests' waiters see it before the endpoint goes
         try:
-            await self.ep.close(period=10**9)
-        except Exception as e:  # noqa: BLE001 - closing a broken endpoint may raise; it is closed either way
+            self.ep.close_blocking(period=int(CLOSE_TIMEOUT_S * 1e9), max_attempts=1)  # progresses the worker itself
+        except Exception as e:  # noqa: BLE001 - closing a broken endpoint may fail; it is closed either way
             logger.debug("closing a UCX endpoint: %s", e)
+        finally:
+            self.ep.remove_close_callback()
+
+
+async def connect(runtime: UcxRuntime, host: str, port: int, taken: set[int], timeout: float) -> Channel:
+    """D's side of a new link: endpoint to P's listener, then the link id (not in ``taken``) on the stream API."""
+    link_id = secrets.randbits(LINK_ID_BITS)
+    while link_id in taken:
+        link_id = secrets.randbits(LINK_ID_BITS)
+    ep = runtime.connect(host, port)
+    channel = Channel(runtime, ep, link_id, prefill_side=False)
+    ident = np.frombuffer(LINK_ID.pack(link_id), dtype=np.uint8)
+    try:
+        await asyncio.wait_for(channel._track(ep.stream_send(ucx_array(ident)), ident, True), timeout)
+    except BaseException:
+        await channel.close()
+        raise
+    return channel
+
+
+async def accept(runtime: UcxRuntime, ep: Any, timeout: float) -> Channel:
+    """P's side of a new link: read the link id D chose."""
+    ident = np.empty(LINK_ID.size, dtype=np.uint8)
+    try:
+        await asyncio.wait_for(runtime.track(ep.stream_recv(ucx_array(ident)), ident), timeout)
+        (link_id,) = LINK_ID.unpack(ident.tobytes())
+        if not 0 <= link_id < 1 << LINK_ID_BITS:
+            raise ValueError(f"bad link id {link_id:#x} from a decode worker")
+    except BaseException:
+        ep.close_blocking(period=int(CLOSE_TIMEOUT_S * 1e9), max_attempts=1)
+        raise
+    return Channel(runtime, ep, link_id, prefill_side=True)

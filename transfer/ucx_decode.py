@@ -2,14 +2,18 @@
 
 Room clock: ``waiting_timeout`` runs from ``register`` until Success, whatever the stage.
 Link to a P (keyed by its bootstrap host:port, loop-only): connect = GET /route, create the UCX
-endpoint, Hello -> HelloOk | HelloRefused. Then every room of that P is registered on the one endpoint
+endpoint, send a fresh link id (it names the link's tags), Hello -> HelloOk | HelloRefused. Then every room of that P is registered on the one endpoint
 and a receive loop dispatches P's messages. Connection attempts and heartbeats (GET /health every
 ``heartbeat_interval`` while the link has live rooms) share one miss counter; at
 ``heartbeat_max_failure`` consecutive misses, an endpoint error, or a refused handshake, every room of
 the link fails with the reason and the link is dropped (the next ``register`` builds a new one).
-Data: the Data header takes a staging slot; a task receives the chunk into it and scatters it into the
-room's pages under the room lock (skipped if the room died). Aux: once the room's chunks are all
-scattered and the page count matches, the room is Success and P is told Done.
+Data: a Data header takes a staging slot (waiting for one if all are busy, and for the slot's last
+scatter) and posts the receive of its piece at once; when the piece has landed, the loop starts its
+scatter into the room's pages under the room lock (CUDA: one kernel on the engine stream, no host wait;
+skipped if the room died, but the piece is always received: P's send waits for our receive). The room's
+last header carries the aux record and the page count; once every piece has landed and been scattered
+(on CUDA: once the last scatter's event fired, seen by ``poll`` or by a worker thread, whichever first),
+the room is Success and P is told Done.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ from transfer.config import TransferConfig
 from transfer.pack import chunk_nbytes
 from transfer.protocol import (
     Abort,
-    Aux,
     Data,
     Done,
     Fail,
@@ -47,8 +50,8 @@ from transfer.protocol import (
 )
 from transfer.room import RoomState, unknown_room
 from transfer.staging import StagingSlot
-from transfer.ucx_channel import Channel
-from transfer.ucx_engine import CONNECT_TIMEOUT_S, UcxEngineBase, settle
+from transfer.ucx_channel import Channel, connect
+from transfer.ucx_engine import CONNECT_TIMEOUT_S, UcxEngineBase
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +71,10 @@ class DecodeRoom(RoomState):
         self.addr = addr
         self.deadline = deadline
         self.aux: AuxRecord | None = None
-        self.pages_received = 0  # loop-only
-        self.inflight: list[asyncio.Task[Any]] = []  # loop-only: chunk receive/scatter tasks
+        self.pages_received = 0  # loop-only: pages landed and scattered (or scatter started, on CUDA)
+        self.inflight = 0  # loop-only: pieces announced, not landed yet
+        self.last_header: Data | None = None  # loop-only: the header with the aux record, once it came
+        self.finishing: Any = None  # CUDA event: Success once it fired (set on the loop, read by ``poll``)
 
 
 class PrefillLink:
@@ -117,6 +122,9 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
         state = self.rooms.get(room)
         if state is None:
             return KVPoll.Failed
+        finishing = state.finishing
+        if finishing is not None and state.alive and finishing.query():
+            self._succeed(state)
         if state.alive and time.monotonic() > state.deadline:
             self._fail_room(state, self._timeout_text(state), Fail)
         return state.status
@@ -152,7 +160,7 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
     # --- rooms (any thread) -----------------------------------------------------------------------
 
     def _fail_room(self, state: DecodeRoom, reason: str, tell: type[Fail | Abort] | None) -> None:
-        """Fail the room (waits for an in-progress scatter: afterwards nothing writes its pages)."""
+        """Fail the room (waits for its queued scatters: afterwards nothing writes its pages)."""
         if not state.fail(reason):
             return
         logger.info("%s: room %d failed: %s", self.engine_id, state.room, reason)
@@ -179,7 +187,7 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
             link.tasks = [self.spawn(self._run_link(link)), self.spawn(self._heartbeat(link))]
         link.rooms[state.room] = state
         if link.channel is not None:
-            self.spawn(self._register(link, state))
+            self._register(link, state)
 
     def _forget(self, state: DecodeRoom) -> None:
         link = self._links.get(state.addr)
@@ -189,17 +197,19 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
     def _tell_prefill(self, state: DecodeRoom, msg: Message) -> None:
         link = self._links.get(state.addr)
         if link is not None and link.channel is not None and link.rooms.get(state.room) is state:
-            self.spawn(self._safe_send(link, msg))
+            self._post(link, msg)
 
-    async def _register(self, link: PrefillLink, state: DecodeRoom) -> None:
+    def _register(self, link: PrefillLink, state: DecodeRoom) -> None:
         if state.alive:
-            await self._safe_send(link, Register(state.room, len(state.page_ids)))
+            self._post(link, Register(state.room, len(state.page_ids)))
 
-    async def _safe_send(self, link: PrefillLink, msg: Message) -> None:
+    def _post(self, link: PrefillLink, msg: Message) -> None:
+        """Send a control message, not waiting for it (loop); a broken link is reported by its receive loop."""
+        if link.channel is None:
+            return
         try:
-            assert link.channel is not None
-            await link.channel.send(msg)
-        except Exception as e:  # noqa: BLE001 - the link's receive loop reports the broken endpoint
+            link.channel.post(msg).add_done_callback(_consume)
+        except ConnectionError as e:
             logger.debug("%s: could not send %s to %s: %s", self.engine_id, type(msg).__name__, link.name, e)
 
     def _drop_link(self, link: PrefillLink, reason: str) -> None:
@@ -241,7 +251,7 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
                 await asyncio.sleep(self.config.heartbeat_interval)
         link.misses = 0
         for state in list(link.rooms.values()):
-            await self._register(link, state)
+            self._register(link, state)
         try:
             while True:
                 msg = await link.channel.recv()
@@ -255,11 +265,9 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
             self._drop_link(link, f"connection to prefill {link.name} lost ({type(e).__name__}: {e})")
 
     async def _connect(self, link: PrefillLink) -> Channel:
-        import ucxx  # type: ignore[import-untyped]
-
         route = await self._client.get_route(*link.addr, timeout=CONNECT_TIMEOUT_S)
-        ep = await asyncio.wait_for(ucxx.create_endpoint(route.host, route.port), 2 * CONNECT_TIMEOUT_S)
-        channel = Channel(ep)
+        taken = {lk.channel.link_id for lk in self._links.values() if lk.channel is not None}
+        channel = await connect(self.runtime, route.host, route.port, taken, 2 * CONNECT_TIMEOUT_S)
         try:
             await channel.send(Hello(self.desc.to_dict(), self.engine_id))
             reply = await asyncio.wait_for(channel.recv(), CONNECT_TIMEOUT_S)
@@ -297,9 +305,6 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
         if isinstance(msg, Registered):
             if state is not None:
                 state.advance(KVPoll.WaitingForInput)
-        elif isinstance(msg, Aux):
-            if state is not None:
-                self.spawn(self._finish(link, state, msg))
         elif isinstance(msg, (Fail, Abort)):
             if state is not None:
                 reason = msg.reason if isinstance(msg, Fail) else f"aborted by prefill: {msg.reason}"
@@ -309,33 +314,44 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
 
     async def _on_data(self, link: PrefillLink, msg: Data) -> None:
         state = link.rooms.get(msg.room)
-        slot = await self.staging.acquire(msg.nbytes)  # always receive: P's send waits for our receive
         if state is not None and state.alive:
             problem = None
             if msg.first_page + msg.num_pages > len(state.page_ids):
                 problem = (f"prefill sent pages [{msg.first_page}, {msg.first_page + msg.num_pages}) "
                            f"but decode registered {len(state.page_ids)}")
             elif msg.nbytes != chunk_nbytes(self.kv, msg.num_pages):
-                problem = f"chunk of {msg.num_pages} pages has {msg.nbytes} bytes, expected {chunk_nbytes(self.kv, msg.num_pages)}"
+                problem = f"piece of {msg.num_pages} pages has {msg.nbytes} bytes, expected {chunk_nbytes(self.kv, msg.num_pages)}"
             if problem is not None:
                 self._fail_room(state, problem, Fail)
             else:
                 state.advance(KVPoll.Transferring)
                 state.mark_first_byte()
-        assert link.channel is not None
-        task = self.spawn(self._receive_chunk(link.channel, state, msg, slot))
-        if state is not None:
-            state.inflight.append(task)
+        if msg.nbytes > 0:  # always receive: P's send waits for our receive
+            slot = await self.staging.acquire(msg.nbytes)
+            assert link.channel is not None
+            try:
+                landed = link.channel.post_recv_data(msg.seq, slot.buf[:msg.nbytes])
+            except BaseException:
+                self.staging.release(slot)
+                raise
+            if state is not None:
+                state.inflight += 1
+            self.spawn(self._land(link, state, msg, slot, landed))
+        if state is not None and msg.last:
+            state.last_header = msg
+            self._maybe_finish(link, state)
 
-    async def _receive_chunk(self, channel: Channel, state: DecodeRoom | None, msg: Data, slot: StagingSlot) -> None:
+    async def _land(self, link: PrefillLink, state: DecodeRoom | None, msg: Data, slot: StagingSlot,
+                    landed: asyncio.Future[None]) -> None:
+        """Wait for one piece, start its scatter, give the slot back (its ``ready`` guards the next writer)."""
         try:
-            await channel.recv_data(msg.seq, slot.buf[:msg.nbytes])
-            if state is None or not state.alive:
-                return  # drained
-            ids = state.page_ids[msg.first_page:msg.first_page + msg.num_pages]
-            if await self.in_executor(self.unpack_locked, state, ids, slot.view(msg.nbytes, self.kv.dtype)):
-                state.pages_received += msg.num_pages
-                state.add_bytes(msg.nbytes)
+            await landed
+            if state is not None:
+                ids = state.page_ids[msg.first_page:msg.first_page + msg.num_pages]
+                scattered, slot.ready = self.launch_unpack(state, ids, slot.view(msg.nbytes, self.kv.dtype))
+                if scattered:
+                    state.pages_received += msg.num_pages
+                    state.add_bytes(msg.nbytes)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - fail the room; an endpoint error also ends the link
@@ -343,28 +359,44 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
                 self._fail_room(state, f"receiving KV failed ({type(e).__name__}: {e})", Fail)
         finally:
             self.staging.release(slot)
+            if state is not None:
+                state.inflight -= 1
+                self._maybe_finish(link, state)
 
-    async def _finish(self, link: PrefillLink, state: DecodeRoom, msg: Aux) -> None:
-        await settle(state.inflight)
-        state.inflight.clear()
+    def _maybe_finish(self, link: PrefillLink, state: DecodeRoom) -> None:
+        """Once the last header came and every piece landed: check the count, then Success (loop)."""
+        msg = state.last_header
+        if msg is None or state.inflight or not state.alive or state.finishing is not None:
+            return
         problem = None
-        with state.lock:
-            if not state.alive:
-                return
-            if msg.total_pages != state.pages_received or msg.total_pages > len(state.page_ids):
-                problem = (f"incomplete KV transfer: received {state.pages_received} pages, prefill sent "
-                           f"{msg.total_pages}, decode registered {len(state.page_ids)}")
-            else:
-                try:
-                    state.aux = AuxRecord(**msg.record)
-                except TypeError as e:
-                    problem = f"unreadable aux record from prefill: {e}"
-            if problem is None:
-                state.advance(KVPoll.Success)
+        if msg.total_pages != state.pages_received or msg.total_pages > len(state.page_ids):
+            problem = (f"incomplete KV transfer: received {state.pages_received} pages, prefill sent "
+                       f"{msg.total_pages}, decode registered {len(state.page_ids)}")
+        else:
+            try:
+                state.aux = AuxRecord(**(msg.aux or {}))
+            except TypeError as e:
+                problem = f"unreadable aux record from prefill: {e}"
         if problem is not None:
             self._fail_room(state, problem, Fail)
+            return
+        if state.gpu_work is None or state.gpu_work.query():
+            self._succeed(state)
         else:
-            await self._safe_send(link, Done(state.room))
+            state.finishing = state.gpu_work
+            self.spawn(self._succeed_when_scattered(state))
+
+    async def _succeed_when_scattered(self, state: DecodeRoom) -> None:
+        await self.wait_event(state.finishing)
+        self._succeed(state)
+
+    def _succeed(self, state: DecodeRoom) -> None:
+        """Success, and Done to P, exactly once (``poll`` or the loop, whichever sees the last scatter end)."""
+        if state.advance(KVPoll.Success):
+            if self.runtime.in_loop_thread:
+                self._tell_prefill(state, Done(state.room))
+            else:
+                self.call_soon(self._tell_prefill, state, Done(state.room))
 
     async def _aclose(self) -> None:
         for link in list(self._links.values()):
@@ -374,3 +406,8 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
                 await link.channel.close()
         self._links.clear()
         await self._client.close()
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()

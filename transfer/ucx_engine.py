@@ -1,11 +1,15 @@
 """UcxEngineBase: what the UCX prefill and decode engines share.
 
 Threads: the scheduler thread calls the public methods (never blocking on the network); the shared
-UcxRuntime loop thread runs every UCX operation, the bootstrap server/client and the timeout
-sweeper; a ThreadPoolExecutor of ``thread_pool_size`` threads runs pack/unpack (and waits on
-``ready_event``), so the loop never blocks on a copy. On CUDA, pack/unpack run on the engine's own
-side stream and are synchronized before the room lock is released: a finished pack/unpack is a
-finished read/write of the pages, whatever stream the scheduler uses next.
+UcxRuntime loop thread runs every UCX operation, the protocol, the bootstrap server/client and the
+timeout sweeper. Copies are launched where the data is ready, with no thread hop: P gathers a piece on
+the scheduler's thread inside ``send`` (or on the loop when no staging slot was free), D scatters on the
+loop as soon as a piece has landed. On CUDA both are one kernel on the engine's own stream (ordered after
+the forward by ``ready_event``), never a host wait: each records a CUDA event, and whoever needs the copy
+finished waits for that event: the loop only when it has not fired yet, and then in one of the
+``thread_pool_size`` worker threads, so the loop never blocks on the GPU. On CPU the copies are
+synchronous torch copies. An event that has fired means the copy is complete for every later reader,
+whatever stream it uses.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
@@ -22,7 +26,7 @@ import torch
 
 from transfer.base import EngineDescription, TransferStats
 from transfer.config import TransferConfig
-from transfer.pack import pack_pages, unpack_pages
+from transfer.pack import PageIds, pack_pages, unpack_pages, wait_ready
 from transfer.room import RoomState, RoomTable
 from transfer.staging import StagingPool
 from transfer.ucx_runtime import UcxRuntime
@@ -65,7 +69,7 @@ class UcxEngineBase(Generic[R]):
                        aclose: Callable[[], Coroutine[Any, Any, None]]) -> None:
         if self._runtime is not None:
             raise RuntimeError(f"{self.engine_id} already started")
-        self._runtime = UcxRuntime.acquire()
+        self._runtime = UcxRuntime.acquire(self.kv.device)
         self._executor = ThreadPoolExecutor(self.config.thread_pool_size, thread_name_prefix=f"transfer-{self.role}",
                                             initializer=self._bind_device)
         try:
@@ -85,7 +89,7 @@ class UcxEngineBase(Generic[R]):
 
     async def _astart_common(self, astart: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self._bind_device()
-        self._staging = StagingPool(self.config.queue_size, self.kv.device)
+        self._staging = StagingPool(self.config.queue_size, self.kv.device, self.wait_event)
         self.spawn(self._sweeper())
         await astart()
 
@@ -149,10 +153,6 @@ class UcxEngineBase(Generic[R]):
         if self._runtime is not None and not self._closing:
             self._runtime.call_soon(fn, *args)
 
-    def spawn_soon(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-        """From any thread: start the coroutine ``make()`` on the loop."""
-        self.call_soon(lambda: self.spawn(make()))
-
     async def in_executor(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._executor is not None
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -174,31 +174,49 @@ class UcxEngineBase(Generic[R]):
     def check_timeouts(self, now: float) -> None:
         raise NotImplementedError
 
-    # --- pages (executor threads) ------------------------------------------------------------------
+    async def wait_event(self, event: Any) -> None:
+        """Loop: until the CUDA ``event`` fired (at once if it has; else a worker thread waits, not the loop)."""
+        if event is not None and not event.query():
+            await self.in_executor(event.synchronize)
 
-    def pack_locked(self, state: RoomState, page_ids: Sequence[int] | torch.Tensor, out: torch.Tensor) -> bool:
-        """Pack under the room lock unless the room is dead; False if it was (nothing read)."""
+    # --- pages (under the room lock; never a host wait on the GPU) ------------------------------------------
+
+    def launch_pack(self, state: RoomState, page_ids: PageIds, out: torch.Tensor, ready_event: Any) -> tuple[bool, Any]:
+        """Start gathering ``page_ids`` into ``out`` after ``ready_event`` unless the room is dead.
+
+        (False, None) if it was (nothing read); else (True, CUDA event after the gather, or None on CPU
+        where the gather is done on return). Any thread.
+        """
         with state.lock:
             if not state.alive:
-                return False
-            self._on_device(lambda: pack_pages(self.kv, page_ids, out))
-            return True
+                return False, None
+            if self._stream is None:
+                wait_ready(ready_event)
+                pack_pages(self.kv, page_ids, out)
+                return True, None
+            with torch.cuda.device(self.kv.device), torch.cuda.stream(self._stream):
+                if isinstance(ready_event, torch.cuda.Event):
+                    self._stream.wait_event(ready_event)
+                else:
+                    wait_ready(ready_event)
+                pack_pages(self.kv, page_ids, out)
+                return True, _record(self._stream)
 
-    def unpack_locked(self, state: RoomState, page_ids: Sequence[int] | torch.Tensor, staging: torch.Tensor) -> bool:
-        """Scatter under the room lock unless the room is dead; False if it was (nothing written)."""
+    def launch_unpack(self, state: RoomState, page_ids: PageIds, staging: torch.Tensor) -> tuple[bool, Any]:
+        """Start scattering ``staging`` into ``page_ids`` unless the room is dead; like ``launch_pack``.
+
+        On CUDA the event also becomes the room's ``gpu_work`` (what ``fail`` waits for). Loop thread.
+        """
         with state.lock:
             if not state.alive:
-                return False
-            self._on_device(lambda: unpack_pages(self.kv, page_ids, staging))
-            return True
-
-    def _on_device(self, fn: Callable[[], Any]) -> None:
-        if self._stream is None:
-            fn()
-            return
-        with torch.cuda.stream(self._stream):
-            fn()
-        self._stream.synchronize()
+                return False, None
+            if self._stream is None:
+                unpack_pages(self.kv, page_ids, staging)
+                return True, None
+            with torch.cuda.device(self.kv.device), torch.cuda.stream(self._stream):
+                unpack_pages(self.kv, page_ids, staging)
+                state.gpu_work = _record(self._stream)
+                return True, state.gpu_work
 
     # --- shared public helpers ----------------------------------------------------------------------
 
@@ -207,7 +225,7 @@ class UcxEngineBase(Generic[R]):
         return state.stats() if state is not None else TransferStats()
 
 
-async def settle(aws: Sequence[Awaitable[Any]]) -> None:
-    """Wait for all, ignoring their outcomes."""
-    if aws:
-        await asyncio.gather(*aws, return_exceptions=True)
+def _record(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event

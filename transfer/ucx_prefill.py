@@ -1,4 +1,4 @@
-"""UcxPrefillTransfer: P's side of the UCX engine (bootstrap server, data listener, one send pipeline per room).
+"""UcxPrefillTransfer: P's side of the UCX engine (bootstrap server, data listener, rooms, D links).
 
 Room clock: P first *sees* a room at its first ``poll``, ``send`` or ``abort`` call (the scheduler
 polls when it admits the request). From then D has ``bootstrap_timeout`` seconds to register, else
@@ -6,11 +6,7 @@ the room fails. A registration that arrives before P sees the room (router sends
 concurrently) waits in ``_pending`` (D is told Registered at once) and is taken over when P sees the
 room; if P never sees it within ``bootstrap_timeout`` of its arrival, D is told Fail.
 
-Send pipeline of a room (loop): one job per data message (a ``send`` call becomes several when its
-pages exceed ``max_message_mb``); jobs run in order; each waits for D's registration, takes a staging
-slot, waits for ``ready_event`` and packs (executor, under the room lock), sends the Data header, lets
-the room's next job go (its pack overlaps this send), then sends the chunk (the last job sends Aux
-after its header). Success comes when D answers Done.
+Sending: ``send`` hands the pages to the piece pipeline (ucx_pieces.py). Success comes when D answers Done.
 """
 
 from __future__ import annotations
@@ -35,11 +31,8 @@ from transfer.base import (
 )
 from transfer.bootstrap import BootstrapServer, Route, advertised_host
 from transfer.config import TransferConfig
-from transfer.pack import chunk_nbytes, page_nbytes, wait_ready
 from transfer.protocol import (
     Abort,
-    Aux,
-    Data,
     Done,
     Fail,
     Hello,
@@ -49,10 +42,10 @@ from transfer.protocol import (
     Register,
     Registered,
 )
-from transfer.room import RecentFailures, RoomState
-from transfer.staging import StagingSlot
-from transfer.ucx_channel import Channel
-from transfer.ucx_engine import CONNECT_TIMEOUT_S, UcxEngineBase
+from transfer.room import RecentFailures
+from transfer.ucx_channel import Channel, accept
+from transfer.ucx_engine import CONNECT_TIMEOUT_S
+from transfer.ucx_pieces import PieceSender, SendingRoom
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +60,12 @@ class DecodePeer:
         self.rooms: set[int] = set()
 
 
-class PrefillRoom(RoomState):
+class PrefillRoom(SendingRoom):
     def __init__(self, room: int, deadline: float) -> None:
         super().__init__(room)
         self.deadline = deadline  # D must register before this (monotonic s)
         self.peer: DecodePeer | None = None
-        self.num_pages = 0  # pages D registered
-        self.pages_sent = 0  # loop-only
         self.send_started = False  # failure injection is decided at the first send
-        self.registered = asyncio.Event()  # set on the loop once D registered or the room died
-        self.tail: asyncio.Future[None] | None = None  # loop-only: the previous job's header went out
 
 
 @dataclass
@@ -86,16 +75,7 @@ class PendingRegistration:
     arrived: float
 
 
-@dataclass(frozen=True)
-class SendJob:
-    page_ids: list[int] | torch.Tensor
-    first_page: int
-    last: bool
-    aux: AuxRecord | None
-    ready_event: Any
-
-
-class UcxPrefillTransfer(UcxEngineBase[PrefillRoom], PrefillTransfer):
+class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
     role = "prefill"
 
     def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig,
@@ -138,13 +118,7 @@ class UcxPrefillTransfer(UcxEngineBase[PrefillRoom], PrefillTransfer):
                 self._fail(state, f"injected KV transfer failure (SGLANG_DISAGGREGATION_TEST_FAILURE_PROB={p})", Fail)
                 return
         state.advance(KVPoll.Transferring)
-        ids = page_ids.clone() if isinstance(page_ids, torch.Tensor) else list(page_ids)
-        per = max(1, int(self.config.max_message_mb * (1 << 20)) // page_nbytes(self.kv))
-        starts = range(0, len(ids), per) if len(ids) else range(1)
-        for k, start in enumerate(starts):  # one job per message; consecutive jobs pipeline
-            final = last and k == len(starts) - 1
-            job = SendJob(ids[start:start + per], first_page + start, final, aux if final else None, ready_event)
-            self.call_soon(self._enqueue, state, job)
+        self._queue_pieces(state, page_ids, first_page, last, aux, ready_event)
 
     def abort(self, room: int, message: str) -> None:
         self._fail(self._room(room), message, Abort)
@@ -206,8 +180,7 @@ class UcxPrefillTransfer(UcxEngineBase[PrefillRoom], PrefillTransfer):
         self._wake(state)
         peer = state.peer
         if tell is not None and peer is not None:
-            msg = tell(state.room, reason)
-            self.spawn_soon(lambda: self._safe_send(peer, msg))
+            self.call_soon(self._post, peer, tell(state.room, reason))
 
     def _bootstrap_timeout_text(self, room: int) -> str:
         return (f"bootstrap timeout: no decode worker registered room {room} within "
@@ -227,14 +200,12 @@ class UcxPrefillTransfer(UcxEngineBase[PrefillRoom], PrefillTransfer):
                       f"{self.config.bootstrap_timeout:g}s of decode's registration")
             self._recent.add(room, reason)
             p.peer.rooms.discard(room)
-            self.spawn(self._safe_send(p.peer, Fail(room, reason)))
+            self._post(p.peer, Fail(room, reason))
 
     # --- loop: start/stop, connections ------------------------------------------------------------
 
     async def _astart(self) -> None:
-        import ucxx  # type: ignore[import-untyped]
-
-        self._listener = ucxx.create_listener(self._on_connect, port=0)
+        self._listener = self.runtime.listen(0, lambda ep: self.spawn(self._serve(ep)))
         self._bootstrap = BootstrapServer(self.bootstrap_host, self.bootstrap_port)
         self.bootstrap_port = await self._bootstrap.start()
         self._bootstrap.set_route(Route(host=advertised_host(self.bootstrap_host), port=self._listener.port,
@@ -245,17 +216,20 @@ class UcxPrefillTransfer(UcxEngineBase[PrefillRoom], PrefillTransfer):
             await self._bootstrap.stop()
         for peer in list(self._peers):
             await peer.channel.close()
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        self._listener = None  # dropping it stops listening
 
-    async def _on_connect(self, ep: Any) -> None:
-        channel = Channel(ep)
+    async def _serve(self, ep: Any) -> None:
+        """One D link: handshake, then its control messages until the endpoint fails."""
+        try:
+            channel = await accept(self.runtime, ep, CONNECT_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - a connection that never said who it is: forget it
+            logger.info("%s: a decode worker's connection failed before its handshake: %s", self.engine_id, e)
+            return
         peer = DecodePeer(channel)
+        if any(p.channel.link_id == channel.link_id for p in self._peers):  # 40 random bits: D retries
+            await channel.close()
+            return
         self._peers.add(peer)
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
         try:
             hello = await asyncio.wait_for(channel.recv(), CONNECT_TIMEOUT_S)
             if not isinstance(hello, Hello):
@@ -272,8 +246,6 @@ class UcxPrefillTransfer(UcxEngineBase[PrefillRoom], PrefillTransfer):
         finally:
             self._peers.discard(peer)
             await channel.close()
-            if task is not None:
-                self._tasks.discard(task)
 
     def _check_engine(self, engine: dict[str, Any]) -> str | None:
         try:
@@ -333,68 +305,22 @@ class UcxPrefillTransfer(UcxEngineBase[PrefillRoom], PrefillTransfer):
             elif state.peer is not None:
                 refusal = f"room {room} is already registered by another decode request"
         if refusal is not None:
-            self.spawn(self._safe_send(peer, Fail(room, refusal)))
+            self._post(peer, Fail(room, refusal))
             return
         peer.rooms.add(room)
-        self.spawn(self._safe_send(peer, Registered(room)))
+        self._post(peer, Registered(room))
         if state is not None:
             self._attach(state, peer, msg.num_pages)
             if not state.alive:  # failed by the scheduler thread just before it knew its peer: tell D now
-                self.spawn(self._safe_send(peer, Fail(room, state.reason or f"room {room} failed on prefill")))
+                self._post(peer, Fail(room, state.reason or f"room {room} failed on prefill"))
 
-    async def _safe_send(self, peer: DecodePeer, msg: Message) -> None:
+    def _post(self, peer: DecodePeer, msg: Message) -> None:
+        """Send a control message, not waiting for it (loop); a broken link is reported by its receive loop."""
         try:
-            await peer.channel.send(msg)
-        except Exception as e:  # noqa: BLE001 - the peer's receive loop reports the broken endpoint
+            peer.channel.post(msg).add_done_callback(_consume)
+        except ConnectionError as e:
             logger.debug("%s: could not send %s to %s: %s", self.engine_id, type(msg).__name__, peer.decode_id, e)
 
-    # --- loop: the send pipeline ------------------------------------------------------------------
-
-    def _enqueue(self, state: PrefillRoom, job: SendJob) -> None:
-        prev, state.tail = state.tail, asyncio.get_running_loop().create_future()
-        self.spawn(self._run_job(state, job, prev, state.tail))
-
-    async def _run_job(self, state: PrefillRoom, job: SendJob, prev: asyncio.Future[None] | None,
-                       ordered: asyncio.Future[None]) -> None:
-        slot: StagingSlot | None = None
-        try:
-            if prev is not None:
-                await prev
-            await state.registered.wait()
-            peer = state.peer
-            if not state.alive or peer is None:
-                return
-            n = len(job.page_ids)
-            if job.first_page + n > state.num_pages:
-                self._fail(state, f"prefill sends pages [{job.first_page}, {job.first_page + n}) but decode "
-                                  f"registered {state.num_pages} pages", Fail)
-                return
-            nbytes, seq = chunk_nbytes(self.kv, n), -1
-            if n:
-                slot = await self.staging.acquire(nbytes)
-                await self.in_executor(wait_ready, job.ready_event)
-                if not await self.in_executor(self.pack_locked, state, job.page_ids, slot.view(nbytes, self.kv.dtype)):
-                    return
-                seq = peer.channel.next_seq()
-                await peer.channel.send(Data(state.room, seq, job.first_page, n, nbytes))
-                state.pages_sent += n
-                state.add_bytes(nbytes)
-            if job.last:
-                assert job.aux is not None
-                await peer.channel.send(Aux(state.room, job.aux.to_dict(), state.pages_sent))
-            _resolve(ordered)
-            if slot is not None:
-                await peer.channel.send_data(seq, slot.buf[:nbytes])
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the room fails, the engine goes on
-            self._fail(state, f"sending KV to decode failed ({type(e).__name__}: {e})", Fail)
-        finally:
-            _resolve(ordered)
-            if slot is not None:
-                self.staging.release(slot)
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()

@@ -12,9 +12,9 @@ from transfer.bootstrap import BootstrapClient, BootstrapError, BootstrapServer,
 from transfer.protocol import (
     CTRL_FRAME_BYTES,
     FRAME_HEADER,
+    LINK_ID_BITS,
     MESSAGE_TYPES,
     Abort,
-    Aux,
     Data,
     Done,
     Fail,
@@ -24,6 +24,7 @@ from transfer.protocol import (
     Message,
     Register,
     Registered,
+    ctrl_tag,
     data_tag,
     decode,
     encode,
@@ -78,7 +79,9 @@ def test_bootstrap_port_in_use_is_a_clear_error() -> None:
 def test_every_message_round_trips() -> None:
     msgs: list[Message] = [Hello({"dtype": "bfloat16", "num_layers": 2}, "d1"), HelloOk("p1"), HelloRefused("mismatch"),
             Register(2**63 - 1, 12), Registered(5), Data(5, 7, 0, 3, 3 << 20), Done(5), Fail(5, "why"),
-            Abort(5, "client gone"), Aux(5, {"first_token_id": 3, "output_top_logprobs": [[[-0.1, 3, None]]]}, 4)]
+            Abort(5, "client gone"),
+            Data(5, 8, 3, 1, 1 << 20, 4, {"first_token_id": 3, "output_top_logprobs": [[[-0.1, 3, None]]]}),
+            Data(5, -1, 4, 0, 0, 4, {"first_token_id": 3})]
     assert {type(m) for m in msgs} == set(MESSAGE_TYPES)
     for m in msgs:
         assert decode(encode(m)) == m
@@ -90,8 +93,18 @@ def test_frames_inline_small_payloads_and_split_large_ones() -> None:
     small = encode(Done(1))
     first, rest = frame(small)
     assert rest is None and FRAME_HEADER.unpack_from(first)[0] == len(small) and first[FRAME_HEADER.size:] == small
-    big = encode(Aux(1, {"input_token_logprobs": [[-1.0, i, None] for i in range(2000)]}, 1))
+    big = encode(Data(1, 0, 0, 1, 64, 1, {"input_token_logprobs": [[-1.0, i, None] for i in range(2000)]}))
     assert len(big) > CTRL_FRAME_BYTES
     first, rest = frame(big)
     assert rest == big and FRAME_HEADER.unpack_from(first)[0] == len(big) and len(first) == FRAME_HEADER.size
-    assert len({data_tag(i) for i in range(1000)}) == 1000 and 1 not in {data_tag(i) for i in range(1000)}
+    assert not Data(1, 0, 0, 1, 64).last and Data(1, 0, 0, 1, 64, 1, {}).last
+
+
+def test_tags_name_their_link_direction_and_sequence() -> None:
+    links = [0, 1, 12345, (1 << LINK_ID_BITS) - 1]
+    tags = [ctrl_tag(link, to) for link in links for to in (True, False)]
+    tags += [data_tag(link, seq) for link in links for seq in range(500)]
+    assert len(set(tags)) == len(tags) and all(0 <= t < 1 << 64 for t in tags)
+    assert data_tag(7, 1 << 22) == data_tag(7, 0)  # sequence numbers wrap (far beyond what is in flight)
+    with pytest.raises(ValueError, match="link id"):
+        ctrl_tag(1 << LINK_ID_BITS, True)
