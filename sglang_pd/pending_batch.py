@@ -39,7 +39,8 @@ class PendingBatch:
         self.num_items = num_items
         self.sample_items = sample_items  # plan item index of each sampled row
         self.placeholders = placeholders
-        self._input_logprobs = [None if lp is None else InputLogprobs(*(to_host(t) for t in (lp.chosen, lp.top_values, lp.top_ids)))
+        self._input_logprobs = [None if lp is None else InputLogprobs(to_host(lp.chosen), to_host(lp.top_values),
+                                                                       to_host(lp.top_ids))
                                 for lp in input_logprobs]
         self._next_ids = self._logprobs = self._top_values = self._top_ids = None
         self._top_nums: tuple[int, ...] = ()
