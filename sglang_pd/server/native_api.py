@@ -52,15 +52,18 @@ async def generate(request: web.Request) -> web.StreamResponse:
         outs = [sglang_output(s) for s in await collect_all(srv, reqs)]
         return web.json_response(outs if is_batch else outs[0])
     resp = await start_sse(request)
-    sent: dict[int, int] = {}  # index -> tokens already shown; chunks that queued up are coalesced
+    # index -> (tokens, finished) of the last event. Events show the whole state, which already holds
+    # every chunk that arrived, so chunks that queued up are coalesced and the final event goes once.
+    sent: dict[int, tuple[int, bool]] = {}
     error: APIError | None = None
     try:
         async with contextlib.aclosing(merge_chunks(srv, reqs)) as chunks:
             async for index, chunk in chunks:
                 state = chunk.state
-                if len(state.output_ids) == sent.get(index) and not chunk.finished:
+                mark = (len(state.output_ids), state.finished)
+                if sent.get(index) == mark:
                     continue
-                sent[index] = len(state.output_ids)
+                sent[index] = mark
                 event = sglang_output(state)
                 if is_batch:
                     event["index"] = index
