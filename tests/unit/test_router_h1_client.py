@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from router_support.dropping_server import dropping_server  # noqa: E402
 
 from router.h1_client import ConnectTimeout, H1Client, Origin, request_bytes
 from router.h1_conn import Disconnected, ResponseTimeout
@@ -133,34 +138,9 @@ async def test_server_closing_an_idle_connection_is_not_an_error() -> None:
 
 @contextlib.asynccontextmanager
 async def raw_server(answer_first: bool) -> AsyncIterator[tuple[Origin, list[int]]]:
-    """Answers the first request on a connection (keep-alive) if ``answer_first``, then drops the
-    connection on the next one without a byte: an idle close that crossed the client's request.
-    Yields (origin, requests seen per connection)."""
-    seen: list[int] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        index = len(seen)
-        seen.append(0)
-        try:
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                await reader.readexactly(2)  # the body: "{}"
-                seen[index] += 1
-                if answer_first and seen[index] == 1:
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    await writer.drain()
-                    continue
-                break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield Origin.of(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"), seen
-    finally:
-        server.close()
-        await server.wait_closed()
+    """Answers the first request of a connection if ``answer_first``, then drops it (see dropping_server)."""
+    async with dropping_server(int(answer_first), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") as (url, seen):
+        yield Origin.of(url), seen
 
 
 async def test_stale_connection_is_retried_once_on_a_fresh_one() -> None:

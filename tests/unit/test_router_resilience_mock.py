@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from router_support.dropping_server import dropping_server
 from router_support.harness import mocks, ready, running_router, wait_until
 from router_support.mock_worker import MockWorker
 
@@ -139,57 +140,30 @@ async def test_a_dead_worker_is_ejected_quickly_after_a_failed_call():
         await wait_until(lambda: not r.state.registry.get(a.url).available, timeout=5, what="fast ejection")
 
 
-async def _drops_requests(answered: int) -> tuple[asyncio.AbstractServer, list[int]]:
-    """A raw server that answers the first ``answered`` requests of each connection (keep-alive),
-    then drops the connection on the next one without a byte (as an idle close crossing a request)."""
-    seen: list[int] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        index = len(seen)
-        seen.append(0)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
-                seen[index] += 1
-                if seen[index] > answered:
-                    break
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 14\r\n\r\n"
-                             b"data: [DONE]\n\n")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        writer.close()
-
-    return await asyncio.start_server(serve, "127.0.0.1", 0), seen
+DONE_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 14\r\n\r\ndata: [DONE]\n\n"
 
 
 async def test_stale_connection_is_retried_once_on_a_fresh_one() -> None:
     from router.config import BreakerConfig
 
-    server, seen = await _drops_requests(answered=1)
-    up = Upstream(10.0, None)
-    await up.start()
-    try:
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        w = Worker(WorkerSpec(url, "regular"), BreakerConfig(3, 1, 1.0, 1.0, True))
-        for _ in range(2):  # the second one goes out on the kept-alive connection, which is dropped
-            resp = await up.post(w, "/generate", b"{}", "req-1")
-            assert resp.status == 200 and await resp.read() == b"data: [DONE]\n\n"
-        assert seen == [2, 1]  # one silent retry on a fresh connection, no LegError
-    finally:
-        await up.close()
-        server.close()
-    server, seen = await _drops_requests(answered=0)  # a fresh connection dropped: a real failure
-    up = Upstream(10.0, None)
-    await up.start()
-    try:
-        w = Worker(WorkerSpec(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "regular"),
-                   BreakerConfig(3, 1, 1.0, 1.0, True))
-        with pytest.raises(LegError) as e:
-            await up.post(w, "/generate", b"{}", None)
-        assert e.value.transport and e.value.retryable and e.value.status == 502 and seen == [1]
-    finally:
-        await up.close()
-        server.close()
+    async with dropping_server(1, DONE_ANSWER) as (url, seen):
+        up = Upstream(10.0, None)
+        await up.start()
+        try:
+            w = Worker(WorkerSpec(url, "regular"), BreakerConfig(3, 1, 1.0, 1.0, True))
+            for _ in range(2):  # the second one goes out on the kept-alive connection, which is dropped
+                resp = await up.post(w, "/generate", b"{}", "req-1")
+                assert resp.status == 200 and await resp.read() == b"data: [DONE]\n\n"
+            assert seen == [2, 1]  # one silent retry on a fresh connection, no LegError
+        finally:
+            await up.close()
+    async with dropping_server(0, DONE_ANSWER) as (url, seen):  # a fresh connection dropped: a real failure
+        up = Upstream(10.0, None)
+        await up.start()
+        try:
+            w = Worker(WorkerSpec(url, "regular"), BreakerConfig(3, 1, 1.0, 1.0, True))
+            with pytest.raises(LegError) as e:
+                await up.post(w, "/generate", b"{}", None)
+            assert e.value.transport and e.value.retryable and e.value.status == 502 and seen == [1]
+        finally:
+            await up.close()
