@@ -1,6 +1,9 @@
-"""KV handoff benchmark: our P->D transfer (pack, UCX send, scatter) against torch's copy of the same bytes.
+"""KV handoff benchmark: our P->D transfer against torch's copy of the same bytes.
 
-    python bench/kv_transfer.py                                   # 2 GPUs: P on cuda:0, D on cuda:1 (UCX cuda_ipc)
+Two paths (``--direct``): 1 (the default when P and D share a host) D maps P's KV pool (CUDA IPC) and copies
+the pages with one kernel reading P's GPU over NVLink; 0: pack, UCX send (cuda_ipc), scatter.
+
+    python bench/kv_transfer.py                                   # 2 GPUs: P on cuda:0, D on cuda:1
     python bench/kv_transfer.py --device cpu                      # CPU + UCX over TCP/shm: the fixed cost per handoff
     python bench/kv_transfer.py --tokens 256,2048,8192 --iters 10 --json bench/results/transfer.jsonl
 
@@ -63,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--queue-size", type=int, default=4, help="staging slots (SGLANG_DISAGGREGATION_QUEUE_SIZE)")
     ap.add_argument("--max-message-mb", type=float, default=TransferConfig().max_message_mb,
                     help="largest data message; longer sends are split and pipelined (SGLANG_DISAGGREGATION_MAX_MESSAGE_MB)")
+    ap.add_argument("--direct", type=int, choices=(0, 1), default=int(TransferConfig().direct_read),
+                    help="1: D copies the pages from P's mapped pool when it can (SGLANG_DISAGGREGATION_DIRECT_READ); "
+                         "0: UCX data messages (pack, send, unpack)")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch intra-op threads in both processes (default: torch's own; 1 on cpu, where OpenMP "
                          "threads of a 256 KiB copy fighting over shared cores add milliseconds of noise)")
@@ -135,7 +141,8 @@ def copy_ceiling_gbs(nbytes: int, src: torch.device, dst: torch.device) -> float
 
 def config(args: argparse.Namespace) -> TransferConfig:
     return TransferConfig(queue_size=args.queue_size, bootstrap_timeout=60, waiting_timeout=60,
-                          heartbeat_interval=5, heartbeat_max_failure=3, max_message_mb=args.max_message_mb)
+                          heartbeat_interval=5, heartbeat_max_failure=3, max_message_mb=args.max_message_mb,
+                          direct_read=bool(args.direct))
 
 
 # --- decode process ---------------------------------------------------------------------------------
@@ -166,7 +173,7 @@ def decode_main(args: argparse.Namespace, inbox: Any, outbox: Any) -> None:
                 t_done = time.monotonic()
                 ok = d.poll(room) == KVPoll.Success
                 outbox.put(("done", room, int(d.poll(room)), t_done, d.failure(room), d.stats(room).ms,
-                            page_checksums(kv, page_ids) if ok else None))
+                            page_checksums(kv, page_ids) if ok else None, d.stats(room).path))
                 d.release(room)
             elif cmd[0] == "unpack":
                 _, n_pages = cmd
@@ -199,7 +206,7 @@ def handoff(p: Any, kv: torch.Tensor, inbox: Any, outbox: Any, room: int, n_page
     while p.poll(room) not in (KVPoll.Success, KVPoll.Failed):
         time.sleep(1e-4)
     result = {"handoff_ms": (msg[3] - t_send) * 1e3, "p_stats_ms": p.stats(room).ms, "d_stats_ms": msg[5],
-              "verified": torch.equal(msg[6], page_checksums(kv, p_ids))}
+              "verified": torch.equal(msg[6], page_checksums(kv, p_ids)), "path": msg[7]}
     p.release(room)
     return result
 
@@ -250,7 +257,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                          "p10_handoff_ms": times[len(times) // 10], "p90_handoff_ms": times[(len(times) * 9) // 10],
                          "min_handoff_ms": times[0], "verified": all(s["verified"] for s in samples),
                          "p_stats_ms": statistics.median(s["p_stats_ms"] for s in samples),
-                         "d_stats_ms": statistics.median(s["d_stats_ms"] for s in samples)})
+                         "d_stats_ms": statistics.median(s["d_stats_ms"] for s in samples),
+                         "path": "/".join(sorted({s["path"] for s in samples}))})
     finally:
         to_d.put(("stop",))
         proc.join(timeout=15)
@@ -268,13 +276,13 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
           f"{args.dtype}, page {args.page_size}; pieces <= {args.max_message_mb:g} MiB, {args.queue_size} staging "
           f"slots; median of {args.iters} (after {args.warmup} warm-up); ceiling = {ceiling}")
     print(f"env: {ucx}")
-    head = f"{'tokens':>7} {'bytes':>13} {'handoff ms':>11} {'p10-p90 ms':>13} {'over copy ms':>13} {'GB/s':>8} " \
+    head = f"{'path':>6} {'tokens':>7} {'bytes':>13} {'handoff ms':>11} {'p10-p90 ms':>13} {'over copy ms':>13} {'GB/s':>8} " \
            f"{'ceiling GB/s':>13} {'% ceiling':>10} {'pack ms':>8} {'unpack ms':>10} {'pages ok':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
         spread = f"{r['p10_handoff_ms']:.2f}-{r['p90_handoff_ms']:.2f}"
-        print(f"{r['tokens']:>7} {r['bytes']:>13,} {r['handoff_ms']:>11.3f} {spread:>13} {r['over_copy_ms']:>13.3f} "
+        print(f"{r['path']:>6} {r['tokens']:>7} {r['bytes']:>13,} {r['handoff_ms']:>11.3f} {spread:>13} {r['over_copy_ms']:>13.3f} "
               f"{r['gb_s']:>8.2f} {r['ceiling_gb_s']:>13.1f} {r['pct_of_ceiling']:>9.1f}% {r['pack_ms']:>8.3f} "
               f"{r['unpack_ms']:>10.3f} {'yes' if r['verified'] else 'NO':>8}")
 
@@ -289,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                   "shape": {"layers": args.layers, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
                             "page_size": args.page_size, "dtype": args.dtype},
                   "iters": args.iters, "queue_size": args.queue_size, "max_message_mb": args.max_message_mb,
+                  "direct": args.direct,
                   "ucx_env": {k: v for k, v in os.environ.items() if k.startswith("UCX_")}, "results": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "a") as f:

@@ -10,9 +10,11 @@ aux record arrived) | Failed.
 Room life on P: Bootstrapping (D has not registered yet) -> WaitingForInput (D registered; the
 scheduler may prefill) -> Transferring (``send`` called) -> Success (D confirmed it holds every page
 and the aux record) | Failed.
-Memory rule: D writes its own pages (P sends into D's staging buffer; D scatters). After
-``DecodeTransfer.abort``/``Failed`` returns, no further write into that room's pages happens, so D
-may free them at once. P reads its pages until the room is Success/Failed: keep them until then.
+Memory rule: D writes its own pages (P sends into D's staging buffer and D scatters, or on a direct link
+D copies them out of P's mapped pool). After ``DecodeTransfer.abort``/``Failed`` returns, no further
+write into that room's pages happens, so D may free them at once. P's pages are read (by P's gather, or
+by D's copy on a direct link) until the room is Success/Failed: keep them until then, also after
+``PrefillTransfer.abort`` (a room whose pages D may be copying stays non-terminal until D answers).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class AuxRecord:
 class TransferStats:
     num_bytes: int = 0
     ms: float = 0.0  # first byte sent/received -> Success
+    path: str = ""  # how the KV moved: "direct" (D copied from P's mapped pool), "ucx" (data messages), "" (none yet)
 
     @property
     def gb_per_s(self) -> float:

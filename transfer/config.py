@@ -4,6 +4,9 @@ A bad value never stops a worker: it logs a warning naming the variable and the 
 One variable is ours, not SGLang's: ``SGLANG_DISAGGREGATION_MAX_MESSAGE_MB`` (default 256) caps one data
 message; a longer chunk goes as several messages, so packing the next one overlaps sending this one
 (and D's scatter overlaps the next receive), and staging slots stay at most this big.
+Another is ``SGLANG_DISAGGREGATION_DIRECT_READ`` (default 1): when P and D share a host and D can map P's
+KV pool (CUDA IPC over NVLink, or shared memory on CPU), D copies a room's pages straight from P's pool
+with one kernel (no staging, pack, data message or unpack); 0 always sends the KV as UCX data messages.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class TransferConfig:
     heartbeat_max_failure: int = 2  # consecutive missed heartbeats before D fails that P's rooms
     test_failure_prob: float = 0.0  # fault injection: share of rooms failed at P's first send
     max_message_mb: float = 256.0  # ours, not SGLang's: split a send into messages of at most this many MiB
+    direct_read: bool = True  # ours: D reads P's mapped pool when both share a host (peer_pool.py)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> TransferConfig:
@@ -72,6 +76,11 @@ def _number(kind: Callable[[str], float], lo: float, hi: float | None = None,
     return parse
 
 
+def _bool(raw: str) -> object:
+    return {"1": True, "true": True, "yes": True, "on": True,
+            "0": False, "false": False, "no": False, "off": False}.get(raw.lower())
+
+
 def _int(raw: str) -> int:
     value = float(raw)  # accepts "8" and "8.0"; rejects "eight"
     if not value.is_integer():
@@ -88,6 +97,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "heartbeat_max_failure": _number(_int, 1),
     "test_failure_prob": _number(float, 0.0, 1.0),
     "max_message_mb": _number(float, 0.0, lo_open=True),
+    "direct_read": _bool,
 }
 _RULES = {
     "thread_pool_size": "expected an integer >= 1",
@@ -98,4 +108,5 @@ _RULES = {
     "heartbeat_max_failure": "expected an integer >= 1",
     "test_failure_prob": "expected a probability in [0, 1]",
     "max_message_mb": "expected MiB > 0",
+    "direct_read": "expected 1/0 (true/false, yes/no, on/off)",
 }

@@ -2,9 +2,13 @@
 
 Link life (D connects to P's data listener, found through P's bootstrap server):
   D->P the link id (8 bytes on the UCX stream API: the only untagged message; it names the link's tags)
-  D->P Hello(engine, decode_id)          P->D HelloOk(prefill_id) | HelloRefused(reason)
+  D->P Hello(engine, decode_id)          P->D HelloOk(prefill_id, pool) | HelloRefused(reason)
+  (``pool``: P's pool offer, peer_pool.py; None when P offers none. D maps it if it can: a *direct* link.)
 Room life (any number of rooms interleave on one link):
-  D->P Register(room, num_pages)         P->D Registered(room)
+  D->P Register(room, num_pages, direct) P->D Registered(room)
+  ``direct`` (D mapped P's pool): P sends no data; once the pages of a ``send`` are written (its ready
+  event fired) P posts Pages(room, first_page, page_ids, total_pages, aux) with P's page ids, and D copies
+  them from P's pool into its own pages. Otherwise:
   P->D Data(room, seq, first_page, num_pages, nbytes, total_pages, aux), then, when ``nbytes > 0``, the
        packed pages as ONE tagged message with tag ``data_tag(link, seq)`` (``seq`` counts data messages on
        the link, so tags never repeat and cannot be confused across rooms or pieces). The room's last
@@ -12,6 +16,8 @@ Room life (any number of rooms interleave on one link):
        ``aux=None, total_pages=-1``. A last Data without pages (``nbytes == 0``) has ``seq == -1``.
        P posts a Data header and its data back to back without waiting for either to complete.
   D->P Done(room) once D holds every page and the aux record
+  D->P AbortAck(room) on a direct link, answering P's Fail/Abort once no copy of the room's pages by D can
+       run any more: until then P keeps the room (and so its pages) from being terminal
   either way: Fail(room, reason) (engine failure: timeout, injection, bad request) and
               Abort(room, reason) (the scheduler aborted); the receiver fails the room with the reason.
 Control messages travel on the link's control tag of their direction as frames: u32 length + msgpack
@@ -64,6 +70,7 @@ class Hello:
 @dataclass(frozen=True)
 class HelloOk:
     prefill_id: str
+    pool: dict[str, Any] | None = None  # peer_pool.PoolOffer.to_dict(), or None
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,7 @@ class HelloRefused:
 class Register:
     room: int
     num_pages: int
+    direct: bool = False  # D copies the pages from P's mapped pool: send Pages, not Data
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,21 @@ class Data:
 
 
 @dataclass(frozen=True)
+class Pages:
+    """Direct links: P's pages ``page_ids`` hold prompt pages ``[first_page, first_page + len(page_ids))``."""
+
+    room: int
+    first_page: int
+    page_ids: list[int]  # P's page ids
+    total_pages: int = -1  # as in Data: >= 0 on the room's last message only
+    aux: dict[str, Any] | None = None
+
+    @property
+    def last(self) -> bool:
+        return self.total_pages >= 0
+
+
+@dataclass(frozen=True)
 class Done:
     room: int
 
@@ -114,8 +137,14 @@ class Abort:
     reason: str
 
 
-Message = Hello | HelloOk | HelloRefused | Register | Registered | Data | Done | Fail | Abort
-MESSAGE_TYPES: tuple[type, ...] = (Hello, HelloOk, HelloRefused, Register, Registered, Data, Done, Fail, Abort)
+@dataclass(frozen=True)
+class AbortAck:
+    room: int
+
+
+Message = Hello | HelloOk | HelloRefused | Register | Registered | Data | Done | Fail | Abort | Pages | AbortAck
+MESSAGE_TYPES: tuple[type, ...] = (Hello, HelloOk, HelloRefused, Register, Registered, Data, Done, Fail, Abort,
+                                   Pages, AbortAck)
 _TYPE_ID = {t: i for i, t in enumerate(MESSAGE_TYPES)}
 
 

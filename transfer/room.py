@@ -33,6 +33,7 @@ class RoomState:
         self.t_first: float | None = None  # first byte packed (P) / header received (D)
         self.t_end: float | None = None  # Success or Failed
         self.gpu_work: Any = None  # D: torch.cuda.Event after the room's latest scatter on the engine stream
+        self.path = ""  # TransferStats.path, set by the engine when the first pages move
 
     @property
     def terminal(self) -> bool:
@@ -82,9 +83,9 @@ class RoomState:
     def stats(self) -> TransferStats:
         with self.lock:
             if self.t_first is None:
-                return TransferStats(self.num_bytes, 0.0)
+                return TransferStats(self.num_bytes, 0.0, self.path)
             end = self.t_end if self.t_end is not None else time.monotonic()
-            return TransferStats(self.num_bytes, max(0.0, (end - self.t_first) * 1e3))
+            return TransferStats(self.num_bytes, max(0.0, (end - self.t_first) * 1e3), self.path)
 
 
 R = TypeVar("R", bound=RoomState)

@@ -79,6 +79,11 @@ class Channel:
             futs.append(self._send(np.frombuffer(rest, dtype=np.uint8), self._send_tag))
         return futs[0] if len(futs) == 1 else asyncio.gather(*futs)
 
+    def post_nowait(self, msg: Message) -> None:
+        """``post`` a control message nobody waits for: its failure is not reported here (the link's receive
+        loop reports a broken link). Raises ConnectionError if the channel is already broken."""
+        self.post(msg).add_done_callback(_consume)
+
     async def send(self, msg: Message) -> None:
         await self.post(msg)
 
@@ -171,3 +176,8 @@ async def accept(runtime: UcxRuntime, ep: Any, timeout: float) -> Channel:
         ep.close_blocking(period=int(CLOSE_TIMEOUT_S * 1e9), max_attempts=1)
         raise
     return Channel(runtime, ep, link_id, prefill_side=True)
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: not an asyncio warning

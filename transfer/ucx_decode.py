@@ -7,13 +7,9 @@ and a receive loop dispatches P's messages. Connection attempts and heartbeats (
 ``heartbeat_interval`` while the link has live rooms) share one miss counter; at
 ``heartbeat_max_failure`` consecutive misses, an endpoint error, or a refused handshake, every room of
 the link fails with the reason and the link is dropped (the next ``register`` builds a new one).
-Data: a Data header takes a staging slot (waiting for one if all are busy, and for the slot's last
-scatter) and posts the receive of its piece at once; when the piece has landed, the loop starts its
-scatter into the room's pages under the room lock (CUDA: one kernel on the engine stream, no host wait;
-skipped if the room died, but the piece is always received: P's send waits for our receive). The room's
-last header carries the aux record and the page count; once every piece has landed and been scattered
-(on CUDA: once the last scatter's event fired, seen by ``poll`` or by a worker thread, whichever first),
-the room is Success and P is told Done.
+Receiving (data pieces, or direct copies from P's mapped pool) is PageReceiver's (ucx_receive.py).
+We answer P's Fail/Abort on a direct link with AbortAck once the room's copies are done; P's pool is
+mapped at the handshake (``PrefillLink.map_pool``) and unmapped when the link drops.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -35,28 +30,29 @@ from transfer.base import (
 )
 from transfer.bootstrap import BootstrapClient
 from transfer.config import TransferConfig
-from transfer.pack import chunk_nbytes
+from transfer.peer_pool import PeerPool
 from transfer.protocol import (
     Abort,
+    AbortAck,
     Data,
-    Done,
     Fail,
     Hello,
     HelloOk,
     HelloRefused,
     Message,
+    Pages,
     Register,
     Registered,
 )
 from transfer.room import unknown_room
-from transfer.staging import StagingSlot
 from transfer.ucx_channel import Channel, connect
 from transfer.ucx_decode_state import Addr, DecodeRoom, HandshakeRefused, PrefillLink
-from transfer.ucx_engine import CONNECT_TIMEOUT_S, UcxEngineBase
+from transfer.ucx_engine import CONNECT_TIMEOUT_S
+from transfer.ucx_receive import PageReceiver
 
 logger = logging.getLogger(__name__)
 
-class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
+class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
     role = "decode"
 
     def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig) -> None:
@@ -164,14 +160,14 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
 
     def _register(self, link: PrefillLink, state: DecodeRoom) -> None:
         if state.alive:
-            self._post(link, Register(state.room, len(state.page_ids)))
+            self._post(link, Register(state.room, len(state.page_ids), link.pool is not None))
 
     def _post(self, link: PrefillLink, msg: Message) -> None:
         """Send a control message, not waiting for it (loop); a broken link is reported by its receive loop."""
         if link.channel is None:
             return
         try:
-            link.channel.post(msg).add_done_callback(_consume)
+            link.channel.post_nowait(msg)
         except ConnectionError as e:
             logger.debug("%s: could not send %s to %s: %s", self.engine_id, type(msg).__name__, link.name, e)
 
@@ -184,8 +180,9 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
             logger.log(logging.WARNING if live else logging.INFO, "%s: %s (%d live rooms failed)",
                        self.engine_id, reason, len(live))
         for state in live:
-            self._fail_room(state, reason, None)
+            self._fail_room(state, reason, None)  # waits for the room's copies: the pool may go after this
         link.rooms.clear()
+        link.close_pool(self.engine_id)
         current = asyncio.current_task()
         for task in link.tasks:
             if task is not current:
@@ -201,7 +198,7 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
     async def _run_link(self, link: PrefillLink) -> None:
         while True:
             try:
-                link.channel = await self._connect(link)
+                link.channel, link.pool = await self._connect(link)
                 break
             except HandshakeRefused as e:
                 self._drop_link(link, e.reason)
@@ -220,6 +217,8 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
                 msg = await link.channel.recv()
                 if isinstance(msg, Data):
                     await self._on_data(link, msg)
+                elif isinstance(msg, Pages):
+                    self._on_pages(link, msg)
                 else:
                     self._on_control(link, msg)
         except asyncio.CancelledError:
@@ -227,7 +226,8 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
         except Exception as e:  # noqa: BLE001 - any endpoint error fails the link's rooms
             self._drop_link(link, f"connection to prefill {link.name} lost ({type(e).__name__}: {e})")
 
-    async def _connect(self, link: PrefillLink) -> Channel:
+    async def _connect(self, link: PrefillLink) -> tuple[Channel, PeerPool | None]:
+        """The handshaken channel to P, and P's pool if it offered one and we could map it (a direct link)."""
         route = await self._client.get_route(*link.addr, timeout=CONNECT_TIMEOUT_S)
         taken = {lk.channel.link_id for lk in self._links.values() if lk.channel is not None}
         channel = await connect(self.runtime, route.host, route.port, taken, 2 * CONNECT_TIMEOUT_S)
@@ -238,7 +238,8 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
             await channel.close()
             raise
         if isinstance(reply, HelloOk):
-            return channel
+            pool = link.map_pool(reply.pool, self.kv, self.engine_id) if self.config.direct_read else None
+            return channel, pool
         await channel.close()
         if isinstance(reply, HelloRefused):
             raise HandshakeRefused(reply.reason)
@@ -271,98 +272,15 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
         elif isinstance(msg, (Fail, Abort)):
             if state is not None:
                 reason = msg.reason if isinstance(msg, Fail) else f"aborted by prefill: {msg.reason}"
-                self._fail_room(state, reason, None)
+                self._fail_room(state, reason, None)  # waits for the room's copies
+            if link.pool is not None:  # P keeps its pages until we answer (it may have announced some)
+                self._post(link, AbortAck(msg.room))
         else:
             logger.warning("%s: unexpected %s from prefill %s", self.engine_id, type(msg).__name__, link.name)
 
-    async def _on_data(self, link: PrefillLink, msg: Data) -> None:
-        state = link.rooms.get(msg.room)
-        if state is not None and state.alive:
-            problem = None
-            if msg.first_page + msg.num_pages > len(state.page_ids):
-                problem = (f"prefill sent pages [{msg.first_page}, {msg.first_page + msg.num_pages}) "
-                           f"but decode registered {len(state.page_ids)}")
-            elif msg.nbytes != chunk_nbytes(self.kv, msg.num_pages):
-                problem = f"piece of {msg.num_pages} pages has {msg.nbytes} bytes, expected {chunk_nbytes(self.kv, msg.num_pages)}"
-            if problem is not None:
-                self._fail_room(state, problem, Fail)
-            else:
-                state.advance(KVPoll.Transferring)
-                state.mark_first_byte()
-        if msg.nbytes > 0:  # always receive: P's send waits for our receive
-            slot = await self.staging.acquire(msg.nbytes)
-            assert link.channel is not None
-            try:
-                landed = link.channel.post_recv_data(msg.seq, slot.buf[:msg.nbytes])
-            except BaseException:
-                self.staging.release(slot)
-                raise
-            if state is not None:
-                state.inflight += 1
-            self.spawn(self._land(link, state, msg, slot, landed))
-        if state is not None and msg.last:
-            state.last_header = msg
-            self._maybe_finish(link, state)
-
-    async def _land(self, link: PrefillLink, state: DecodeRoom | None, msg: Data, slot: StagingSlot,
-                    landed: asyncio.Future[None]) -> None:
-        """Wait for one piece, start its scatter, give the slot back (its ``ready`` guards the next writer)."""
-        try:
-            await landed
-            if state is not None:
-                ids = state.page_ids[msg.first_page:msg.first_page + msg.num_pages]
-                scattered, slot.ready = self.launch_unpack(state, ids, slot.view(msg.nbytes, self.kv.dtype))
-                if scattered:
-                    state.pages_received += msg.num_pages
-                    state.add_bytes(msg.nbytes)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - fail the room; an endpoint error also ends the link
-            if state is not None:
-                self._fail_room(state, f"receiving KV failed ({type(e).__name__}: {e})", Fail)
-        finally:
-            self.staging.release(slot)
-            if state is not None:
-                state.inflight -= 1
-                self._maybe_finish(link, state)
-
-    def _maybe_finish(self, link: PrefillLink, state: DecodeRoom) -> None:
-        """Once the last header came and every piece landed: check the count, then Success (loop)."""
-        msg = state.last_header
-        if msg is None or state.inflight or not state.alive or state.finishing is not None:
-            return
-        problem = None
-        if msg.total_pages != state.pages_received or msg.total_pages > len(state.page_ids):
-            problem = (f"incomplete KV transfer: received {state.pages_received} pages, prefill sent "
-                       f"{msg.total_pages}, decode registered {len(state.page_ids)}")
-        else:
-            try:
-                state.aux = AuxRecord(**(msg.aux or {}))
-            except TypeError as e:
-                problem = f"unreadable aux record from prefill: {e}"
-        if problem is not None:
-            self._fail_room(state, problem, Fail)
-            return
-        if state.gpu_work is None or state.gpu_work.query():
-            self._succeed(state)
-        else:
-            state.finishing = state.gpu_work
-            self.spawn(self._succeed_when_scattered(state))
-
-    async def _succeed_when_scattered(self, state: DecodeRoom) -> None:
-        await self.wait_event(state.finishing)
-        self._succeed(state)
-
-    def _succeed(self, state: DecodeRoom) -> None:
-        """Success, and Done to P, exactly once (``poll`` or the loop, whichever sees the last scatter end)."""
-        if state.advance(KVPoll.Success):
-            if self.runtime.in_loop_thread:
-                self._tell_prefill(state, Done(state.room))
-            else:
-                self.call_soon(self._tell_prefill, state, Done(state.room))
-
     async def _aclose(self) -> None:
         for link in list(self._links.values()):
+            link.close_pool(self.engine_id)  # every room failed before this runs (shutdown)
             for task in link.tasks:
                 task.cancel()
             if link.channel is not None:
@@ -370,7 +288,3 @@ class UcxDecodeTransfer(UcxEngineBase[DecodeRoom], DecodeTransfer):
         self._links.clear()
         await self._client.close()
 
-
-def _consume(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()

@@ -7,8 +7,9 @@ the scheduler's thread inside ``send`` (or on the loop when no staging slot was 
 loop as soon as a piece has landed. On CUDA both are one kernel on the engine's own stream (ordered after
 the forward by ``ready_event``), never a host wait: each records a CUDA event, and whoever needs the copy
 finished waits for that event: the loop only when it has not fired yet, and then in one of the
-``thread_pool_size`` worker threads, so the loop never blocks on the GPU. On CPU the copies are
-synchronous torch copies. An event that has fired means the copy is complete for every later reader,
+``thread_pool_size`` worker threads, so the loop never blocks on the GPU. On a direct link D's copy out
+of P's mapped pool (``launch_pull``) is one such kernel too, in place of the scatter. On CPU the copies
+are synchronous torch copies. An event that has fired means the copy is complete for every later reader,
 whatever stream it uses.
 """
 
@@ -27,6 +28,7 @@ import torch
 from transfer.base import EngineDescription, TransferStats
 from transfer.config import TransferConfig
 from transfer.pack import PageIds, pack_pages, unpack_pages, wait_ready
+from transfer.peer_pool import PeerPool
 from transfer.room import RoomState, RoomTable
 from transfer.staging import StagingPool
 from transfer.ucx_runtime import UcxRuntime
@@ -217,6 +219,30 @@ class UcxEngineBase(Generic[R]):
                 unpack_pages(self.kv, page_ids, staging)
                 state.gpu_work = _record(self._stream)
                 return True, state.gpu_work
+
+    def launch_pull(self, state: RoomState, pool: PeerPool, src_ids: list[int], dst_ids: list[int]) -> bool:
+        """Start copying P's pages ``src_ids`` from its mapped pool into ``dst_ids`` unless the room is dead.
+
+        Like ``launch_unpack``: on CUDA one kernel on the engine stream, recorded as the room's ``gpu_work``.
+        Raises on bad page ids (nothing is launched then). Loop thread.
+        """
+        with state.lock:
+            if not state.alive:
+                return False
+            if self._stream is None:
+                pool.copy_into(self.kv, src_ids, dst_ids)
+                return True
+            with torch.cuda.device(self.kv.device), torch.cuda.stream(self._stream):
+                pool.copy_into(self.kv, src_ids, dst_ids)
+                state.gpu_work = _record(self._stream)
+                return True
+
+    async def wait_ready(self, ready_event: Any) -> None:
+        """Loop: until the forward that wrote the pages finished (CUDA event, or anything ``wait_ready`` takes)."""
+        if isinstance(ready_event, torch.cuda.Event):
+            await self.wait_event(ready_event)
+        elif ready_event is not None:
+            await self.in_executor(wait_ready, ready_event)
 
     # --- shared public helpers ----------------------------------------------------------------------
 

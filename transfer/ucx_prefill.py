@@ -6,7 +6,9 @@ the room fails. A registration that arrives before P sees the room (router sends
 concurrently) waits in ``_pending`` (D is told Registered at once) and is taken over when P sees the
 room; if P never sees it within ``bootstrap_timeout`` of its arrival, D is told Fail.
 
-Sending: ``send`` hands the pages to the piece pipeline (ucx_pieces.py). Success comes when D answers Done.
+Sending: ``send`` hands the pages to the piece pipeline (ucx_pieces.py): UCX data messages, or on a direct
+link (D mapped the pool we offer in HelloOk, peer_pool.py) a Pages message naming our pages once they are
+written. Success comes when D answers Done.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from transfer.base import (
 )
 from transfer.bootstrap import BootstrapServer, Route, advertised_host
 from transfer.config import TransferConfig
+from transfer.peer_pool import PeerPoolError, export_pool
 from transfer.protocol import (
     Abort,
+    AbortAck,
     Done,
     Fail,
     Hello,
@@ -72,6 +76,7 @@ class PrefillRoom(SendingRoom):
 class PendingRegistration:
     peer: DecodePeer
     num_pages: int
+    direct: bool
     arrived: float
 
 
@@ -90,13 +95,20 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
         self._listener: Any = None
         self._bootstrap: BootstrapServer | None = None
         self._rng = random.Random()
+        self._offer: dict[str, Any] | None = None  # our pool, offered to D for direct reads (peer_pool.py)
 
     # --- scheduler thread -------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.config.direct_read:
+            try:
+                self._offer = export_pool(self.kv).to_dict()
+            except PeerPoolError as e:
+                logger.info("%s: no direct reads of the KV pool (%s): KV goes as UCX data messages", self.engine_id, e)
         self._start_runtime(self._astart, self._aclose)
-        logger.info("%s: bootstrap server on %s:%d, UCX data listener on port %d", self.engine_id,
-                    self.bootstrap_host, self.bootstrap_port, self._listener.port)
+        logger.info("%s: bootstrap server on %s:%d, UCX data listener on port %d, pool offered for direct reads: %s",
+                    self.engine_id, self.bootstrap_host, self.bootstrap_port, self._listener.port,
+                    self._offer["kind"] if self._offer else "no")
 
     def poll(self, room: int) -> KVPoll:
         state = self._room(room)
@@ -155,14 +167,15 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
             state, created = self.rooms.get_or_create(room, lambda: PrefillRoom(room, deadline))
             pending = self._pending.pop(room, None) if created else None
         if pending is not None:
-            self._attach(state, pending.peer, pending.num_pages)
+            self._attach(state, pending.peer, pending.num_pages, pending.direct)
         elif created and (reason := self._recent.get(room)) is not None:
             # D registered this room earlier and its link has died since: fail now, not at the bootstrap timeout.
             self._fail(state, reason, None)
         return state
 
-    def _attach(self, state: PrefillRoom, peer: DecodePeer, num_pages: int) -> None:
-        state.peer, state.num_pages = peer, num_pages
+    def _attach(self, state: PrefillRoom, peer: DecodePeer, num_pages: int, direct: bool) -> None:
+        state.num_pages, state.direct = num_pages, direct and self._offer is not None
+        state.peer = peer  # last: a room with a peer is fully attached
         state.advance(KVPoll.WaitingForInput)
         self._wake(state)
 
@@ -173,14 +186,38 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
             self.call_soon(state.registered.set)
 
     def _fail(self, state: PrefillRoom, reason: str, tell: type[Fail | Abort] | None) -> None:
-        """Fail the room; ``tell`` D with that message type if it registered (None: D already knows)."""
-        if not state.fail(reason):
+        """Fail the room; ``tell`` D with that message type if it registered (None: D already knows).
+
+        A room whose pages D may be copying (direct link, pages announced) first drains: D is told, and the
+        room turns Failed only when D answers (or its link drops, or ``_drain_timeout`` passes), so the
+        scheduler keeps the pages until no copy by D can read them."""
+        if tell is not None and self._drain(state, reason, tell):
+            return
+        if not state.fail(state.draining or reason):
             return
         logger.info("%s: room %d failed: %s", self.engine_id, state.room, reason)
         self._wake(state)
         peer = state.peer
         if tell is not None and peer is not None:
             self.call_soon(self._post, peer, tell(state.room, reason))
+
+    def _drain(self, state: PrefillRoom, reason: str, tell: type[Fail | Abort]) -> bool:
+        """Start draining the room if D may be reading its pages; True if it is draining now."""
+        with state.lock:
+            if state.draining is not None:
+                return True
+            if state.terminal or not (state.direct and state.announced):
+                return False
+            state.draining = reason
+            state.drain_deadline = time.monotonic() + self._drain_timeout
+        logger.info("%s: room %d failing once decode stops reading its pages: %s", self.engine_id, state.room, reason)
+        self.call_soon(self._post, state.peer, tell(state.room, reason))
+        return True
+
+    @property
+    def _drain_timeout(self) -> float:
+        """How long a draining room waits for D's answer: as long as D waits before it declares us dead."""
+        return self.config.heartbeat_interval * self.config.heartbeat_max_failure
 
     def _bootstrap_timeout_text(self, room: int) -> str:
         return (f"bootstrap timeout: no decode worker registered room {room} within "
@@ -190,6 +227,10 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
         for state in self.rooms.snapshot():
             if state.alive and state.peer is None and now > state.deadline:
                 self._fail(state, self._bootstrap_timeout_text(state.room), None)
+            elif state.draining is not None and not state.terminal and now > state.drain_deadline:
+                logger.warning("%s: room %d: decode did not answer our abort within %gs; failing it anyway",
+                               self.engine_id, state.room, self._drain_timeout)
+                self._fail(state, state.draining, None)
         with self._lock:
             expired = [(room, p) for room, p in self._pending.items()
                        if now - p.arrived > self.config.bootstrap_timeout]
@@ -236,7 +277,8 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
                 raise TypeError(f"expected Hello, got {type(hello).__name__}")
             peer.decode_id = hello.decode_id
             peer.refused = self._check_engine(hello.engine)
-            await channel.send(HelloOk(self.engine_id) if peer.refused is None else HelloRefused(peer.refused))
+            await channel.send(HelloOk(self.engine_id, self._offer) if peer.refused is None
+                               else HelloRefused(peer.refused))
             while True:
                 self._dispatch(peer, await channel.recv())
         except asyncio.CancelledError:
@@ -255,7 +297,7 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
         return self.desc.mismatch(theirs)
 
     def _peer_lost(self, peer: DecodePeer, reason: str) -> None:
-        live = [s for s in (self.rooms.get(r) for r in peer.rooms) if s is not None and s.peer is peer and s.alive]
+        live = [s for s in (self.rooms.get(r) for r in peer.rooms) if s is not None and s.peer is peer and not s.terminal]
         if not self._closing:
             logger.log(logging.WARNING if live else logging.INFO, "%s: %s (%d live rooms failed)",
                        self.engine_id, reason, len(live))
@@ -270,16 +312,19 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
     def _dispatch(self, peer: DecodePeer, msg: Message) -> None:
         if isinstance(msg, Register):
             self._on_register(peer, msg)
-        elif isinstance(msg, Done):
+        elif isinstance(msg, (Done, AbortAck)):
             state = self.rooms.get(msg.room)
             if state is not None and state.peer is peer:
-                state.advance(KVPoll.Success)
+                if state.draining is not None:  # D stopped reading (or finished before our abort came)
+                    self._fail(state, state.draining, None)
+                elif isinstance(msg, Done):
+                    state.advance(KVPoll.Success)
             peer.rooms.discard(msg.room)
         elif isinstance(msg, (Fail, Abort)):
             reason = msg.reason if isinstance(msg, Fail) else f"aborted by decode: {msg.reason}"
             state = self.rooms.get(msg.room)
             if state is not None and state.peer is peer:
-                self._fail(state, reason, None)
+                self._fail(state, state.draining or reason, None)
             with self._lock:
                 if self._pending.get(msg.room) is not None and self._pending[msg.room].peer is peer:
                     del self._pending[msg.room]
@@ -298,7 +343,7 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
                 if refusal is None and room in self._pending:
                     refusal = f"room {room} is already registered by another decode request"
                 if refusal is None:
-                    self._pending[room] = PendingRegistration(peer, msg.num_pages, time.monotonic())
+                    self._pending[room] = PendingRegistration(peer, msg.num_pages, msg.direct, time.monotonic())
         if refusal is None and state is not None:
             if not state.alive:
                 refusal = state.reason or f"room {room} already finished on prefill"
@@ -310,17 +355,13 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
         peer.rooms.add(room)
         self._post(peer, Registered(room))
         if state is not None:
-            self._attach(state, peer, msg.num_pages)
+            self._attach(state, peer, msg.num_pages, msg.direct)
             if not state.alive:  # failed by the scheduler thread just before it knew its peer: tell D now
                 self._post(peer, Fail(room, state.reason or f"room {room} failed on prefill"))
 
     def _post(self, peer: DecodePeer, msg: Message) -> None:
         """Send a control message, not waiting for it (loop); a broken link is reported by its receive loop."""
         try:
-            peer.channel.post(msg).add_done_callback(_consume)
+            peer.channel.post_nowait(msg)
         except ConnectionError as e:
             logger.debug("%s: could not send %s to %s: %s", self.engine_id, type(msg).__name__, peer.decode_id, e)
-
-def _consume(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()

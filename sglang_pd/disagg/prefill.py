@@ -5,7 +5,8 @@ request. After every forward its newly complete pages (and, with the last chunk,
 page and the aux record carrying the first sampled token) are queued to the transfer engine. Once the
 first token exists the request leaves the running batch but keeps its pages (the engine reads them in
 the background) until the room is Success or Failed; then its pages go to the radix cache and it
-finishes with that one token (its HTTP answer).
+finishes with that one token (its HTTP answer). An aborted in-flight request answers at once, but its
+pages wait in ``draining`` until the room is terminal: on a direct link D may still be copying them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class PrefillHooks(SchedulerHooks):
         self.device = device
         self.bootstrap_queue: list[Req] = []
         self.inflight: list[Req] = []
+        self.draining: list[Req] = []  # aborted, answered; pages kept until the room is terminal
         self.sent_pages: dict[str, int] = {}  # rid -> pages of the prompt already queued for sending
         self.finished_meta: dict[str, dict[str, Any] | None] = {}  # rid -> kv_transfer meta, until read
         self.num_bootstrap_failed = 0
@@ -43,6 +45,11 @@ class PrefillHooks(SchedulerHooks):
         return True
 
     def before_step(self, out: StepOutput) -> None:
+        for req in list(self.draining):
+            if self.transfer.poll(_room(req)) in (KVPoll.Success, KVPoll.Failed):
+                self.draining.remove(req)
+                self.sched.kv.release(req)
+                self.transfer.release(_room(req))
         for req in list(self.bootstrap_queue):
             state = self.transfer.poll(_room(req))
             if state == KVPoll.Failed:
@@ -101,9 +108,13 @@ class PrefillHooks(SchedulerHooks):
                 if req.rid == rid:
                     queue.remove(req)
                     self.transfer.abort(_room(req), message)
+                    req.finish(FinishReason("abort", message=message))
+                    if req.pages and self.transfer.poll(_room(req)) not in (KVPoll.Success, KVPoll.Failed):
+                        self.finished_meta[req.rid] = transfer_meta(self.transfer, req)
+                        self.draining.append(req)  # D may still read the pages: before_step releases them
+                        return req
                     if req.pages:
                         self.sched.kv.release(req)
-                    req.finish(FinishReason("abort", message=message))
                     self._close(req)
                     return req
         for req in self.sched.running + list(self.sched.waiting):
@@ -113,7 +124,7 @@ class PrefillHooks(SchedulerHooks):
         return None  # the scheduler aborts it from its own queues
 
     def has_work(self) -> bool:
-        return bool(self.bootstrap_queue or self.inflight)
+        return bool(self.bootstrap_queue or self.inflight or self.draining)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -12,4 +12,4 @@ def transfer_meta(transfer: PrefillTransfer | DecodeTransfer, req: Req) -> dict[
     if req.bootstrap is None:
         return None
     st = transfer.stats(req.bootstrap.room)
-    return {"bytes": st.num_bytes, "ms": round(st.ms, 3), "gb_per_s": round(st.gb_per_s, 3)}
+    return {"bytes": st.num_bytes, "ms": round(st.ms, 3), "gb_per_s": round(st.gb_per_s, 3), "path": st.path}

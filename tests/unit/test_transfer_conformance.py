@@ -1,5 +1,6 @@
 """One conformance suite for both transfer engines: real UCX (TCP on 127.0.0.1, P and D in this process on
-two CPU KV buffers) and the in-process fake. Both must show the same states, pages, texts and timeouts."""
+two CPU KV buffers), once with the KV as data messages and once direct (D maps P's pool from shared memory
+and copies the pages), and the in-process fake. All must show the same states, pages, texts and timeouts."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ class Cluster:
     """One P and any number of D engines of one backend; everything is shut down at teardown."""
 
     def __init__(self, backend: str) -> None:
-        self.backend = backend
+        self.direct = backend == "ucx-direct"  # D maps P's pool (shared memory here) and copies the pages itself
+        self.backend = "ucx" if self.direct else backend
         self.hub = None
         if backend == "fake":
             from transfer.fake_engine import FakeTransferHub
@@ -78,6 +80,7 @@ class Cluster:
 
     def prefill(self, desc: EngineDescription, config: TransferConfig = SLOW) -> tuple[PrefillTransfer, torch.Tensor]:
         kv = kv_for(desc, fill=True)
+        config = replace(config, direct_read=self.direct)
         p = create_transfer("prefill", self.backend, kv, desc, config, HOST, 0, **self._extra())  # type: ignore[arg-type]
         assert isinstance(p, PrefillTransfer)
         self.engines.append(p)
@@ -88,6 +91,7 @@ class Cluster:
 
     def decode(self, desc: EngineDescription, config: TransferConfig = SLOW) -> tuple[DecodeTransfer, torch.Tensor]:
         kv = kv_for(desc, fill=False)
+        config = replace(config, direct_read=self.direct)
         d = create_transfer("decode", self.backend, kv, desc, config, HOST, 0, **self._extra())  # type: ignore[arg-type]
         assert isinstance(d, DecodeTransfer)
         self.engines.append(d)
@@ -113,7 +117,7 @@ class Cluster:
             assert time.monotonic() - t < 5, "shutdown must finish within a few seconds"
 
 
-@pytest.fixture(params=["ucx", "fake"])
+@pytest.fixture(params=["ucx", "ucx-direct", "fake"])
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     c = Cluster(request.param)
     yield c

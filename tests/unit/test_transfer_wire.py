@@ -15,6 +15,7 @@ from transfer.protocol import (
     LINK_ID_BITS,
     MESSAGE_TYPES,
     Abort,
+    AbortAck,
     Data,
     Done,
     Fail,
@@ -22,6 +23,7 @@ from transfer.protocol import (
     HelloOk,
     HelloRefused,
     Message,
+    Pages,
     Register,
     Registered,
     ctrl_tag,
@@ -81,7 +83,9 @@ def test_every_message_round_trips() -> None:
             Register(2**63 - 1, 12), Registered(5), Data(5, 7, 0, 3, 3 << 20), Done(5), Fail(5, "why"),
             Abort(5, "client gone"),
             Data(5, 8, 3, 1, 1 << 20, 4, {"first_token_id": 3, "output_top_logprobs": [[[-0.1, 3, None]]]}),
-            Data(5, -1, 4, 0, 0, 4, {"first_token_id": 3})]
+            Data(5, -1, 4, 0, 0, 4, {"first_token_id": 3}),
+            HelloOk("p2", {"kind": "shm", "boot_id": "b", "num_pages": 9, "nbytes": 1 << 30, "handle": bytes(64)}),
+            Register(6, 3, True), Pages(6, 0, [7, 2, 9]), Pages(6, 3, [], 3, {"first_token_id": 1}), AbortAck(6)]
     assert {type(m) for m in msgs} == set(MESSAGE_TYPES)
     for m in msgs:
         assert decode(encode(m)) == m

@@ -1,0 +1,230 @@
+"""The direct handoff on one host over real UCX (TCP on 127.0.0.1, P and D in this process, CPU pools): P offers
+its KV pool in shared memory, D maps it and copies a room's pages itself when P names them in a Pages message;
+anything that does not fit (either side opting out, an offer D cannot map) falls back to UCX data messages."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import pytest
+import torch
+
+from transfer import create_transfer
+from transfer.base import (
+    AuxRecord,
+    DecodeTransfer,
+    EngineDescription,
+    KVPoll,
+    PrefillTransfer,
+)
+from transfer.config import TransferConfig
+from transfer.pack import page_nbytes
+
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+pytestmark = pytest.mark.timeout(90)
+
+HOST = "127.0.0.1"
+NUM_PAGES = 48
+DESC = EngineDescription(model_id="LlamaForCausalLM:L3:H32:V128", architecture="LlamaForCausalLM",
+                         dtype="bfloat16", num_layers=3, num_kv_heads=2, head_dim=8, page_size=4)
+PAGE_BYTES = 3 * 2 * 4 * 2 * 8 * 2  # 768 B: layers x (K, V) x page x heads x dim x bf16
+DIRECT = TransferConfig(thread_pool_size=2, queue_size=2, bootstrap_timeout=30, waiting_timeout=30,
+                        heartbeat_interval=1.0, heartbeat_max_failure=3, direct_read=True)
+NO_DIRECT = replace(DIRECT, direct_read=False)
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.002)
+
+
+class Pair:
+    """One started P and one started D; ``close`` shuts both down (the fixture always calls it)."""
+
+    def __init__(self) -> None:
+        self.pkv = torch.randn(3, 2, NUM_PAGES, 4, 2, 8).to(torch.bfloat16)
+        self.dkv = torch.zeros_like(self.pkv)
+        assert page_nbytes(self.pkv) == PAGE_BYTES
+        self.p: PrefillTransfer | None = None
+        self.d: DecodeTransfer | None = None
+
+    def start(self, p_config: TransferConfig, d_config: TransferConfig) -> None:
+        p = create_transfer("prefill", "ucx", self.pkv, DESC, p_config, HOST, 0)
+        assert isinstance(p, PrefillTransfer)
+        self.p = p
+        p.start()
+        self.port: int = p.bootstrap_port  # type: ignore[attr-defined]
+        d = create_transfer("decode", "ucx", self.dkv, DESC, d_config, HOST, 0)
+        assert isinstance(d, DecodeTransfer)
+        self.d = d
+        d.start()
+
+    def register(self, room: int, d_pages: list[int]) -> None:
+        assert self.p is not None and self.d is not None
+        self.p.poll(room)
+        self.d.register(room, HOST, self.port, d_pages)
+        wait_until(lambda: self.p.poll(room) == KVPoll.WaitingForInput, 10, f"room {room}'s registration")
+
+    def settle(self, room: int) -> None:
+        done = (KVPoll.Success, KVPoll.Failed)
+        wait_until(lambda: self.p.poll(room) in done and self.d.poll(room) in done, 15, f"room {room} to settle")
+
+    def move(self, room: int, p_pages: list[int], d_pages: list[int]) -> None:
+        """Register, send everything in one call, settle, and require Success on both sides."""
+        self.register(room, d_pages)
+        self.p.send(room, p_pages, 0, True, aux(room))
+        self.settle(room)
+        assert self.p.poll(room) == self.d.poll(room) == KVPoll.Success, (self.p.failure(room), self.d.failure(room))
+
+    def close(self) -> None:
+        for engine in (self.d, self.p):
+            if engine is not None:
+                engine.shutdown()
+
+
+@pytest.fixture
+def make_pair() -> Iterator[Callable[..., Pair]]:
+    pairs: list[Pair] = []
+
+    def make(p_config: TransferConfig = DIRECT, d_config: TransferConfig = DIRECT) -> Pair:
+        pairs.append(Pair())  # appended before start: a half-started pair is still shut down
+        pairs[-1].start(p_config, d_config)
+        return pairs[-1]
+
+    yield make
+    for pair in pairs:
+        pair.close()
+
+
+def aux(room: int) -> AuxRecord:
+    return AuxRecord(first_token_id=room, cached_tokens=2, output_token_logprobs=[[-0.5, room, None]],
+                     output_top_logprobs=[[[-0.5, room, None], [-1.25, 3, None]]])
+
+
+def test_direct_is_chosen_on_one_host_and_moves_pages_bit_exact(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    p_pages = [30, 2, 17, 9, 44, 0, 23, 11, 5, 47]  # out of order on both sides
+    d_pages = [12, 40, 1, 33, 7, 26, 19, 45, 3, 28]
+    pair.register(1, d_pages)
+    pair.p.send(1, p_pages[:4], 0, False)
+    pair.p.send(1, p_pages[4:], 4, True, aux(1))
+    pair.settle(1)
+    assert pair.p.poll(1) == pair.d.poll(1) == KVPoll.Success, (pair.p.failure(1), pair.d.failure(1))
+    assert torch.equal(pair.dkv[:, :, d_pages], pair.pkv[:, :, p_pages])
+    assert not pair.dkv[:, :, [pg for pg in range(NUM_PAGES) if pg not in d_pages]].any()
+    ps, ds = pair.p.stats(1), pair.d.stats(1)
+    assert ps.path == ds.path == "direct"
+    assert ps.num_bytes == ds.num_bytes == len(p_pages) * PAGE_BYTES
+    assert pair.d.aux(1) == aux(1)
+
+
+def test_direct_reads_see_the_pool_at_copy_time(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    pair.register(1, [3, 4])
+    assert pair.pkv.is_shared(), "P's pool must live in shared memory for D to map it"
+    # Peek at D's mapping (a private attribute): it aliases P's pool, so a write by P is visible to D at once.
+    (link,) = pair.d._links.values()  # type: ignore[attr-defined]
+    assert link.pool is not None
+    pair.pkv[:, :, 20] = 7.0
+    assert torch.equal(link.pool.source[:, :, 20], pair.pkv[:, :, 20])
+    pair.p.send(1, [20, 21], 0, True, aux(1))
+    pair.settle(1)
+    assert pair.p.poll(1) == pair.d.poll(1) == KVPoll.Success, (pair.p.failure(1), pair.d.failure(1))
+    old = pair.dkv[:, :, [3, 4]].clone()
+    assert torch.equal(old, pair.pkv[:, :, [20, 21]])
+    pair.pkv[:, :, 21] = -3.5  # P reuses page 21 after the first room finished
+    pair.move(2, [20, 21], [10, 11])
+    assert pair.p.stats(2).path == pair.d.stats(2).path == "direct"
+    assert torch.equal(pair.dkv[:, :, [10, 11]], pair.pkv[:, :, [20, 21]])
+    assert (pair.dkv[:, :, 11] == -3.5).all() and torch.equal(pair.dkv[:, :, [3, 4]], old)  # room 1 untouched
+
+
+@pytest.mark.parametrize("p_direct,d_direct", [(True, False), (False, True)], ids=["decode-opts-out", "no-offer"])
+def test_either_side_opting_out_uses_data_messages(make_pair: Callable[..., Pair], p_direct: bool,
+                                                   d_direct: bool) -> None:
+    pair = make_pair(DIRECT if p_direct else NO_DIRECT, DIRECT if d_direct else NO_DIRECT)
+    assert (pair.p._offer is not None) == p_direct  # type: ignore[attr-defined]
+    p_pages, d_pages = [8, 1, 40, 15, 33], [2, 29, 11, 46, 0]
+    pair.move(1, p_pages, d_pages)
+    assert pair.p.stats(1).path == pair.d.stats(1).path == "ucx"
+    assert pair.p.stats(1).num_bytes == pair.d.stats(1).num_bytes == len(p_pages) * PAGE_BYTES
+    assert torch.equal(pair.dkv[:, :, d_pages], pair.pkv[:, :, p_pages])
+    assert pair.d.aux(1) == aux(1)
+
+
+def test_an_offer_decode_cannot_map_falls_back_to_data_messages(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    # Fault injection on a private attribute: D checks that /proc/<pid>/fd/<fd> is the offered file, and it is
+    # not any more. D connects only at its first register(), so the corrupted offer is what the handshake sends.
+    pair.p._offer["file_id"] = [0, 0]  # type: ignore[attr-defined,index]
+    p_pages, d_pages = [6, 7, 19, 2], [31, 30, 5, 44]
+    pair.move(1, p_pages, d_pages)
+    assert pair.p.stats(1).path == pair.d.stats(1).path == "ucx"
+    assert torch.equal(pair.dkv[:, :, d_pages], pair.pkv[:, :, p_pages])
+
+
+def test_bad_page_ids_on_a_direct_link_fail_only_that_room(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    pair.register(1, [4, 5, 6])
+    pair.p.send(1, [3, NUM_PAGES, 9], 0, True, aux(1))  # P does not check ids on a direct link; D must
+    pair.settle(1)
+    assert pair.p.poll(1) == pair.d.poll(1) == KVPoll.Failed
+    for side in (pair.p, pair.d):
+        assert "page id out of range" in (side.failure(1) or ""), side.failure(1)  # D's check, not torch's
+    assert not pair.dkv.any(), "no page may be written for a room whose ids were rejected"
+    pair.move(2, [3, 9, 12], [4, 5, 6])  # the same engines, the same link, the same D pages
+    assert pair.p.stats(2).path == pair.d.stats(2).path == "direct"
+    assert torch.equal(pair.dkv[:, :, [4, 5, 6]], pair.pkv[:, :, [3, 9, 12]])
+
+
+def test_decode_abort_while_pages_are_announced(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    pair.register(1, [1, 2, 3, 4, 5, 6])
+    pair.p.send(1, [10, 11, 12], 0, False)  # half the room announced (and copied), the rest still to come
+    wait_until(lambda: pair.d.poll(1) == KVPoll.Transferring, 10, "D to copy the first pages")
+    pair.d.abort(1, "client gone")
+    assert pair.d.poll(1) == KVPoll.Failed and pair.d.failure(1) == "client gone"
+    wait_until(lambda: pair.p.poll(1) == KVPoll.Failed, 10, "P to hear of the abort")
+    assert "aborted by decode" in (pair.p.failure(1) or "") and "client gone" in (pair.p.failure(1) or "")
+    pair.p.send(1, [13, 14, 15], 3, True, aux(1))  # the scheduler's next chunk of a dead room: a no-op
+    pair.move(2, [20, 21, 22], [7, 8, 9])
+    assert pair.p.stats(2).path == pair.d.stats(2).path == "direct"
+    assert torch.equal(pair.dkv[:, :, [7, 8, 9]], pair.pkv[:, :, [20, 21, 22]])
+    assert not pair.dkv[:, :, [4, 5, 6]].any(), "pages of the aborted room's unsent chunk stay untouched"
+
+
+def test_prefill_abort_waits_for_decode_to_stop_reading(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    pair.register(1, [1, 2, 3, 4])
+    pair.p.send(1, [10, 11], 0, False)  # announced: D may be copying P's pages 10, 11 from now on
+    wait_until(lambda: pair.d.poll(1) == KVPoll.Transferring, 10, "D to copy the first pages")
+    pair.p.abort(1, "client gone")
+    # P's room turns Failed (the scheduler may reuse the pages) only once D answered: D failed first.
+    wait_until(lambda: pair.p.poll(1) == KVPoll.Failed, 10, "D's answer to reach P")
+    assert pair.d.poll(1) == KVPoll.Failed and "client gone" in (pair.d.failure(1) or "")
+    assert pair.p.failure(1) == "client gone"
+    pair.move(2, [20, 21], [5, 6])  # the link goes on
+    assert pair.p.stats(2).path == "direct"
+
+
+def test_prefill_abort_unanswered_holds_the_pages_until_the_drain_timeout(make_pair: Callable[..., Pair]) -> None:
+    hb = replace(DIRECT, heartbeat_interval=0.5, heartbeat_max_failure=2)  # P waits 1 s for D's answer
+    pair = make_pair(hb, hb)
+    pair.register(1, [1, 2, 3, 4])
+    pair.p.send(1, [10, 11], 0, False)
+    wait_until(lambda: pair.d.poll(1) == KVPoll.Transferring, 10, "D to copy the first pages")
+    # Fault injection on a private method: D's answers to P's aborts are lost on the way.
+    d_post = pair.d._post  # type: ignore[attr-defined]
+    pair.d._post = lambda link, msg: None if type(msg).__name__ == "AbortAck" else d_post(link, msg)  # type: ignore[attr-defined]
+    t0 = time.monotonic()
+    pair.p.abort(1, "client gone")
+    wait_until(lambda: pair.d.poll(1) == KVPoll.Failed, 10, "D to hear of the abort")
+    assert pair.p.poll(1) == KVPoll.Transferring, "P must keep the room (and its pages) while D may read them"
+    wait_until(lambda: pair.p.poll(1) == KVPoll.Failed, 10, "P's drain timeout")
+    assert time.monotonic() - t0 >= 0.9 and pair.p.failure(1) == "client gone"
