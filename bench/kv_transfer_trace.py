@@ -1,0 +1,106 @@
+"""Where a direct handoff's time goes: bench/kv_transfer.py with host-clock stamps (CLOCK_MONOTONIC, shared by both
+processes) at each hop of P and D, written to $OUT/trace_{p,d}.jsonl (default /tmp), then a table of medians.
+
+    python bench/kv_transfer_trace.py --tokens 256,2048,8192 --iters 10 --direct 1
+
+The stamps wrap engine methods from outside (P: send, the loop's enqueue, the Pages post; D: Pages received,
+kernel call and return, launch done, Success, Done posted); each costs a few microseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kv_transfer as kt
+
+OUT = os.environ.get("OUT", "/tmp")
+STAGES = ["enqueue", "post_Pages", "recv_pages", "kernel_call", "kernel_ret", "launched", "succeed", "post_Done"]
+_current_room = [-1]  # D: the room whose Pages is being handled (the kernel wrapper has no room)
+
+
+def install(role: str) -> None:
+    """Wrap the engine methods of this process (``role`` "p" or "d") to stamp each hop."""
+    import kernels.kv_copy as kc
+    from transfer import ucx_channel, ucx_decode, ucx_pieces, ucx_prefill
+
+    out = open(f"{OUT}/trace_{role}.jsonl", "w", buffering=1)  # noqa: SIM115 - open for the process's life
+
+    def rec(room: int, ev: str, **kw: Any) -> None:
+        out.write(json.dumps({"room": room, "ev": ev, "t": time.monotonic(), **kw}) + "\n")
+
+    def wrap(cls: Any, name: str, stamp: Any) -> None:
+        orig = getattr(cls, name)
+
+        def wrapped(*a: Any, **k: Any) -> Any:
+            stamp(*a)
+            return orig(*a, **k)
+
+        setattr(cls, name, wrapped)
+
+    wrap(ucx_channel.Channel, "post", lambda self, msg: rec(getattr(msg, "room", -1), "post_" + type(msg).__name__))
+    if role == "p":
+        wrap(ucx_prefill.UcxPrefillTransfer, "send", lambda self, room, ids, *a: rec(room, "send", pages=len(ids)))
+        wrap(ucx_pieces.PieceSender, "_enqueue", lambda self, state, jobs: rec(state.room, "enqueue"))
+        return
+    orig_on_pages = ucx_decode.UcxDecodeTransfer._on_pages
+
+    def on_pages(self: Any, link: Any, msg: Any) -> None:
+        _current_room[0] = msg.room
+        rec(msg.room, "recv_pages")
+        orig_on_pages(self, link, msg)
+        rec(msg.room, "launched")
+
+    ucx_decode.UcxDecodeTransfer._on_pages = on_pages
+    orig_copy = kc.copy_pages
+
+    def copy_pages(*a: Any, **k: Any) -> None:
+        rec(_current_room[0], "kernel_call")
+        orig_copy(*a, **k)
+        rec(_current_room[0], "kernel_ret")
+
+    kc.copy_pages = copy_pages
+    wrap(ucx_decode.UcxDecodeTransfer, "_succeed", lambda self, state: rec(state.room, "succeed"))
+
+
+_orig_decode_main = kt.decode_main
+
+
+def traced_decode_main(*a: Any) -> None:
+    install("d")
+    _orig_decode_main(*a)
+
+
+def report() -> None:
+    first: dict[int, dict[str, float | int]] = {}
+    for role in ("p", "d"):
+        with open(f"{OUT}/trace_{role}.jsonl") as f:
+            for line in f:
+                r = json.loads(line)
+                first.setdefault(r["room"], {}).setdefault(r["ev"], r["t"])
+                if r["ev"] == "send":
+                    first[r["room"]]["pages"] = r["pages"]
+    by_tokens: dict[int, list[dict[str, float]]] = {}
+    for e in first.values():
+        if "send" in e:
+            row = {k: (e[k] - e["send"]) * 1e3 for k in STAGES if k in e}
+            by_tokens.setdefault(int(e["pages"]) * kt.parse_args([]).page_size, []).append(row)
+    print("median ms after P's send() call, per stage (the first 3 rooms per length dropped as warm-up)")
+    print(f"{'tokens':>6} " + " ".join(f"{k:>11}" for k in STAGES))
+    for tokens, rows in sorted(by_tokens.items()):
+        cells = [statistics.median([r[k] for r in rows[3:] if k in r] or [float("nan")]) for k in STAGES]
+        print(f"{tokens:>6} " + " ".join(f"{c:>11.3f}" for c in cells))
+
+
+if __name__ == "__main__":
+    kt.decode_main = traced_decode_main  # the spawned D process imports this module and runs the traced main
+    install("p")
+    kt.main(sys.argv[1:])
+    report()
