@@ -4,44 +4,30 @@ anything that does not fit (either side opting out, an offer D cannot map) falls
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import pytest
 import torch
+from transfer_testing import DESC, HOST, PAGE_BYTES, wait_until
 
 from transfer import create_transfer
 from transfer.base import (
     AuxRecord,
     DecodeTransfer,
-    EngineDescription,
     KVPoll,
     PrefillTransfer,
 )
 from transfer.config import TransferConfig
 from transfer.pack import page_nbytes
 
-os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 pytestmark = pytest.mark.timeout(90)
 
-HOST = "127.0.0.1"
 NUM_PAGES = 48
-DESC = EngineDescription(model_id="LlamaForCausalLM:L3:H32:V128", architecture="LlamaForCausalLM",
-                         dtype="bfloat16", num_layers=3, num_kv_heads=2, head_dim=8, page_size=4)
-PAGE_BYTES = 3 * 2 * 4 * 2 * 8 * 2  # 768 B: layers x (K, V) x page x heads x dim x bf16
 DIRECT = TransferConfig(thread_pool_size=2, queue_size=2, bootstrap_timeout=30, waiting_timeout=30,
                         heartbeat_interval=1.0, heartbeat_max_failure=3, direct_read=True)
 NO_DIRECT = replace(DIRECT, direct_read=False)
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.002)
 
 
 class Pair:

@@ -4,19 +4,18 @@ shared fairly between rooms (no deadlock with one slot), and a runtime that does
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from transfer_testing import DESC, HOST, PAGE_BYTES, wait_until
 
 from transfer import create_transfer
 from transfer.base import (
     AuxRecord,
     DecodeTransfer,
-    EngineDescription,
     KVPoll,
     PrefillTransfer,
 )
@@ -24,14 +23,9 @@ from transfer.config import TransferConfig
 from transfer.pack import page_nbytes
 from transfer.staging import StagingPool
 
-os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 pytestmark = pytest.mark.timeout(90)
 
-HOST = "127.0.0.1"
 NUM_PAGES = 64
-DESC = EngineDescription(model_id="LlamaForCausalLM:L3:H32:V128", architecture="LlamaForCausalLM",
-                         dtype="bfloat16", num_layers=3, num_kv_heads=2, head_dim=8, page_size=4)
-PAGE_BYTES = 3 * 2 * 4 * 2 * 8 * 2  # 768 B: layers x (K, V) x page x heads x dim x bf16
 
 
 def config(pages_per_piece: int, queue_size: int) -> TransferConfig:
@@ -39,14 +33,6 @@ def config(pages_per_piece: int, queue_size: int) -> TransferConfig:
                           heartbeat_interval=1.0, heartbeat_max_failure=3,
                           max_message_mb=pages_per_piece * PAGE_BYTES / (1 << 20),
                           direct_read=False)  # pieces are data messages (a direct link sends none)
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.002)
 
 
 class Pair:
