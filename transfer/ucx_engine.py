@@ -237,7 +237,7 @@ class UcxEngineBase(Generic[R]):
                 state.gpu_work = _record(self._stream)
                 return True
 
-    async def wait_ready(self, ready_event: Any) -> None:
+    async def until_ready(self, ready_event: Any) -> None:
         """Loop: until the forward that wrote the pages finished (CUDA event, or anything ``wait_ready`` takes)."""
         if isinstance(ready_event, torch.cuda.Event):
             await self.wait_event(ready_event)

@@ -206,7 +206,7 @@ class PieceSender(UcxEngineBase[S]):
 
     async def _announce(self, state: S, job: SendJob, ordered: asyncio.Future[None]) -> None:
         """Direct link: once the forward wrote the pages, tell D which of P's pages to copy (one Pages)."""
-        await self.wait_ready(job.ready_event)
+        await self.until_ready(job.ready_event)
         posted = self._post_pages(state, job)
         _resolve(ordered)
         if posted is not None:

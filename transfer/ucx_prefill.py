@@ -193,7 +193,8 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
         scheduler keeps the pages until no copy by D can read them."""
         if tell is not None and self._drain(state, reason, tell):
             return
-        if not state.fail(state.draining or reason):
+        reason = state.draining or reason  # a drained room fails with the reason it began draining for
+        if not state.fail(reason):
             return
         logger.info("%s: room %d failed: %s", self.engine_id, state.room, reason)
         self._wake(state)
