@@ -1,7 +1,8 @@
 """KV handoff benchmark: our P->D transfer against torch's copy of the same bytes.
 
-Two paths (``--direct``): 1 (the default when P and D share a host) D maps P's KV pool (CUDA IPC) and copies
-the pages with one kernel reading P's GPU over NVLink; 0: pack, UCX send (cuda_ipc), scatter.
+Two paths (``--direct``): 1 (the default when P and D share a host) P maps D's KV pool (CUDA IPC) and, inside
+``send``, writes the pages with one kernel over NVLink, then tells D which CUDA event to watch; 0: pack, UCX
+send (cuda_ipc), scatter.
 
     python bench/kv_transfer.py                                   # 2 GPUs: P on cuda:0, D on cuda:1
     python bench/kv_transfer.py --device cpu                      # CPU + UCX over TCP/shm: the fixed cost per handoff
@@ -66,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--queue-size", type=int, default=4, help="staging slots (SGLANG_DISAGGREGATION_QUEUE_SIZE)")
     ap.add_argument("--max-message-mb", type=float, default=TransferConfig().max_message_mb,
                     help="largest data message; longer sends are split and pipelined (SGLANG_DISAGGREGATION_MAX_MESSAGE_MB)")
-    ap.add_argument("--direct", type=int, choices=(0, 1), default=int(TransferConfig().direct_read),
-                    help="1: D copies the pages from P's mapped pool when it can (SGLANG_DISAGGREGATION_DIRECT_READ); "
+    ap.add_argument("--direct", type=int, choices=(0, 1), default=int(TransferConfig().direct_copy),
+                    help="1: P writes the pages into D's mapped pool when it can (SGLANG_DISAGGREGATION_DIRECT_COPY); "
                          "0: UCX data messages (pack, send, unpack)")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch intra-op threads in both processes (default: torch's own; 1 on cpu, where OpenMP "
@@ -142,7 +143,7 @@ def copy_ceiling_gbs(nbytes: int, src: torch.device, dst: torch.device) -> float
 def config(args: argparse.Namespace) -> TransferConfig:
     return TransferConfig(queue_size=args.queue_size, bootstrap_timeout=60, waiting_timeout=60,
                           heartbeat_interval=5, heartbeat_max_failure=3, max_message_mb=args.max_message_mb,
-                          direct_read=bool(args.direct))
+                          direct_copy=bool(args.direct))
 
 
 # --- decode process ---------------------------------------------------------------------------------

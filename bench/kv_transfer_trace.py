@@ -3,8 +3,9 @@ processes) at each hop of P and D, written to $OUT/trace_{p,d}.jsonl (default /t
 
     python bench/kv_transfer_trace.py --tokens 256,2048,8192 --iters 10 --direct 1
 
-The stamps wrap engine methods from outside (P: send, the loop's enqueue, the Pages post; D: Pages received,
-kernel call and return, launch done, Success, Done posted); each costs a few microseconds.
+The stamps wrap engine methods from outside (P: send, the copy's launch call and return, the Pushed post; D:
+Pushed received, Success, Done posted); each costs a few microseconds. "succeed" is when D saw P's copy
+event fire.
 """
 
 from __future__ import annotations
@@ -22,51 +23,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kv_transfer as kt
 
 OUT = os.environ.get("OUT", "/tmp")
-STAGES = ["enqueue", "post_Pages", "recv_pages", "kernel_call", "kernel_ret", "launched", "succeed", "post_Done"]
-_current_room = [-1]  # D: the room whose Pages is being handled (the kernel wrapper has no room)
+STAGES = ["launch_call", "launch_ret", "post_Pushed", "recv_pushed", "succeed", "post_Done"]
 
 
 def install(role: str) -> None:
     """Wrap the engine methods of this process (``role`` "p" or "d") to stamp each hop."""
-    import kernels.kv_copy as kc
-    from transfer import ucx_channel, ucx_decode, ucx_pieces, ucx_prefill
+    from transfer import ucx_channel, ucx_decode, ucx_prefill, ucx_push
 
     out = open(f"{OUT}/trace_{role}.jsonl", "w", buffering=1)  # noqa: SIM115 - open for the process's life
 
     def rec(room: int, ev: str, **kw: Any) -> None:
         out.write(json.dumps({"room": room, "ev": ev, "t": time.monotonic(), **kw}) + "\n")
 
-    def wrap(cls: Any, name: str, stamp: Any) -> None:
+    def wrap(cls: Any, name: str, stamp: Any, after: Any = None) -> None:
         orig = getattr(cls, name)
 
         def wrapped(*a: Any, **k: Any) -> Any:
             stamp(*a)
-            return orig(*a, **k)
+            result = orig(*a, **k)
+            if after is not None:
+                after(*a)
+            return result
 
         setattr(cls, name, wrapped)
 
     wrap(ucx_channel.Channel, "post", lambda self, msg: rec(getattr(msg, "room", -1), "post_" + type(msg).__name__))
     if role == "p":
         wrap(ucx_prefill.UcxPrefillTransfer, "send", lambda self, room, ids, *a: rec(room, "send", pages=len(ids)))
-        wrap(ucx_pieces.PieceSender, "_enqueue", lambda self, state, jobs: rec(state.room, "enqueue"))
+        wrap(ucx_push.PushSender, "_launch_push", lambda self, state, *a: rec(state.room, "launch_call"),
+             lambda self, state, *a: rec(state.room, "launch_ret"))
         return
-    orig_on_pages = ucx_decode.UcxDecodeTransfer._on_pages
-
-    def on_pages(self: Any, link: Any, msg: Any) -> None:
-        _current_room[0] = msg.room
-        rec(msg.room, "recv_pages")
-        orig_on_pages(self, link, msg)
-        rec(msg.room, "launched")
-
-    ucx_decode.UcxDecodeTransfer._on_pages = on_pages
-    orig_copy = kc.copy_pages
-
-    def copy_pages(*a: Any, **k: Any) -> None:
-        rec(_current_room[0], "kernel_call")
-        orig_copy(*a, **k)
-        rec(_current_room[0], "kernel_ret")
-
-    kc.copy_pages = copy_pages
+    wrap(ucx_decode.UcxDecodeTransfer, "_on_pushed", lambda self, link, msg: rec(msg.room, "recv_pushed"))
     wrap(ucx_decode.UcxDecodeTransfer, "_succeed", lambda self, state: rec(state.room, "succeed"))
 
 

@@ -8,15 +8,17 @@ Modules
   protocol.py      wire messages (typed dataclasses, msgpack) and tags between D and P
   bootstrap.py     P's aiohttp bootstrap server (PUT/GET /route, GET /health) and D's client
   staging.py       persistent staging slots (QUEUE_SIZE of them) on the KV device
-  peer_pool.py     direct reads on one host: P's pool offer, D's mapping of it, the copy out of it
+  peer_pool.py     direct copies on one host: D's pool offer, P's mapping of it, the copy into it
   cuda_ipc.py      CUDA IPC through the driver API (export an allocation, map a peer's into this context)
+  ipc_events.py    a direct link's interprocess CUDA events (P records one after each copy, D polls it)
   ucx_runtime.py   the process's one UCX thread: event-driven worker progress + the engines' asyncio loop
   ucx_channel.py   one D<->P link: control frames and tagged data messages on one UCX endpoint
   ucx_engine.py    what both UCX engines share: runtime, event waits, timeouts sweeper, gather/scatter launch
   ucx_pieces.py    PieceSender: P's per-room piece pipeline (split, gather on the caller's thread, post in order)
+  ucx_push.py      PushSender: P writes D's pages itself on a direct link (copy launched inside ``send``)
   ucx_prefill.py   UcxPrefillTransfer: bootstrap server + data listener, rooms, D links
   ucx_decode.py    UcxDecodeTransfer: one cached link per P, heartbeats, Fail/Abort handling
-  ucx_receive.py   PageReceiver: D's receive side (data pieces: receive + scatter; direct: copy) up to Success
+  ucx_receive.py   PageReceiver: D's receive side (data pieces: receive + scatter; direct: P's copies) up to Success
   fake_engine.py   FakeTransferHub + in-process engines with the same semantics (scheduler unit tests)
 
 Data flow of one room (``bootstrap_room``)
@@ -28,9 +30,11 @@ Data flow of one room (``bootstrap_room``)
   aux record) -> D posts the receive into its staging slot on the header -> scatter into D's pages (CUDA:
   one kernel on D's transfer stream) as soon as the piece lands ... last piece scattered -> D: Success,
   Done -> P: Success. Fail/Abort travel both ways; see protocol.py.
-  On one host (SGLANG_DISAGGREGATION_DIRECT_READ, default on) HelloOk carries P's pool offer; if D maps it,
-  rooms register ``direct`` and P.send posts only Pages(P's page ids) once the forward finished; D copies
-  them out of P's pool with one kernel (CUDA: reading P's GPU over NVLink). No staging, data or scatter.
+  On one host (SGLANG_DISAGGREGATION_DIRECT_COPY, default on) Hello carries D's pool offer; if P maps it,
+  rooms register with D's page ids and P.send itself launches one kernel writing D's pages over NVLink
+  (ordered after the forward on the GPU, no host wait), records an interprocess event and posts Pushed
+  naming it; D is Success once the event fired. No staging, data message or scatter; a room D fails
+  itself drains until P confirms its copies are done (ucx_decode.py).
 Both sides are polled by the scheduler (never called back). UCX and the protocol run on one background
 thread per process; P's gathers start on the caller's thread inside ``send`` (no host wait on the GPU).
 """

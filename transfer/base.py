@@ -10,11 +10,12 @@ aux record arrived) | Failed.
 Room life on P: Bootstrapping (D has not registered yet) -> WaitingForInput (D registered; the
 scheduler may prefill) -> Transferring (``send`` called) -> Success (D confirmed it holds every page
 and the aux record) | Failed.
-Memory rule: D writes its own pages (P sends into D's staging buffer and D scatters, or on a direct link
-D copies them out of P's mapped pool). After ``DecodeTransfer.abort``/``Failed`` returns, no further
-write into that room's pages happens, so D may free them at once. P's pages are read (by P's gather, or
-by D's copy on a direct link) until the room is Success/Failed: keep them until then, also after
-``PrefillTransfer.abort`` (a room whose pages D may be copying stays non-terminal until D answers).
+Memory rule: D's pages are written by D (its scatter of P's data messages) or, on a direct link, by P
+(its copy into D's mapped pool). Once ``DecodeTransfer.poll`` shows Failed (or Success), nothing writes
+that room's pages any more, so D may free them then. After ``DecodeTransfer.abort`` that may take a
+moment on a direct link (the room drains until P confirms its copies are done): keep the pages until
+``poll`` shows Failed. P's pages are read by P's own gather or copy; P may free them once the room is
+Success/Failed, also right after ``PrefillTransfer.abort``.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class AuxRecord:
 class TransferStats:
     num_bytes: int = 0
     ms: float = 0.0  # first byte sent/received -> Success
-    path: str = ""  # how the KV moved: "direct" (D copied from P's mapped pool), "ucx" (data messages), "" (none yet)
+    path: str = ""  # how the KV moved: "direct" (P wrote D's mapped pool), "ucx" (data messages), "" (none yet)
 
     @property
     def gb_per_s(self) -> float:
@@ -149,7 +150,7 @@ class DecodeTransfer(ABC):
 
     @abstractmethod
     def abort(self, room: int, message: str) -> None:
-        """Fail the room and tell P; when this returns no further write into the room's pages happens."""
+        """Fail the room and tell P. Its pages stay in use until ``poll`` shows Failed (a direct link drains first)."""
 
     @abstractmethod
     def failure(self, room: int) -> str | None: ...
@@ -158,7 +159,8 @@ class DecodeTransfer(ABC):
     def stats(self, room: int) -> TransferStats: ...
 
     @abstractmethod
-    def release(self, room: int) -> None: ...
+    def release(self, room: int) -> None:
+        """Forget the room (call it once ``poll`` showed Success or Failed)."""
 
     @abstractmethod
     def shutdown(self) -> None: ...

@@ -4,9 +4,10 @@ A bad value never stops a worker: it logs a warning naming the variable and the 
 One variable is ours, not SGLang's: ``SGLANG_DISAGGREGATION_MAX_MESSAGE_MB`` (default 256) caps one data
 message; a longer chunk goes as several messages, so packing the next one overlaps sending this one
 (and D's scatter overlaps the next receive), and staging slots stay at most this big.
-Another is ``SGLANG_DISAGGREGATION_DIRECT_READ`` (default 1): when P and D share a host and D can map P's
-KV pool (CUDA IPC over NVLink, or shared memory on CPU), D copies a room's pages straight from P's pool
-with one kernel (no staging, pack, data message or unpack); 0 always sends the KV as UCX data messages.
+Another is ``SGLANG_DISAGGREGATION_DIRECT_COPY`` (default 1): when P and D share a host and P can map D's
+KV pool (CUDA IPC over NVLink, or shared memory on CPU), P writes a room's pages straight into D's pool
+with one kernel per send (no staging, pack, data message or unpack); 0 always sends the KV as UCX data
+messages.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class TransferConfig:
     heartbeat_max_failure: int = 2  # consecutive missed heartbeats before D fails that P's rooms
     test_failure_prob: float = 0.0  # fault injection: share of rooms failed at P's first send
     max_message_mb: float = 256.0  # ours, not SGLang's: split a send into messages of at most this many MiB
-    direct_read: bool = True  # ours: D reads P's mapped pool when both share a host (peer_pool.py)
+    direct_copy: bool = True  # ours: P writes D's pages itself through D's mapped pool on one host (peer_pool.py)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> TransferConfig:
@@ -97,7 +98,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "heartbeat_max_failure": _number(_int, 1),
     "test_failure_prob": _number(float, 0.0, 1.0),
     "max_message_mb": _number(float, 0.0, lo_open=True),
-    "direct_read": _bool,
+    "direct_copy": _bool,
 }
 _RULES = {
     "thread_pool_size": "expected an integer >= 1",
@@ -108,5 +109,5 @@ _RULES = {
     "heartbeat_max_failure": "expected an integer >= 1",
     "test_failure_prob": "expected a probability in [0, 1]",
     "max_message_mb": "expected MiB > 0",
-    "direct_read": "expected 1/0 (true/false, yes/no, on/off)",
+    "direct_copy": "expected 1/0 (true/false, yes/no, on/off)",
 }

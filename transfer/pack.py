@@ -69,7 +69,9 @@ def pack_pages(kv_buffer: torch.Tensor, page_ids: PageIds, out: torch.Tensor) ->
     idx = page_index(kv_buffer, page_ids)
     view = _chunk_view(kv_buffer, idx.numel(), out, "out")
     if kv_buffer.is_cuda and kv_buffer.is_contiguous():
-        from kernels.kv_pack import pack_pages as triton_pack_pages  # imports triton only when used
+        from kernels.kv_pack import (
+            pack_pages as triton_pack_pages,  # imports triton only when used
+        )
 
         triton_pack_pages(kv_buffer, idx, view)
     else:

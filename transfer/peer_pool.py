@@ -1,16 +1,22 @@
-"""The direct handoff on one host: P offers its KV pool, D maps it and copies the room's pages itself.
+"""The direct handoff on one host: D offers its KV pool, P maps it and writes each room's pages itself (push).
 
-P describes its pool in a ``PoolOffer`` (in HelloOk): on CUDA an IPC handle of the pool's allocation, on
-CPU the pool's shared-memory file (P moves its pool into shared memory when the engine starts; views of
-the pool follow, since they share its storage). D maps the offer (``open_pool``) once per link; a room's
-pages then move with one copy on D: ``PeerPool.copy_into`` (CUDA: one kernel on D's device reading P's
-GPU over NVLink, kernels/kv_copy.py; CPU: a gather and a scatter). No staging buffer, no pack or unpack,
-no data message. Anything that does not fit (another host, a GPU pair without peer access, a foreign
-allocator) raises ``PeerPoolError`` and the link falls back to UCX data messages.
+D describes its pool in a ``PoolOffer`` (in Hello): on CUDA an IPC handle of the pool's allocation, on CPU
+the pool's shared-memory file (D moves its pool into shared memory when the engine starts; views of the
+pool follow, since they share its storage). P maps the offer (``open_pool``) once per link; a ``send``'s
+pages then move with one copy launched by P: ``PeerPool.write`` (CUDA: one kernel on P's device writing
+D's GPU over NVLink, kernels/kv_copy.py; CPU: a gather and a scatter). No staging buffer, no pack or
+unpack, no data message, and no host step between the forward and the copy. Anything that does not fit
+(another host, a GPU pair without peer access, a foreign allocator) raises ``PeerPoolError`` and the link
+falls back to UCX data messages.
 
-Invariants: P's page ids are range-checked here against P's page count before any copy (an id out of
-range would read past P's pool and kill D's CUDA context). The mapping is closed only after every copy
-queued through it finished (the engine fails or finishes every room of the link first).
+Why push (P writes) rather than pull (D reads): the copy can be launched inside P's ``send``, ordered
+after the forward on the GPU, with no message, wakeup or host wait before it (measured on 2x H200,
+bench/RESULTS.md); and the copy's SM time lands on P (throughput-bound) rather than on D (latency-bound).
+
+Invariants: D's page ids are range-checked (``check``) when D registers them, and P's against P's pool in
+``write``, before any copy (an id out of range would write past D's pool and kill P's CUDA context). The
+mapping is closed only after every copy queued through it finished (the engine fails or finishes every
+room of the link first).
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ class PoolOffer:
 
 
 def export_pool(kv: torch.Tensor) -> PoolOffer:
-    """P: describe ``kv`` so that a D on this host can map it (CPU: moves it into shared memory first)."""
+    """D: describe ``kv`` so that a P on this host can map it (CPU: moves it into shared memory first)."""
     if not kv.is_contiguous():
         raise PeerPoolError("the KV pool is not contiguous")
     nbytes = kv.numel() * kv.element_size()
@@ -87,42 +93,58 @@ def export_pool(kv: torch.Tensor) -> PoolOffer:
 
 
 class PeerPool:
-    """D's mapping of one P's pool: ``copy_into`` pulls pages, ``close`` unmaps (after the last copy finished)."""
+    """P's mapping of one D's pool: ``write`` copies P's pages into it; ``close`` unmaps (after the last write)."""
 
-    def __init__(self, source: Any, num_pages: int, ipc_base: int | None) -> None:
-        self.source = source  # CPU: a tensor over P's shared file; CUDA: kernels.kv_copy.RawPages
+    def __init__(self, target: Any, num_pages: int, ipc_base: int | None) -> None:
+        self.target = target  # CPU: a tensor over D's shared file; CUDA: kernels.kv_copy.RawPages
         self.num_pages = num_pages
         self._ipc_base = ipc_base
+        self._copier: Any = None  # CUDA: kernels.kv_copy.PageCopier from our pool into ``target`` (first write)
 
-    def copy_into(self, kv: torch.Tensor, src_ids: Sequence[int], dst_ids: Sequence[int]) -> None:
-        """``kv[:, :, dst_ids] = P's pool[:, :, src_ids]`` on the current stream (CUDA: no host wait)."""
-        if len(src_ids) != len(dst_ids):
-            raise ValueError(f"{len(src_ids)} source pages for {len(dst_ids)} destination pages")
-        if not src_ids:
+    def check(self, dst_ids: Sequence[int]) -> None:
+        """Raise unless every id names a page of D's pool (an id out of range would write past it)."""
+        if dst_ids and (min(dst_ids) < 0 or max(dst_ids) >= self.num_pages):
+            raise IndexError(f"decode page id out of range [0, {self.num_pages}): min {min(dst_ids)}, max {max(dst_ids)}")
+
+    def write(self, kv: torch.Tensor, src_ids: Sequence[int], dst_ids: Sequence[int] | torch.Tensor) -> None:
+        """D's pool[:, :, dst_ids] = ``kv``[:, :, src_ids] on the current stream (CUDA: no host wait).
+
+        ``dst_ids`` were range-checked (``check``) when D registered them; on CUDA they may already be a
+        device tensor (uploaded then, off the critical path)."""
+        n = len(src_ids)
+        if n != len(dst_ids):
+            raise ValueError(f"{n} source pages for {len(dst_ids)} destination pages")
+        if not n:
             return
-        for ids, limit, whose in ((src_ids, self.num_pages, "prefill"), (dst_ids, kv.shape[2], "decode")):
-            if min(ids) < 0 or max(ids) >= limit:
-                raise IndexError(f"{whose} page id out of range [0, {limit}): min {min(ids)}, max {max(ids)}")
-        both = torch.tensor([*src_ids, *dst_ids], dtype=torch.int64)
-        if kv.is_cuda:
-            from kernels.kv_copy import copy_pages  # imports triton only when used
+        if min(src_ids) < 0 or max(src_ids) >= kv.shape[2]:
+            raise IndexError(f"prefill page id out of range [0, {kv.shape[2]}): min {min(src_ids)}, max {max(src_ids)}")
+        if not kv.is_cuda:
+            dst = dst_ids if isinstance(dst_ids, torch.Tensor) else torch.tensor(list(dst_ids), dtype=torch.int64)
+            self.target.index_copy_(2, dst, kv.index_select(2, torch.tensor(list(src_ids), dtype=torch.int64)))
+            return
+        if self._copier is None:
+            from kernels.kv_copy import PageCopier  # imports triton only when used
 
-            both = both.pin_memory().to(kv.device, non_blocking=True)  # measured: cheaper than a reused pinned ring
-            copy_pages(self.source, both[:len(src_ids)], kv, both[len(src_ids):])
-        else:
-            kv.index_copy_(2, both[len(src_ids):], self.source.index_select(2, both[:len(src_ids)]))
+            self._copier = PageCopier(kv, self.target)
+        src = upload_ids(src_ids, kv.device)
+        self._copier(src, dst_ids if isinstance(dst_ids, torch.Tensor) else upload_ids(dst_ids, kv.device))
 
     def close(self) -> None:
         base, self._ipc_base = self._ipc_base, None
-        self.source = None
+        self.target = self._copier = None
         if base is not None:
             cuda_ipc.close_handle(base)
 
 
+def upload_ids(ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Page ids as an int64 tensor on ``device``, copied on the current stream (no host wait)."""
+    return torch.tensor(list(ids), dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+
+
 def open_pool(offer: PoolOffer, kv: torch.Tensor) -> PeerPool:
-    """D: map P's offered pool for copies into ``kv`` (same layout, dtype and page shape: the handshake checked)."""
+    """P: map D's offered pool for copies out of ``kv`` (same layout, dtype and page shape: the handshake checked)."""
     if offer.boot_id != boot_id():
-        raise PeerPoolError("prefill runs on another host")
+        raise PeerPoolError("decode runs on another host")
     want = kv[:, :, :1].numel() * kv.element_size() * offer.num_pages
     if offer.nbytes != want or offer.num_pages <= 0:
         raise PeerPoolError(f"offered pool has {offer.nbytes} bytes; {offer.num_pages} pages need {want}")
@@ -141,10 +163,10 @@ def open_pool(offer: PoolOffer, kv: torch.Tensor) -> PeerPool:
         try:
             st = os.stat(path)
             if [st.st_dev, st.st_ino] != list(offer.file_id):
-                raise PeerPoolError(f"{path} is not prefill's pool (another pid namespace?)")
+                raise PeerPoolError(f"{path} is not decode's pool (another pid namespace?)")
             raw = torch.from_file(path, shared=True, size=offer.offset + offer.nbytes, dtype=torch.uint8)
         except (OSError, RuntimeError) as e:
-            raise PeerPoolError(f"cannot map prefill's pool: {e}") from e
+            raise PeerPoolError(f"cannot map decode's pool: {e}") from e
         source = raw[offer.offset:].view(kv.dtype).view(shape)
         return PeerPool(source, offer.num_pages, None)
     raise PeerPoolError(f"a {offer.kind} pool cannot be read from a {kv.device.type} pool")

@@ -2,13 +2,15 @@
 
 Link life (D connects to P's data listener, found through P's bootstrap server):
   D->P the link id (8 bytes on the UCX stream API: the only untagged message; it names the link's tags)
-  D->P Hello(engine, decode_id)          P->D HelloOk(prefill_id, pool) | HelloRefused(reason)
-  (``pool``: P's pool offer, peer_pool.py; None when P offers none. D maps it if it can: a *direct* link.)
+  D->P Hello(engine, decode_id, pool)    P->D HelloOk(prefill_id, push, events) | HelloRefused(reason)
+  (``pool``: D's pool offer, peer_pool.py, or None. ``push``: P mapped it, a *direct* link; ``events``: the
+  link's interprocess CUDA events (IPC handles; empty on CPU), which D opens.)
 Room life (any number of rooms interleave on one link):
-  D->P Register(room, num_pages, direct) P->D Registered(room)
-  ``direct`` (D mapped P's pool): P sends no data; once the pages of a ``send`` are written (its ready
-  event fired) P posts Pages(room, first_page, page_ids, total_pages, aux) with P's page ids, and D copies
-  them from P's pool into its own pages. Otherwise:
+  D->P Register(room, num_pages, page_ids) P->D Registered(room)
+  Direct link (``page_ids``: D's pages, sent only on one): P sends no data. P writes D's pages itself, one
+  copy per ``send`` (CUDA: one kernel on P's transfer stream, ordered after the forward, then P records one
+  of the link's events), and posts Pushed(room, first_page, num_pages, total_pages, aux, event) right after
+  launching it; D's pages hold the KV once ``event`` fired (-1: the copy was complete when posted). Otherwise:
   P->D Data(room, seq, first_page, num_pages, nbytes, total_pages, aux), then, when ``nbytes > 0``, the
        packed pages as ONE tagged message with tag ``data_tag(link, seq)`` (``seq`` counts data messages on
        the link, so tags never repeat and cannot be confused across rooms or pieces). The room's last
@@ -16,10 +18,11 @@ Room life (any number of rooms interleave on one link):
        ``aux=None, total_pages=-1``. A last Data without pages (``nbytes == 0``) has ``seq == -1``.
        P posts a Data header and its data back to back without waiting for either to complete.
   D->P Done(room) once D holds every page and the aux record
-  D->P AbortAck(room) on a direct link, answering P's Fail/Abort once no copy of the room's pages by D can
-       run any more: until then P keeps the room (and so its pages) from being terminal
   either way: Fail(room, reason) (engine failure: timeout, injection, bad request) and
               Abort(room, reason) (the scheduler aborted); the receiver fails the room with the reason.
+  Direct links: P posts its Fail/Abort only after every copy of the room into D's pages finished, and
+  answers D's Fail/Abort with AbortAck(room) once they have; until one of the three comes, D keeps a room
+  it failed itself from being terminal (so its scheduler keeps the pages P may still write).
 Control messages travel on the link's control tag of their direction as frames: u32 length + msgpack
 payload, the payload inline when it fits in ``CTRL_FRAME_BYTES`` and otherwise as a second message on
 the same tag, posted right after the first (UCX matches one sender's messages of one tag in order).
@@ -32,7 +35,7 @@ purpose and a 22-bit sequence number (data only; wraps, far beyond the messages 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -65,12 +68,14 @@ def _tag(link_id: int, kind: int, seq: int) -> int:
 class Hello:
     engine: dict[str, Any]
     decode_id: str
+    pool: dict[str, Any] | None = None  # D's peer_pool.PoolOffer.to_dict(), or None
 
 
 @dataclass(frozen=True)
 class HelloOk:
     prefill_id: str
-    pool: dict[str, Any] | None = None  # peer_pool.PoolOffer.to_dict(), or None
+    push: bool = False  # P mapped D's pool: a direct link
+    events: list[bytes] = field(default_factory=list)  # direct CUDA links: the interprocess events' IPC handles
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,7 @@ class HelloRefused:
 class Register:
     room: int
     num_pages: int
-    direct: bool = False  # D copies the pages from P's mapped pool: send Pages, not Data
+    page_ids: list[int] | None = None  # direct links only: D's pages, which P writes
 
 
 @dataclass(frozen=True)
@@ -106,14 +111,15 @@ class Data:
 
 
 @dataclass(frozen=True)
-class Pages:
-    """Direct links: P's pages ``page_ids`` hold prompt pages ``[first_page, first_page + len(page_ids))``."""
+class Pushed:
+    """Direct links: P launched the copy of prompt pages ``[first_page, first_page + num_pages)`` into D's pages."""
 
     room: int
     first_page: int
-    page_ids: list[int]  # P's page ids
+    num_pages: int
     total_pages: int = -1  # as in Data: >= 0 on the room's last message only
     aux: dict[str, Any] | None = None
+    event: int = -1  # index into the link's events: the copy is complete once it fired (-1: already complete)
 
     @property
     def last(self) -> bool:
@@ -142,9 +148,9 @@ class AbortAck:
     room: int
 
 
-Message = Hello | HelloOk | HelloRefused | Register | Registered | Data | Done | Fail | Abort | Pages | AbortAck
+Message = Hello | HelloOk | HelloRefused | Register | Registered | Data | Done | Fail | Abort | Pushed | AbortAck
 MESSAGE_TYPES: tuple[type, ...] = (Hello, HelloOk, HelloRefused, Register, Registered, Data, Done, Fail, Abort,
-                                   Pages, AbortAck)
+                                   Pushed, AbortAck)
 _TYPE_ID = {t: i for i, t in enumerate(MESSAGE_TYPES)}
 
 

@@ -7,9 +7,12 @@ and a receive loop dispatches P's messages. Connection attempts and heartbeats (
 ``heartbeat_interval`` while the link has live rooms) share one miss counter; at
 ``heartbeat_max_failure`` consecutive misses, an endpoint error, or a refused handshake, every room of
 the link fails with the reason and the link is dropped (the next ``register`` builds a new one).
-Receiving (data pieces, or direct copies from P's mapped pool) is PageReceiver's (ucx_receive.py).
-We answer P's Fail/Abort on a direct link with AbortAck once the room's copies are done; P's pool is
-mapped at the handshake (``PrefillLink.map_pool``) and unmapped when the link drops.
+Receiving (data pieces, or P's direct copies into our pool) is PageReceiver's (ucx_receive.py).
+Direct links (we offer our pool in Hello; P mapped it): P may write a room's pages from its registration
+on. A room we fail ourselves (abort, timeout, bad message) then *drains*: P is told, and the room turns
+Failed only when P answers (AbortAck, Fail or Abort: P sends them after its copies of the room finished),
+when the link drops (P's process, and its queued copies, are gone), or after heartbeat interval x max
+failures. So Failed still means: nothing writes the room's pages any more.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -30,7 +34,8 @@ from transfer.base import (
 )
 from transfer.bootstrap import BootstrapClient
 from transfer.config import TransferConfig
-from transfer.peer_pool import PeerPool
+from transfer.ipc_events import open_events
+from transfer.peer_pool import PeerPoolError, export_pool
 from transfer.protocol import (
     Abort,
     AbortAck,
@@ -40,7 +45,7 @@ from transfer.protocol import (
     HelloOk,
     HelloRefused,
     Message,
-    Pages,
+    Pushed,
     Register,
     Registered,
 )
@@ -59,10 +64,17 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
         super().__init__(kv_buffer, desc, config)
         self._links: dict[Addr, PrefillLink] = {}
         self._client = BootstrapClient()
+        self._offer: dict[str, Any] | None = None  # our pool, offered to P for direct copies (peer_pool.py)
 
     # --- scheduler thread -------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.config.direct_copy:
+            try:
+                self._offer = export_pool(self.kv).to_dict()
+            except PeerPoolError as e:
+                logger.info("%s: KV pool not offered for direct copies (%s): KV comes as UCX data messages",
+                            self.engine_id, e)
         self._start_runtime(self._astart, self._aclose)
 
     async def _astart(self) -> None:
@@ -93,6 +105,7 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
         return state.aux if state is not None and state.status == KVPoll.Success else None
 
     def abort(self, room: int, message: str) -> None:
+        """Fail the room; on a direct link it may drain first (``poll`` shows Failed once nothing writes its pages)."""
         state = self.rooms.get(room)
         if state is not None:
             self._fail_room(state, message, Abort)
@@ -119,12 +132,36 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
     # --- rooms (any thread) -----------------------------------------------------------------------
 
     def _fail_room(self, state: DecodeRoom, reason: str, tell: type[Fail | Abort] | None) -> None:
-        """Fail the room (waits for its queued scatters: afterwards nothing writes its pages)."""
+        """Fail the room (waits for its queued scatters: afterwards nothing writes its pages); ``tell`` P.
+
+        A room P may be writing (direct link) drains instead until P answers (``tell`` None: P's answer,
+        or P is gone); it then fails with the reason it began draining for."""
+        if tell is not None and self._drain(state, reason, tell):
+            return
+        reason = state.draining or reason
         if not state.fail(reason):
             return
         logger.info("%s: room %d failed: %s", self.engine_id, state.room, reason)
         if tell is not None:
             self.call_soon(self._tell_prefill, state, tell(state.room, reason))
+
+    def _drain(self, state: DecodeRoom, reason: str, tell: type[Fail | Abort]) -> bool:
+        """Start draining the room if P may be writing its pages; True if it is draining now."""
+        with state.lock:
+            if state.draining is not None:
+                return True
+            if state.terminal or not state.exposed:
+                return False
+            state.draining = reason
+            state.drain_deadline = time.monotonic() + self._drain_timeout
+        logger.info("%s: room %d failing once prefill stops writing its pages: %s", self.engine_id, state.room, reason)
+        self.call_soon(self._tell_prefill, state, tell(state.room, reason))
+        return True
+
+    @property
+    def _drain_timeout(self) -> float:
+        """How long a draining room waits for P's answer: as long as we wait before declaring P dead."""
+        return self.config.heartbeat_interval * self.config.heartbeat_max_failure
 
     def _timeout_text(self, state: DecodeRoom) -> str:
         return (f"KV transfer timed out: room {state.room} got no complete KV from prefill {state.addr[0]}:"
@@ -134,6 +171,10 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
         for state in self.rooms.snapshot():
             if state.alive and now > state.deadline:
                 self._fail_room(state, self._timeout_text(state), Fail)
+            elif state.draining is not None and not state.terminal and now > state.drain_deadline:
+                logger.warning("%s: room %d: prefill did not answer within %gs; failing it anyway",
+                               self.engine_id, state.room, self._drain_timeout)
+                self._fail_room(state, state.draining, None)
 
     # --- loop: links ------------------------------------------------------------------------------
 
@@ -159,8 +200,11 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
             self._post(link, msg)
 
     def _register(self, link: PrefillLink, state: DecodeRoom) -> None:
-        if state.alive:
-            self._post(link, Register(state.room, len(state.page_ids), link.pool is not None))
+        with state.lock:  # vs. a failure on the scheduler's thread: it sees ``exposed`` or we see it dead
+            if not state.alive:
+                return
+            state.exposed = link.push
+            self._post(link, Register(state.room, len(state.page_ids), state.page_ids if link.push else None))
 
     def _post(self, link: PrefillLink, msg: Message) -> None:
         """Send a control message, not waiting for it (loop); a broken link is reported by its receive loop."""
@@ -175,14 +219,13 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
         """Fail every room of the link with ``reason`` and forget the link (loop)."""
         if self._links.get(link.addr) is link:
             del self._links[link.addr]
-        live = [s for s in link.rooms.values() if s.alive]
+        live = [s for s in link.rooms.values() if not s.terminal]  # draining ones too: P is gone
         if not self._closing:
             logger.log(logging.WARNING if live else logging.INFO, "%s: %s (%d live rooms failed)",
                        self.engine_id, reason, len(live))
         for state in live:
-            self._fail_room(state, reason, None)  # waits for the room's copies: the pool may go after this
+            self._fail_room(state, reason, None)
         link.rooms.clear()
-        link.close_pool(self.engine_id)
         current = asyncio.current_task()
         for task in link.tasks:
             if task is not current:
@@ -198,7 +241,7 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
     async def _run_link(self, link: PrefillLink) -> None:
         while True:
             try:
-                link.channel, link.pool = await self._connect(link)
+                link.channel = await self._connect(link)
                 break
             except HandshakeRefused as e:
                 self._drop_link(link, e.reason)
@@ -217,8 +260,8 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
                 msg = await link.channel.recv()
                 if isinstance(msg, Data):
                     await self._on_data(link, msg)
-                elif isinstance(msg, Pages):
-                    self._on_pages(link, msg)
+                elif isinstance(msg, Pushed):
+                    self._on_pushed(link, msg)
                 else:
                     self._on_control(link, msg)
         except asyncio.CancelledError:
@@ -226,20 +269,29 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
         except Exception as e:  # noqa: BLE001 - any endpoint error fails the link's rooms
             self._drop_link(link, f"connection to prefill {link.name} lost ({type(e).__name__}: {e})")
 
-    async def _connect(self, link: PrefillLink) -> tuple[Channel, PeerPool | None]:
-        """The handshaken channel to P, and P's pool if it offered one and we could map it (a direct link)."""
+    async def _connect(self, link: PrefillLink) -> Channel:
+        """The handshaken channel to P; sets ``link.push`` (and its events) if P mapped our pool."""
         route = await self._client.get_route(*link.addr, timeout=CONNECT_TIMEOUT_S)
         taken = {lk.channel.link_id for lk in self._links.values() if lk.channel is not None}
         channel = await connect(self.runtime, route.host, route.port, taken, 2 * CONNECT_TIMEOUT_S)
         try:
-            await channel.send(Hello(self.desc.to_dict(), self.engine_id))
+            await channel.send(Hello(self.desc.to_dict(), self.engine_id, self._offer if link.offer_pool else None))
             reply = await asyncio.wait_for(channel.recv(), CONNECT_TIMEOUT_S)
+            if isinstance(reply, HelloOk) and reply.push and self._stream is not None:
+                try:
+                    link.events = open_events(reply.events, self.kv.device)
+                except RuntimeError as e:
+                    link.offer_pool = False  # the next attempt asks for data messages
+                    raise ConnectionError(f"cannot open prefill's copy events ({e}); reconnecting without "
+                                          "direct copies") from e
         except BaseException:
             await channel.close()
             raise
         if isinstance(reply, HelloOk):
-            pool = link.map_pool(reply.pool, self.kv, self.engine_id) if self.config.direct_read else None
-            return channel, pool
+            link.push = reply.push
+            logger.info("%s: prefill %s: %s", self.engine_id, link.name,
+                        "direct copies into our KV pool" if link.push else "KV as UCX data messages")
+            return channel
         await channel.close()
         if isinstance(reply, HelloRefused):
             raise HandshakeRefused(reply.reason)
@@ -269,18 +321,16 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
         if isinstance(msg, Registered):
             if state is not None:
                 state.advance(KVPoll.WaitingForInput)
-        elif isinstance(msg, (Fail, Abort)):
-            if state is not None:
-                reason = msg.reason if isinstance(msg, Fail) else f"aborted by prefill: {msg.reason}"
-                self._fail_room(state, reason, None)  # waits for the room's copies
-            if link.pool is not None:  # P keeps its pages until we answer (it may have announced some)
-                self._post(link, AbortAck(msg.room))
+        elif isinstance(msg, (Fail, Abort, AbortAck)):  # P's copies of the room are done: its pages are ours again
+            if state is not None and (state.draining is not None or not isinstance(msg, AbortAck)):
+                reason = ("" if isinstance(msg, AbortAck) else msg.reason if isinstance(msg, Fail)
+                          else f"aborted by prefill: {msg.reason}")
+                self._fail_room(state, reason, None)  # a draining room fails with its own reason
         else:
             logger.warning("%s: unexpected %s from prefill %s", self.engine_id, type(msg).__name__, link.name)
 
     async def _aclose(self) -> None:
         for link in list(self._links.values()):
-            link.close_pool(self.engine_id)  # every room failed before this runs (shutdown)
             for task in link.tasks:
                 task.cancel()
             if link.channel is not None:

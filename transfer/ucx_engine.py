@@ -7,9 +7,9 @@ the scheduler's thread inside ``send`` (or on the loop when no staging slot was 
 loop as soon as a piece has landed. On CUDA both are one kernel on the engine's own stream (ordered after
 the forward by ``ready_event``), never a host wait: each records a CUDA event, and whoever needs the copy
 finished waits for that event: the loop only when it has not fired yet, and then in one of the
-``thread_pool_size`` worker threads, so the loop never blocks on the GPU. On a direct link D's copy out
-of P's mapped pool (``launch_pull``) is one such kernel too, in place of the scatter. On CPU the copies
-are synchronous torch copies. An event that has fired means the copy is complete for every later reader,
+``thread_pool_size`` worker threads, so the loop never blocks on the GPU. On a direct link P's copy into
+D's mapped pool (ucx_push.py) is one such kernel too, in place of gather, send and scatter. On CPU the
+copies are synchronous torch copies. An event that has fired means the copy is complete for every later reader,
 whatever stream it uses.
 """
 
@@ -28,7 +28,6 @@ import torch
 from transfer.base import EngineDescription, TransferStats
 from transfer.config import TransferConfig
 from transfer.pack import PageIds, pack_pages, unpack_pages, wait_ready
-from transfer.peer_pool import PeerPool
 from transfer.room import RoomState, RoomTable
 from transfer.staging import StagingPool
 from transfer.ucx_runtime import UcxRuntime
@@ -219,23 +218,6 @@ class UcxEngineBase(Generic[R]):
                 unpack_pages(self.kv, page_ids, staging)
                 state.gpu_work = _record(self._stream)
                 return True, state.gpu_work
-
-    def launch_pull(self, state: RoomState, pool: PeerPool, src_ids: list[int], dst_ids: list[int]) -> bool:
-        """Start copying P's pages ``src_ids`` from its mapped pool into ``dst_ids`` unless the room is dead.
-
-        Like ``launch_unpack``: on CUDA one kernel on the engine stream, recorded as the room's ``gpu_work``.
-        Raises on bad page ids (nothing is launched then). Loop thread.
-        """
-        with state.lock:
-            if not state.alive:
-                return False
-            if self._stream is None:
-                pool.copy_into(self.kv, src_ids, dst_ids)
-                return True
-            with torch.cuda.device(self.kv.device), torch.cuda.stream(self._stream):
-                pool.copy_into(self.kv, src_ids, dst_ids)
-                state.gpu_work = _record(self._stream)
-                return True
 
     async def until_ready(self, ready_event: Any) -> None:
         """Loop: until the forward that wrote the pages finished (CUDA event, or anything ``wait_ready`` takes)."""

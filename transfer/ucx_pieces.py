@@ -10,6 +10,8 @@ The room's last piece's header carries the aux record and the page count.
 Slots cannot deadlock: a piece never holds a slot while it waits for D's registration; once a room has a
 piece waiting for a slot its later pieces wait behind it; waiters are served first come, first served and
 never overtaken by the scheduler's thread (staging.py).
+Direct links (D registered with its page ids) skip all of this: ``send`` launches the copy into D's pages
+itself (ucx_push.py); only a send that came before D's registration waits here as a job, then pushes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from transfer.base import AuxRecord
 from transfer.pack import chunk_nbytes, page_nbytes
-from transfer.protocol import Data, Fail, Pages
+from transfer.protocol import Data, Fail
 from transfer.room import RoomState
 from transfer.staging import StagingSlot
 from transfer.ucx_engine import UcxEngineBase
@@ -36,19 +38,15 @@ class SendingRoom(RoomState):
         super().__init__(room)
         self.peer: Any = None  # D's link (``.channel``) once D registered the room
         self.num_pages = 0  # pages D registered
-        self.direct = False  # D registered on a direct link: it copies the pages itself (Pages, no data)
-        self.announced = False  # a Pages message went to D (under ``lock``): D may be reading our pages
-        self.draining: str | None = None  # failed by us while D may be reading: the reason, until D answers
-        self.drain_deadline = 0.0
-        self.pages_sent = 0  # loop-only
+        self.direct = False  # D registered on a direct link: we write its pages ourselves (ucx_push.py)
+        self.pages_sent = 0  # loop-only (direct links: under ``lock``)
         self.registered = asyncio.Event()  # set on the loop once D registered or the room died
         self.tail: asyncio.Future[None] | None = None  # loop-only: the previous piece was posted
         self.waiting_for_slot = 0  # pieces queued without a slot, not yet holding one (under ``lock``)
-
-    @property
-    def alive(self) -> bool:
-        """Not terminal and not draining (a draining room sends nothing more, but is not Failed yet)."""
-        return not self.terminal and self.draining is None
+        self.dst_ids: list[int] = []  # direct links: D's page ids, in prompt order
+        self.dst_dev: Any = None  # direct CUDA links: ``dst_ids`` on our device (uploaded at registration)
+        self.pushes: Any = None  # direct CUDA links: an event after the room's latest copy into D's pages
+        self.queued = 0  # jobs handed to the loop, not finished yet (under ``lock``)
 
 
 @dataclass
@@ -73,29 +71,40 @@ class PieceSender(UcxEngineBase[S]):
         """Fail the room; tell D with message type ``tell`` (the prefill engine implements it)."""
         raise NotImplementedError
 
+    def _push_now(self, state: S, ids: list[int] | torch.Tensor, first_page: int, last: bool, aux: AuxRecord | None,
+                  ready_event: Any) -> bool:
+        """Direct link: launch the send's copy into D's pages right here if nothing of the room is queued ahead
+        (PushSender, ucx_push.py); False: it goes through the loop like a piece."""
+        raise NotImplementedError
+
+    def _push(self, state: S, ids: list[int] | torch.Tensor, first_page: int, last: bool, aux: AuxRecord | None,
+              ready_event: Any) -> None:
+        """Direct link: launch the copy into D's pages and post Pushed (PushSender, ucx_push.py)."""
+        raise NotImplementedError
+
     # --- scheduler thread ---------------------------------------------------------------------------
 
     def _queue_pieces(self, state: S, page_ids: Sequence[int] | torch.Tensor, first_page: int, last: bool,
                       aux: AuxRecord | None, ready_event: Any) -> None:
         ids = page_ids.clone() if isinstance(page_ids, torch.Tensor) else list(page_ids)
-        if ready_event is None and self._stream is not None:  # a gather started later must follow the caller's work
+        if ready_event is None and self._stream is not None:  # a copy started later must follow the caller's work
             ready_event = torch.cuda.Event()
             ready_event.record(torch.cuda.current_stream(self.kv.device))
+        if state.direct and self._push_now(state, ids, first_page, last, aux, ready_event):
+            return
         per = max(1, int(self.config.max_message_mb * (1 << 20)) // page_nbytes(self.kv))
-        if state.direct:  # no message carries the bytes: one Pages (one copy on D) per call
-            per = max(1, len(ids))
         starts = range(0, len(ids), per) if len(ids) else range(1)
         jobs = [SendJob(ids[start:start + per], first_page + start, last and k == len(starts) - 1,
                         aux if last and k == len(starts) - 1 else None, ready_event)
                 for k, start in enumerate(starts)]
+        with state.lock:
+            state.queued += len(jobs)
         self._gather_early(state, jobs)
         self.call_soon(self._enqueue, state, jobs)
 
     def _gather_early(self, state: S, jobs: list[SendJob]) -> None:
         """Start the pieces' gathers on this (the scheduler's) thread while slots are free; count the rest."""
-        if state.direct:  # D copies from P's pool: no staging
-            return
-        early = state.peer is not None  # never hold a slot while D has not registered
+        early = state.peer is not None and not state.direct  # never hold a slot while D has not registered
         for job in jobs:
             n = len(job.page_ids)
             if n == 0:
@@ -125,32 +134,8 @@ class PieceSender(UcxEngineBase[S]):
     def _enqueue(self, state: S, jobs: list[SendJob]) -> None:
         loop = asyncio.get_running_loop()
         for job in jobs:
-            if self._announce_now(state, job):
-                continue
             prev, state.tail = state.tail, loop.create_future()
             self.spawn(self._run_job(state, job, prev, state.tail))
-
-    def _announce_now(self, state: S, job: SendJob) -> bool:
-        """Direct link, fast path: post the Pages right here (no task) if nothing of the room is queued ahead
-        and its forward has finished. False: the job goes the ordinary way."""
-        ready = job.ready_event is None or (isinstance(job.ready_event, torch.cuda.Event) and job.ready_event.query())
-        if (not state.direct or state.peer is None or (state.tail is not None and not state.tail.done()) or not ready
-                or job.first_page + len(job.page_ids) > state.num_pages):
-            return False
-        self._got_slot(state, job)
-        try:
-            posted = self._post_pages(state, job)
-        except Exception as e:  # noqa: BLE001 - as in _run_job: the room fails, the engine goes on
-            self._fail(state, f"sending KV to decode failed ({type(e).__name__}: {e})", Fail)
-            return True
-        if posted is not None:
-            posted.add_done_callback(lambda fut: self._check_posted(state, fut))
-        return True
-
-    def _check_posted(self, state: S, fut: asyncio.Future[None]) -> None:
-        if not fut.cancelled() and fut.exception() is not None:
-            e = fut.exception()
-            self._fail(state, f"sending KV to decode failed ({type(e).__name__}: {e})", Fail)
 
     async def _run_job(self, state: S, job: SendJob, prev: asyncio.Future[None] | None,
                        ordered: asyncio.Future[None]) -> None:
@@ -168,8 +153,10 @@ class PieceSender(UcxEngineBase[S]):
                 self._fail(state, f"prefill sends pages [{job.first_page}, {job.first_page + n}) but decode "
                                   f"registered {state.num_pages} pages", Fail)
                 return
-            if state.direct:
-                await self._announce(state, job, ordered)
+            if state.direct:  # a send that came before D registered on a direct link
+                if self._stream is None:  # the CPU copy is synchronous: wait for the pages off the loop
+                    await self.until_ready(job.ready_event)
+                self._push(state, job.page_ids, job.first_page, job.last, job.aux, job.ready_event)
                 return
             if job.needs_slot:
                 job.slot = await self.staging.acquire(nbytes)
@@ -200,34 +187,11 @@ class PieceSender(UcxEngineBase[S]):
         finally:
             _resolve(ordered)
             self._got_slot(state, job)
+            with state.lock:
+                state.queued -= 1
             if job.slot is not None:  # a gather of a dead room may still be queued: the next user waits for it
                 job.slot.ready = job.gathered
                 self.staging.release(job.slot)
-
-    async def _announce(self, state: S, job: SendJob, ordered: asyncio.Future[None]) -> None:
-        """Direct link: once the forward wrote the pages, tell D which of P's pages to copy (one Pages)."""
-        await self.until_ready(job.ready_event)
-        posted = self._post_pages(state, job)
-        _resolve(ordered)
-        if posted is not None:
-            await posted
-
-    def _post_pages(self, state: S, job: SendJob) -> asyncio.Future[None] | None:
-        """Post the job's Pages unless the room is dead (then None). Loop."""
-        n = len(job.page_ids)
-        ids = job.page_ids.tolist() if isinstance(job.page_ids, torch.Tensor) else list(job.page_ids)
-        total = state.pages_sent + n if job.last else -1
-        aux = job.aux.to_dict() if job.aux is not None else None
-        with state.lock:  # vs. a failure on the scheduler's thread: it sees ``announced`` or we see it dead
-            if not state.alive:
-                return None
-            posted = state.peer.channel.post(Pages(state.room, job.first_page, ids, total, aux))
-            state.announced = True
-        if n:
-            state.path = "direct"
-            state.add_bytes(chunk_nbytes(self.kv, n))
-        state.pages_sent += n
-        return posted
 
     @staticmethod
     def _got_slot(state: SendingRoom, job: SendJob) -> None:

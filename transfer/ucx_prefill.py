@@ -6,9 +6,9 @@ the room fails. A registration that arrives before P sees the room (router sends
 concurrently) waits in ``_pending`` (D is told Registered at once) and is taken over when P sees the
 room; if P never sees it within ``bootstrap_timeout`` of its arrival, D is told Fail.
 
-Sending: ``send`` hands the pages to the piece pipeline (ucx_pieces.py): UCX data messages, or on a direct
-link (D mapped the pool we offer in HelloOk, peer_pool.py) a Pages message naming our pages once they are
-written. Success comes when D answers Done.
+Sending: ``send`` hands the pages to the piece pipeline (ucx_pieces.py): UCX data messages; or, on a direct
+link (we mapped the pool D offered in Hello, peer_pool.py), a copy into D's pages launched right in ``send``
+plus a Pushed message (ucx_push.py). Success comes when D answers Done.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from transfer.base import (
 )
 from transfer.bootstrap import BootstrapServer, Route, advertised_host
 from transfer.config import TransferConfig
-from transfer.peer_pool import PeerPoolError, export_pool
+from transfer.ipc_events import EventRing
+from transfer.peer_pool import PeerPool, PeerPoolError, PoolOffer, open_pool
 from transfer.protocol import (
     Abort,
     AbortAck,
@@ -49,7 +50,8 @@ from transfer.protocol import (
 from transfer.room import RecentFailures
 from transfer.ucx_channel import Channel, accept
 from transfer.ucx_engine import CONNECT_TIMEOUT_S
-from transfer.ucx_pieces import PieceSender, SendingRoom
+from transfer.ucx_pieces import SendingRoom
+from transfer.ucx_push import PushSender
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class DecodePeer:
         self.decode_id = "?"
         self.refused: str | None = None  # handshake refusal, repeated for every registration
         self.rooms: set[int] = set()
+        self.pool: PeerPool | None = None  # D's pool mapped here (a direct link); closed when the link ends
+        self.events: EventRing | None = None  # direct CUDA links: recorded after each copy into D's pages
 
 
 class PrefillRoom(SendingRoom):
@@ -76,11 +80,11 @@ class PrefillRoom(SendingRoom):
 class PendingRegistration:
     peer: DecodePeer
     num_pages: int
-    direct: bool
+    page_ids: list[int] | None
     arrived: float
 
 
-class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
+class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
     role = "prefill"
 
     def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig,
@@ -95,20 +99,14 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
         self._listener: Any = None
         self._bootstrap: BootstrapServer | None = None
         self._rng = random.Random()
-        self._offer: dict[str, Any] | None = None  # our pool, offered to D for direct reads (peer_pool.py)
 
     # --- scheduler thread -------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.config.direct_read:
-            try:
-                self._offer = export_pool(self.kv).to_dict()
-            except PeerPoolError as e:
-                logger.info("%s: no direct reads of the KV pool (%s): KV goes as UCX data messages", self.engine_id, e)
         self._start_runtime(self._astart, self._aclose)
-        logger.info("%s: bootstrap server on %s:%d, UCX data listener on port %d, pool offered for direct reads: %s",
-                    self.engine_id, self.bootstrap_host, self.bootstrap_port, self._listener.port,
-                    self._offer["kind"] if self._offer else "no")
+        logger.info("%s: bootstrap server on %s:%d, UCX data listener on port %d, direct copies to decode "
+                    "pools on this host: %s", self.engine_id, self.bootstrap_host, self.bootstrap_port,
+                    self._listener.port, "on" if self.config.direct_copy else "off")
 
     def poll(self, room: int) -> KVPoll:
         state = self._room(room)
@@ -167,15 +165,27 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
             state, created = self.rooms.get_or_create(room, lambda: PrefillRoom(room, deadline))
             pending = self._pending.pop(room, None) if created else None
         if pending is not None:
-            self._attach(state, pending.peer, pending.num_pages, pending.direct)
+            self._attach(state, pending.peer, pending.num_pages, pending.page_ids)
         elif created and (reason := self._recent.get(room)) is not None:
             # D registered this room earlier and its link has died since: fail now, not at the bootstrap timeout.
             self._fail(state, reason, None)
         return state
 
-    def _attach(self, state: PrefillRoom, peer: DecodePeer, num_pages: int, direct: bool) -> None:
-        state.num_pages, state.direct = num_pages, direct and self._offer is not None
+    def _attach(self, state: PrefillRoom, peer: DecodePeer, num_pages: int, page_ids: list[int] | None) -> None:
+        problem = None
+        state.num_pages = num_pages
+        if page_ids is not None and peer.pool is not None:
+            try:
+                if len(page_ids) != num_pages:
+                    raise ValueError(f"{len(page_ids)} page ids for {num_pages} pages")
+                self._prepare_push(state, peer, page_ids)
+                state.direct = True
+            except Exception as e:  # noqa: BLE001 - D's bad ids fail the room, never the engine
+                problem = f"decode registered unusable page ids ({type(e).__name__}: {e})"
         state.peer = peer  # last: a room with a peer is fully attached
+        if problem is not None:
+            self._fail(state, problem, Fail)
+            return
         state.advance(KVPoll.WaitingForInput)
         self._wake(state)
 
@@ -188,37 +198,14 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
     def _fail(self, state: PrefillRoom, reason: str, tell: type[Fail | Abort] | None) -> None:
         """Fail the room; ``tell`` D with that message type if it registered (None: D already knows).
 
-        A room whose pages D may be copying (direct link, pages announced) first drains: D is told, and the
-        room turns Failed only when D answers (or its link drops, or ``_drain_timeout`` passes), so the
-        scheduler keeps the pages until no copy by D can read them."""
-        if tell is not None and self._drain(state, reason, tell):
-            return
-        reason = state.draining or reason  # a drained room fails with the reason it began draining for
+        On a direct link the message goes only once our copies into D's pages finished: D frees them on it."""
         if not state.fail(reason):
             return
         logger.info("%s: room %d failed: %s", self.engine_id, state.room, reason)
         self._wake(state)
         peer = state.peer
         if tell is not None and peer is not None:
-            self.call_soon(self._post, peer, tell(state.room, reason))
-
-    def _drain(self, state: PrefillRoom, reason: str, tell: type[Fail | Abort]) -> bool:
-        """Start draining the room if D may be reading its pages; True if it is draining now."""
-        with state.lock:
-            if state.draining is not None:
-                return True
-            if state.terminal or not (state.direct and state.announced):
-                return False
-            state.draining = reason
-            state.drain_deadline = time.monotonic() + self._drain_timeout
-        logger.info("%s: room %d failing once decode stops reading its pages: %s", self.engine_id, state.room, reason)
-        self.call_soon(self._post, state.peer, tell(state.room, reason))
-        return True
-
-    @property
-    def _drain_timeout(self) -> float:
-        """How long a draining room waits for D's answer: as long as D waits before it declares us dead."""
-        return self.config.heartbeat_interval * self.config.heartbeat_max_failure
+            self.call_soon(self._post_after_copies, peer, state, tell(state.room, reason))
 
     def _bootstrap_timeout_text(self, room: int) -> str:
         return (f"bootstrap timeout: no decode worker registered room {room} within "
@@ -228,10 +215,6 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
         for state in self.rooms.snapshot():
             if state.alive and state.peer is None and now > state.deadline:
                 self._fail(state, self._bootstrap_timeout_text(state.room), None)
-            elif state.draining is not None and not state.terminal and now > state.drain_deadline:
-                logger.warning("%s: room %d: decode did not answer our abort within %gs; failing it anyway",
-                               self.engine_id, state.room, self._drain_timeout)
-                self._fail(state, state.draining, None)
         with self._lock:
             expired = [(room, p) for room, p in self._pending.items()
                        if now - p.arrived > self.config.bootstrap_timeout]
@@ -258,6 +241,7 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
             await self._bootstrap.stop()
         for peer in list(self._peers):
             await peer.channel.close()
+            await self._close_peer_pool(peer)  # every room failed before this runs (shutdown)
         self._listener = None  # dropping it stops listening
 
     async def _serve(self, ep: Any) -> None:
@@ -278,8 +262,11 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
                 raise TypeError(f"expected Hello, got {type(hello).__name__}")
             peer.decode_id = hello.decode_id
             peer.refused = self._check_engine(hello.engine)
-            await channel.send(HelloOk(self.engine_id, self._offer) if peer.refused is None
-                               else HelloRefused(peer.refused))
+            if peer.refused is None and hello.pool is not None and self.config.direct_copy:
+                self._map_decode_pool(peer, hello.pool)
+            await channel.send(HelloOk(self.engine_id, peer.pool is not None,
+                                       peer.events.handles if peer.events is not None else [])
+                               if peer.refused is None else HelloRefused(peer.refused))
             while True:
                 self._dispatch(peer, await channel.recv())
         except asyncio.CancelledError:
@@ -289,6 +276,23 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
         finally:
             self._peers.discard(peer)
             await channel.close()
+            await self._close_peer_pool(peer)  # after _peer_lost failed its rooms
+
+    def _map_decode_pool(self, peer: DecodePeer, offer: dict[str, Any]) -> None:
+        """Map the pool D offered (a direct link) with the link's events; on any problem: UCX data messages."""
+        try:
+            peer.pool = open_pool(PoolOffer.from_dict(offer), self.kv)
+            if self._stream is not None:
+                peer.events = EventRing(self.kv.device)
+        except (PeerPoolError, RuntimeError) as e:
+            if peer.pool is not None:
+                peer.pool.close()
+            peer.pool = None
+            logger.info("%s: decode %s: KV as UCX data messages, no direct copies (%s)", self.engine_id,
+                        peer.decode_id, e)
+            return
+        logger.info("%s: decode %s: direct copies into its KV pool (%s)", self.engine_id, peer.decode_id,
+                    offer.get("kind"))
 
     def _check_engine(self, engine: dict[str, Any]) -> str | None:
         try:
@@ -313,19 +317,20 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
     def _dispatch(self, peer: DecodePeer, msg: Message) -> None:
         if isinstance(msg, Register):
             self._on_register(peer, msg)
-        elif isinstance(msg, (Done, AbortAck)):
+        elif isinstance(msg, Done):
             state = self.rooms.get(msg.room)
             if state is not None and state.peer is peer:
-                if state.draining is not None:  # D stopped reading (or finished before our abort came)
-                    self._fail(state, state.draining, None)
-                elif isinstance(msg, Done):
-                    state.advance(KVPoll.Success)
+                state.advance(KVPoll.Success)
             peer.rooms.discard(msg.room)
         elif isinstance(msg, (Fail, Abort)):
             reason = msg.reason if isinstance(msg, Fail) else f"aborted by decode: {msg.reason}"
             state = self.rooms.get(msg.room)
-            if state is not None and state.peer is peer:
-                self._fail(state, state.draining or reason, None)
+            if state is None or state.peer is not peer:
+                state = None
+            if state is not None:
+                self._fail(state, reason, None)
+            if peer.pool is not None:  # D keeps the room's pages until we say no copy can write them any more
+                self._post_after_copies(peer, state, AbortAck(msg.room))
             with self._lock:
                 if self._pending.get(msg.room) is not None and self._pending[msg.room].peer is peer:
                     del self._pending[msg.room]
@@ -344,7 +349,7 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
                 if refusal is None and room in self._pending:
                     refusal = f"room {room} is already registered by another decode request"
                 if refusal is None:
-                    self._pending[room] = PendingRegistration(peer, msg.num_pages, msg.direct, time.monotonic())
+                    self._pending[room] = PendingRegistration(peer, msg.num_pages, msg.page_ids, time.monotonic())
         if refusal is None and state is not None:
             if not state.alive:
                 refusal = state.reason or f"room {room} already finished on prefill"
@@ -356,7 +361,7 @@ class UcxPrefillTransfer(PieceSender[PrefillRoom], PrefillTransfer):
         peer.rooms.add(room)
         self._post(peer, Registered(room))
         if state is not None:
-            self._attach(state, peer, msg.num_pages, msg.direct)
+            self._attach(state, peer, msg.num_pages, msg.page_ids)
             if not state.alive:  # failed by the scheduler thread just before it knew its peer: tell D now
                 self._post(peer, Fail(room, state.reason or f"room {room} failed on prefill"))
 

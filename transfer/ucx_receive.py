@@ -4,11 +4,12 @@ Data: a Data header takes a staging slot (waiting for one if all are busy, and f
 scatter) and posts the receive of its piece at once; when the piece has landed, the loop starts its
 scatter into the room's pages under the room lock (CUDA: one kernel on the engine stream, no host wait;
 skipped if the room died, but the piece is always received: P's send waits for our receive).
-Direct links: a Pages message names P's pages; the loop copies them from P's mapped pool into the room's
-pages under the room lock (CUDA: one kernel on the engine stream reading P's GPU), right away.
+Direct links: P writes the room's pages itself; a Pushed message says it launched a copy and names the
+interprocess event it recorded after it (ucx_push.py).
 Either way the room's last message carries the aux record and the page count; once every page has
-landed and been written (on CUDA: once the last write's event fired, seen by ``poll`` or by a worker
-thread, whichever first), the room is Success and P is told Done. Loop thread unless stated.
+landed and been written (on CUDA: once the last write's event fired, seen by ``poll``, a worker thread
+or, for P's events, the loop's polling, whichever first), the room is Success and P is told Done. Loop
+thread unless stated.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any
 
 from transfer.base import AuxRecord, KVPoll
 from transfer.pack import chunk_nbytes
-from transfer.protocol import Data, Done, Fail, Message, Pages
+from transfer.protocol import Data, Done, Fail, Message, Pushed
 from transfer.staging import StagingSlot
 from transfer.ucx_decode_state import DecodeRoom, PrefillLink
 from transfer.ucx_engine import UcxEngineBase
+
+PUSH_POLL_S = 2e-4  # how often the loop looks at P's copy event (the scheduler's ``poll`` looks too)
 
 
 class PageReceiver(UcxEngineBase[DecodeRoom]):
@@ -61,31 +64,30 @@ class PageReceiver(UcxEngineBase[DecodeRoom]):
             state.last_header = msg
             self._maybe_finish(link, state)
 
-    def _on_pages(self, link: PrefillLink, msg: Pages) -> None:
-        """Direct link: copy P's pages named in ``msg`` from its mapped pool into the room's pages."""
+    def _on_pushed(self, link: PrefillLink, msg: Pushed) -> None:
+        """Direct link: P launched the copy of prompt pages ``[first_page, first_page + num_pages)`` into ours."""
         state = link.rooms.get(msg.room)
         if state is None or not state.alive:
             return
-        n = len(msg.page_ids)
+        n = msg.num_pages
         problem = None
-        if link.pool is None:
-            problem = "prefill sent page ids, but this link has no mapped prefill pool"
-        elif msg.first_page + n > len(state.page_ids):
-            problem = f"prefill sent pages [{msg.first_page}, {msg.first_page + n}) but decode registered {len(state.page_ids)}"
-        else:
-            state.advance(KVPoll.Transferring)
-            state.mark_first_byte()
-            try:
-                if self.launch_pull(state, link.pool, msg.page_ids, state.page_ids[msg.first_page:msg.first_page + n]):
-                    state.pages_received += n
-                    if n:
-                        state.path = "direct"
-                        state.add_bytes(chunk_nbytes(self.kv, n))
-            except Exception as e:  # noqa: BLE001 - bad ids from P fail the room, never the engine
-                problem = f"copying KV from prefill's pool failed ({type(e).__name__}: {e})"
+        if not link.push:
+            problem = "prefill wrote pages on a link where it did not map our pool"
+        elif msg.first_page < 0 or n < 0 or msg.first_page + n > len(state.page_ids):
+            problem = f"prefill wrote pages [{msg.first_page}, {msg.first_page + n}) but decode registered {len(state.page_ids)}"
+        elif msg.event >= len(link.events) or (msg.event < 0 and link.events and n > 0):
+            problem = f"prefill named copy event {msg.event}; the link has {len(link.events)}"
         if problem is not None:
             self._fail_room(state, problem, Fail)
             return
+        state.advance(KVPoll.Transferring)
+        state.mark_first_byte()
+        if msg.event >= 0:
+            state.push_event = link.events[msg.event]
+        state.pages_received += n
+        if n:
+            state.path = "direct"
+            state.add_bytes(chunk_nbytes(self.kv, n))
         if msg.last:
             state.last_header = msg
             self._maybe_finish(link, state)
@@ -130,7 +132,13 @@ class PageReceiver(UcxEngineBase[DecodeRoom]):
         if problem is not None:
             self._fail_room(state, problem, Fail)
             return
-        if state.gpu_work is None or state.gpu_work.query():
+        if state.push_event is not None:  # P's copies: poll P's event (a wait on it could outlive a dead P)
+            if state.push_event.query():
+                self._succeed(state)
+            else:
+                state.finishing = state.push_event
+                self.spawn(self._succeed_when_pushed(state))
+        elif state.gpu_work is None or state.gpu_work.query():
             self._succeed(state)
         else:
             state.finishing = state.gpu_work
@@ -139,6 +147,13 @@ class PageReceiver(UcxEngineBase[DecodeRoom]):
     async def _succeed_when_scattered(self, state: DecodeRoom) -> None:
         await self.wait_event(state.finishing)
         self._succeed(state)
+
+    async def _succeed_when_pushed(self, state: DecodeRoom) -> None:
+        """Until P's copies into the room's pages finished (``poll`` may see it first), or the room died."""
+        while state.alive and not state.finishing.query():
+            await asyncio.sleep(PUSH_POLL_S)
+        if state.alive:
+            self._succeed(state)
 
     def _succeed(self, state: DecodeRoom) -> None:
         """Success, and Done to P, exactly once (``poll`` or the loop, whichever sees the last scatter end)."""

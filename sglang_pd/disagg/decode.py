@@ -5,6 +5,8 @@ and, beyond every admitted request's outstanding reservation, ``num_reserved_dec
 tokens of growth, so D does not run dry for what it admitted. Then D takes pages for the prompt and
 registers the room with P. When the room is Success the prompt's KV sits in those pages and the aux
 record carries P's first token: the request joins the running batch as if it had prefilled here.
+An aborted request in the transfer queue answers at once, but its pages wait in ``draining`` until the
+room is terminal: on a direct link P may still be writing them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class DecodeHooks(SchedulerHooks):
         self.reserved_tokens = num_reserved_decode_tokens
         self.prealloc_queue: list[Req] = []
         self.transfer_queue: list[Req] = []
+        self.draining: list[Req] = []  # aborted, answered; pages kept until the room is terminal
         self.finished_meta: dict[str, dict[str, Any] | None] = {}
         self.num_transfer_failed = 0
 
@@ -33,6 +36,11 @@ class DecodeHooks(SchedulerHooks):
         return True
 
     def before_step(self, out: StepOutput) -> None:
+        for req in list(self.draining):
+            if self.transfer.poll(_room(req)) in (KVPoll.Success, KVPoll.Failed):
+                self.draining.remove(req)
+                self.sched.kv.release(req)
+                self.transfer.release(_room(req))
         self._poll_transfers(out)
         self._admit()
 
@@ -101,16 +109,20 @@ class DecodeHooks(SchedulerHooks):
             for req in queue:
                 if req.rid == rid:
                     queue.remove(req)
-                    if queue is self.transfer_queue:
-                        self.transfer.abort(_room(req), message)  # returns once no write can land
-                        self.sched.kv.release(req)
                     req.finish(FinishReason("abort", message=message))
+                    if queue is self.transfer_queue:
+                        self.transfer.abort(_room(req), message)
+                        if self.transfer.poll(_room(req)) not in (KVPoll.Success, KVPoll.Failed):
+                            self.finished_meta[req.rid] = transfer_meta(self.transfer, req)
+                            self.draining.append(req)  # P may still write the pages: before_step releases them
+                            return req
+                        self.sched.kv.release(req)
                     self._close(req)
                     return req
         return None
 
     def has_work(self) -> bool:
-        return bool(self.prealloc_queue or self.transfer_queue)
+        return bool(self.prealloc_queue or self.transfer_queue or self.draining)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -5,8 +5,8 @@ request. After every forward its newly complete pages (and, with the last chunk,
 page and the aux record carrying the first sampled token) are queued to the transfer engine. Once the
 first token exists the request leaves the running batch but keeps its pages (the engine reads them in
 the background) until the room is Success or Failed; then its pages go to the radix cache and it
-finishes with that one token (its HTTP answer). An aborted in-flight request answers at once, but its
-pages wait in ``draining`` until the room is terminal: on a direct link D may still be copying them.
+finishes with that one token (its HTTP answer). An aborted request answers and frees its pages at once:
+the room is Failed when ``abort`` returns (P's own reads of them no longer matter).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ class PrefillHooks(SchedulerHooks):
         self.device = device
         self.bootstrap_queue: list[Req] = []
         self.inflight: list[Req] = []
-        self.draining: list[Req] = []  # aborted, answered; pages kept until the room is terminal
         self.sent_pages: dict[str, int] = {}  # rid -> pages of the prompt already queued for sending
         self.finished_meta: dict[str, dict[str, Any] | None] = {}  # rid -> kv_transfer meta, until read
         self.num_bootstrap_failed = 0
@@ -45,11 +44,6 @@ class PrefillHooks(SchedulerHooks):
         return True
 
     def before_step(self, out: StepOutput) -> None:
-        for req in list(self.draining):
-            if self.transfer.poll(_room(req)) in (KVPoll.Success, KVPoll.Failed):
-                self.draining.remove(req)
-                self.sched.kv.release(req)
-                self.transfer.release(_room(req))
         for req in list(self.bootstrap_queue):
             state = self.transfer.poll(_room(req))
             if state == KVPoll.Failed:
@@ -109,10 +103,6 @@ class PrefillHooks(SchedulerHooks):
                     queue.remove(req)
                     self.transfer.abort(_room(req), message)
                     req.finish(FinishReason("abort", message=message))
-                    if req.pages and self.transfer.poll(_room(req)) not in (KVPoll.Success, KVPoll.Failed):
-                        self.finished_meta[req.rid] = transfer_meta(self.transfer, req)
-                        self.draining.append(req)  # D may still read the pages: before_step releases them
-                        return req
                     if req.pages:
                         self.sched.kv.release(req)
                     self._close(req)
@@ -124,7 +114,7 @@ class PrefillHooks(SchedulerHooks):
         return None  # the scheduler aborts it from its own queues
 
     def has_work(self) -> bool:
-        return bool(self.bootstrap_queue or self.inflight or self.draining)
+        return bool(self.bootstrap_queue or self.inflight)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -135,7 +135,7 @@ def test_decode_worker_registers_at_runtime(cluster_1p2d, tiny_llama, expected):
 def test_2p1d_greedy_equals_colocated(tiny_llama, expected):
     """Also the UCX data-message path end to end: direct reads are off (as between hosts)."""
     prompts, want = expected
-    c = Cluster(tiny_llama, 2, 1, worker_args=PAGE, router_args=ROUTER, env={"SGLANG_DISAGGREGATION_DIRECT_READ": "0"})
+    c = Cluster(tiny_llama, 2, 1, worker_args=PAGE, router_args=ROUTER, env={"SGLANG_DISAGGREGATION_DIRECT_COPY": "0"})
     try:
         outs = asyncio.run(post_all(c.url, [{"input_ids": p, "sampling_params": GREEDY} for p in prompts[:16]]))
         assert [o["output_ids"] for o in outs] == want[:16]

@@ -1,6 +1,6 @@
 """One conformance suite for both transfer engines: real UCX (TCP on 127.0.0.1, P and D in this process on
-two CPU KV buffers), once with the KV as data messages and once direct (D maps P's pool from shared memory
-and copies the pages), and the in-process fake. All must show the same states, pages, texts and timeouts."""
+two CPU KV buffers), once with the KV as data messages and once direct (P maps D's pool from shared memory
+and writes the pages itself), and the in-process fake. All must show the same states, pages, texts and timeouts."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class Cluster:
     """One P and any number of D engines of one backend; everything is shut down at teardown."""
 
     def __init__(self, backend: str) -> None:
-        self.direct = backend == "ucx-direct"  # D maps P's pool (shared memory here) and copies the pages itself
+        self.direct = backend == "ucx-direct"  # P maps D's pool (shared memory here) and writes the pages itself
         self.backend = "ucx" if self.direct else backend
         self.hub = None
         if backend == "fake":
@@ -80,7 +80,7 @@ class Cluster:
 
     def prefill(self, desc: EngineDescription, config: TransferConfig = SLOW) -> tuple[PrefillTransfer, torch.Tensor]:
         kv = kv_for(desc, fill=True)
-        config = replace(config, direct_read=self.direct)
+        config = replace(config, direct_copy=self.direct)
         p = create_transfer("prefill", self.backend, kv, desc, config, HOST, 0, **self._extra())  # type: ignore[arg-type]
         assert isinstance(p, PrefillTransfer)
         self.engines.append(p)
@@ -91,7 +91,7 @@ class Cluster:
 
     def decode(self, desc: EngineDescription, config: TransferConfig = SLOW) -> tuple[DecodeTransfer, torch.Tensor]:
         kv = kv_for(desc, fill=False)
-        config = replace(config, direct_read=self.direct)
+        config = replace(config, direct_copy=self.direct)
         d = create_transfer("decode", self.backend, kv, desc, config, HOST, 0, **self._extra())  # type: ignore[arg-type]
         assert isinstance(d, DecodeTransfer)
         self.engines.append(d)
@@ -196,6 +196,8 @@ def test_rooms_move_pages_in_order_of_states(cluster: Cluster, page_size: int) -
         nbytes = len(p_pages) * dkv[:, :, :1].numel() * dkv.element_size()
         assert p.stats(room).num_bytes == nbytes and d.stats(room).num_bytes == nbytes
         assert p.stats(room).ms >= 0 and d.stats(room).ms >= 0
+        if cluster.backend == "ucx":
+            assert p.stats(room).path == d.stats(room).path == ("direct" if cluster.direct else "ucx")
         assert p.failure(room) is None and d.failure(room) is None
     used = [pg for _, dp in rooms.values() for pg in dp]
     untouched = [pg for pg in range(NUM_PAGES) if pg not in used]
@@ -277,13 +279,15 @@ def test_decode_abort_reaches_prefill_and_leaves_pages_untouched(cluster: Cluste
     register_and_bootstrap(p, d, 21, cluster.port, [5, 6, 7])
     p.send(21, [1], 0, False)  # a chunk may be on its way
     d.abort(21, "client disconnected")
+    # A direct link drains until P confirms its copies are done; Failed means nothing writes the pages any more.
+    wait_until(settled(d, 21), 10, "D's abort to settle")
     assert d.poll(21) == KVPoll.Failed and d.failure(21) == "client disconnected"
     before = dkv.clone()
     p.send(21, [2, 3], 1, True, aux_for(21))
     wait_until(settled(p, 21), 10, "P to hear the abort")
     assert p.poll(21) == KVPoll.Failed and "aborted by decode: client disconnected" in (p.failure(21) or "")
     time.sleep(0.2)
-    assert torch.equal(dkv, before), "no write into an aborted room's pages after abort() returned"
+    assert torch.equal(dkv, before), "no write into an aborted room's pages once it showed Failed"
     assert not dkv[:, :, [6, 7]].any()
 
 

@@ -1,6 +1,7 @@
-"""The direct handoff on one host over real UCX (TCP on 127.0.0.1, P and D in this process, CPU pools): P offers
-its KV pool in shared memory, D maps it and copies a room's pages itself when P names them in a Pages message;
-anything that does not fit (either side opting out, an offer D cannot map) falls back to UCX data messages."""
+"""The direct handoff on one host over real UCX (TCP on 127.0.0.1, P and D in this process, CPU pools): D offers
+its KV pool in shared memory, P maps it and writes a room's pages itself, announcing each copy in a Pushed
+message; anything that does not fit (either side opting out, an offer P cannot map) falls back to UCX data
+messages. A room D fails itself drains until P confirms that none of its copies can still write the pages."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ pytestmark = pytest.mark.timeout(90)
 
 NUM_PAGES = 48
 DIRECT = TransferConfig(thread_pool_size=2, queue_size=2, bootstrap_timeout=30, waiting_timeout=30,
-                        heartbeat_interval=1.0, heartbeat_max_failure=3, direct_read=True)
-NO_DIRECT = replace(DIRECT, direct_read=False)
+                        heartbeat_interval=1.0, heartbeat_max_failure=3, direct_copy=True)
+NO_DIRECT = replace(DIRECT, direct_copy=False)
 
 
 class Pair:
@@ -110,15 +111,28 @@ def test_direct_is_chosen_on_one_host_and_moves_pages_bit_exact(make_pair: Calla
     assert pair.d.aux(1) == aux(1)
 
 
-def test_direct_reads_see_the_pool_at_copy_time(make_pair: Callable[..., Pair]) -> None:
+def test_a_send_before_registration_pushes_once_decode_registers(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    pair.p.poll(1)
+    pair.p.send(1, [4, 5], 0, False)  # the router reached P first: D has not registered yet
+    pair.p.send(1, [6], 2, True, aux(1))
+    pair.d.register(1, HOST, pair.port, [9, 8, 7])
+    pair.settle(1)
+    assert pair.p.poll(1) == pair.d.poll(1) == KVPoll.Success, (pair.p.failure(1), pair.d.failure(1))
+    assert pair.p.stats(1).path == "direct"
+    assert torch.equal(pair.dkv[:, :, [9, 8, 7]], pair.pkv[:, :, [4, 5, 6]])
+
+
+def test_prefill_writes_into_decode_shared_pool(make_pair: Callable[..., Pair]) -> None:
     pair = make_pair()
     pair.register(1, [3, 4])
-    assert pair.pkv.is_shared(), "P's pool must live in shared memory for D to map it"
-    # Peek at D's mapping (a private attribute): it aliases P's pool, so a write by P is visible to D at once.
-    (link,) = pair.d._links.values()  # type: ignore[attr-defined]
-    assert link.pool is not None
-    pair.pkv[:, :, 20] = 7.0
-    assert torch.equal(link.pool.source[:, :, 20], pair.pkv[:, :, 20])
+    assert pair.dkv.is_shared(), "D's pool must live in shared memory for P to map it"
+    # Peek at P's mapping (a private attribute): it aliases D's pool.
+    (peer,) = pair.p._peers  # type: ignore[attr-defined]
+    assert peer.pool is not None
+    peer.pool.target[:, :, 20] = 7.0
+    assert (pair.dkv[:, :, 20] == 7.0).all()
+    pair.dkv[:, :, 20] = 0
     pair.p.send(1, [20, 21], 0, True, aux(1))
     pair.settle(1)
     assert pair.p.poll(1) == pair.d.poll(1) == KVPoll.Success, (pair.p.failure(1), pair.d.failure(1))
@@ -131,11 +145,11 @@ def test_direct_reads_see_the_pool_at_copy_time(make_pair: Callable[..., Pair]) 
     assert (pair.dkv[:, :, 11] == -3.5).all() and torch.equal(pair.dkv[:, :, [3, 4]], old)  # room 1 untouched
 
 
-@pytest.mark.parametrize("p_direct,d_direct", [(True, False), (False, True)], ids=["decode-opts-out", "no-offer"])
+@pytest.mark.parametrize("p_direct,d_direct", [(True, False), (False, True)], ids=["no-offer", "prefill-opts-out"])
 def test_either_side_opting_out_uses_data_messages(make_pair: Callable[..., Pair], p_direct: bool,
                                                    d_direct: bool) -> None:
     pair = make_pair(DIRECT if p_direct else NO_DIRECT, DIRECT if d_direct else NO_DIRECT)
-    assert (pair.p._offer is not None) == p_direct  # type: ignore[attr-defined]
+    assert (pair.d._offer is not None) == d_direct  # type: ignore[attr-defined]
     p_pages, d_pages = [8, 1, 40, 15, 33], [2, 29, 11, 46, 0]
     pair.move(1, p_pages, d_pages)
     assert pair.p.stats(1).path == pair.d.stats(1).path == "ucx"
@@ -144,11 +158,11 @@ def test_either_side_opting_out_uses_data_messages(make_pair: Callable[..., Pair
     assert pair.d.aux(1) == aux(1)
 
 
-def test_an_offer_decode_cannot_map_falls_back_to_data_messages(make_pair: Callable[..., Pair]) -> None:
+def test_an_offer_prefill_cannot_map_falls_back_to_data_messages(make_pair: Callable[..., Pair]) -> None:
     pair = make_pair()
-    # Fault injection on a private attribute: D checks that /proc/<pid>/fd/<fd> is the offered file, and it is
+    # Fault injection on a private attribute: P checks that /proc/<pid>/fd/<fd> is the offered file, and it is
     # not any more. D connects only at its first register(), so the corrupted offer is what the handshake sends.
-    pair.p._offer["file_id"] = [0, 0]  # type: ignore[attr-defined,index]
+    pair.d._offer["file_id"] = [0, 0]  # type: ignore[attr-defined,index]
     p_pages, d_pages = [6, 7, 19, 2], [31, 30, 5, 44]
     pair.move(1, p_pages, d_pages)
     assert pair.p.stats(1).path == pair.d.stats(1).path == "ucx"
@@ -158,25 +172,31 @@ def test_an_offer_decode_cannot_map_falls_back_to_data_messages(make_pair: Calla
 def test_bad_page_ids_on_a_direct_link_fail_only_that_room(make_pair: Callable[..., Pair]) -> None:
     pair = make_pair()
     pair.register(1, [4, 5, 6])
-    pair.p.send(1, [3, NUM_PAGES, 9], 0, True, aux(1))  # P does not check ids on a direct link; D must
+    pair.p.send(1, [3, NUM_PAGES, 9], 0, True, aux(1))  # a P page that does not exist
     pair.settle(1)
     assert pair.p.poll(1) == pair.d.poll(1) == KVPoll.Failed
     for side in (pair.p, pair.d):
-        assert "page id out of range" in (side.failure(1) or ""), side.failure(1)  # D's check, not torch's
+        assert "page id out of range" in (side.failure(1) or ""), side.failure(1)  # our check, not torch's
+    pair.p.poll(2)
+    pair.d.register(2, HOST, pair.port, [7, NUM_PAGES + 3])  # a D page that does not exist
+    pair.settle(2)
+    assert pair.p.poll(2) == pair.d.poll(2) == KVPoll.Failed
+    assert "decode registered unusable page ids" in (pair.d.failure(2) or ""), pair.d.failure(2)
     assert not pair.dkv.any(), "no page may be written for a room whose ids were rejected"
-    pair.move(2, [3, 9, 12], [4, 5, 6])  # the same engines, the same link, the same D pages
-    assert pair.p.stats(2).path == pair.d.stats(2).path == "direct"
+    pair.move(3, [3, 9, 12], [4, 5, 6])  # the same engines, the same link, the same D pages
+    assert pair.p.stats(3).path == pair.d.stats(3).path == "direct"
     assert torch.equal(pair.dkv[:, :, [4, 5, 6]], pair.pkv[:, :, [3, 9, 12]])
 
 
-def test_decode_abort_while_pages_are_announced(make_pair: Callable[..., Pair]) -> None:
+def test_decode_abort_drains_until_prefill_answers(make_pair: Callable[..., Pair]) -> None:
     pair = make_pair()
     pair.register(1, [1, 2, 3, 4, 5, 6])
-    pair.p.send(1, [10, 11, 12], 0, False)  # half the room announced (and copied), the rest still to come
-    wait_until(lambda: pair.d.poll(1) == KVPoll.Transferring, 10, "D to copy the first pages")
+    pair.p.send(1, [10, 11, 12], 0, False)  # half the room written, the rest still to come
+    wait_until(lambda: pair.d.poll(1) == KVPoll.Transferring, 10, "P's first copy")
     pair.d.abort(1, "client gone")
-    assert pair.d.poll(1) == KVPoll.Failed and pair.d.failure(1) == "client gone"
-    wait_until(lambda: pair.p.poll(1) == KVPoll.Failed, 10, "P to hear of the abort")
+    wait_until(lambda: pair.d.poll(1) == KVPoll.Failed, 10, "P's answer to D's abort")
+    assert pair.d.failure(1) == "client gone"
+    assert pair.p.poll(1) == KVPoll.Failed, "P answers only once its room failed"
     assert "aborted by decode" in (pair.p.failure(1) or "") and "client gone" in (pair.p.failure(1) or "")
     pair.p.send(1, [13, 14, 15], 3, True, aux(1))  # the scheduler's next chunk of a dead room: a no-op
     pair.move(2, [20, 21, 22], [7, 8, 9])
@@ -185,32 +205,42 @@ def test_decode_abort_while_pages_are_announced(make_pair: Callable[..., Pair]) 
     assert not pair.dkv[:, :, [4, 5, 6]].any(), "pages of the aborted room's unsent chunk stay untouched"
 
 
-def test_prefill_abort_waits_for_decode_to_stop_reading(make_pair: Callable[..., Pair]) -> None:
-    pair = make_pair()
-    pair.register(1, [1, 2, 3, 4])
-    pair.p.send(1, [10, 11], 0, False)  # announced: D may be copying P's pages 10, 11 from now on
-    wait_until(lambda: pair.d.poll(1) == KVPoll.Transferring, 10, "D to copy the first pages")
-    pair.p.abort(1, "client gone")
-    # P's room turns Failed (the scheduler may reuse the pages) only once D answered: D failed first.
-    wait_until(lambda: pair.p.poll(1) == KVPoll.Failed, 10, "D's answer to reach P")
-    assert pair.d.poll(1) == KVPoll.Failed and "client gone" in (pair.d.failure(1) or "")
-    assert pair.p.failure(1) == "client gone"
-    pair.move(2, [20, 21], [5, 6])  # the link goes on
-    assert pair.p.stats(2).path == "direct"
-
-
-def test_prefill_abort_unanswered_holds_the_pages_until_the_drain_timeout(make_pair: Callable[..., Pair]) -> None:
-    hb = replace(DIRECT, heartbeat_interval=0.5, heartbeat_max_failure=2)  # P waits 1 s for D's answer
+def test_decode_abort_unanswered_holds_the_pages_until_the_drain_timeout(make_pair: Callable[..., Pair]) -> None:
+    hb = replace(DIRECT, heartbeat_interval=0.5, heartbeat_max_failure=2)  # D waits 1 s for P's answer
     pair = make_pair(hb, hb)
     pair.register(1, [1, 2, 3, 4])
     pair.p.send(1, [10, 11], 0, False)
-    wait_until(lambda: pair.d.poll(1) == KVPoll.Transferring, 10, "D to copy the first pages")
-    # Fault injection on a private method: D's answers to P's aborts are lost on the way.
-    d_post = pair.d._post  # type: ignore[attr-defined]
-    pair.d._post = lambda link, msg: None if type(msg).__name__ == "AbortAck" else d_post(link, msg)  # type: ignore[attr-defined]
+    wait_until(lambda: pair.d.poll(1) == KVPoll.Transferring, 10, "P's first copy")
+    # Fault injection on a private method: P's answers to D's aborts are lost on the way.
+    p_post = pair.p._post  # type: ignore[attr-defined]
+    pair.p._post = lambda peer, msg: None if type(msg).__name__ == "AbortAck" else p_post(peer, msg)  # type: ignore[attr-defined]
     t0 = time.monotonic()
+    pair.d.abort(1, "client gone")
+    wait_until(lambda: pair.p.poll(1) == KVPoll.Failed, 10, "P to hear of the abort")
+    assert pair.d.poll(1) == KVPoll.Transferring, "D must keep the room (and its pages) while P may write them"
+    wait_until(lambda: pair.d.poll(1) == KVPoll.Failed, 10, "D's drain timeout")
+    assert time.monotonic() - t0 >= 0.9 and pair.d.failure(1) == "client gone"
+
+
+def test_decode_timeout_on_a_direct_link_drains_too(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair(DIRECT, replace(DIRECT, waiting_timeout=0.5))
+    pair.register(1, [1, 2])
+    wait_until(lambda: pair.d.poll(1) == KVPoll.Failed, 10, "D's waiting timeout")  # P never sends
+    assert "timed out" in (pair.d.failure(1) or "")
+    assert pair.p.poll(1) == KVPoll.Failed, "D's room turns Failed only after P failed its room and answered"
+    pair.p.send(1, [10, 11], 0, True, aux(1))  # too late: nothing may land in D's pages
+    time.sleep(0.2)
+    assert not pair.dkv.any()
+
+
+def test_prefill_abort_reaches_decode_after_its_copies(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    pair.register(1, [1, 2, 3, 4])
+    pair.p.send(1, [10, 11], 0, False)
+    wait_until(lambda: pair.d.poll(1) == KVPoll.Transferring, 10, "P's first copy")
     pair.p.abort(1, "client gone")
-    wait_until(lambda: pair.d.poll(1) == KVPoll.Failed, 10, "D to hear of the abort")
-    assert pair.p.poll(1) == KVPoll.Transferring, "P must keep the room (and its pages) while D may read them"
-    wait_until(lambda: pair.p.poll(1) == KVPoll.Failed, 10, "P's drain timeout")
-    assert time.monotonic() - t0 >= 0.9 and pair.p.failure(1) == "client gone"
+    assert pair.p.poll(1) == KVPoll.Failed, "P's own pages are free at once: only P reads them"
+    wait_until(lambda: pair.d.poll(1) == KVPoll.Failed, 10, "P's abort to reach D")
+    assert "client gone" in (pair.d.failure(1) or "")
+    pair.move(2, [20, 21], [5, 6])  # the link goes on
+    assert pair.p.stats(2).path == "direct"

@@ -32,7 +32,7 @@ def config(pages_per_piece: int, queue_size: int) -> TransferConfig:
     return TransferConfig(thread_pool_size=2, queue_size=queue_size, bootstrap_timeout=30, waiting_timeout=30,
                           heartbeat_interval=1.0, heartbeat_max_failure=3,
                           max_message_mb=pages_per_piece * PAGE_BYTES / (1 << 20),
-                          direct_read=False)  # pieces are data messages (a direct link sends none)
+                          direct_copy=False)  # pieces are data messages (a direct link sends none)
 
 
 class Pair:

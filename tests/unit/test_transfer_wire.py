@@ -23,7 +23,7 @@ from transfer.protocol import (
     HelloOk,
     HelloRefused,
     Message,
-    Pages,
+    Pushed,
     Register,
     Registered,
     ctrl_tag,
@@ -84,8 +84,9 @@ def test_every_message_round_trips() -> None:
             Abort(5, "client gone"),
             Data(5, 8, 3, 1, 1 << 20, 4, {"first_token_id": 3, "output_top_logprobs": [[[-0.1, 3, None]]]}),
             Data(5, -1, 4, 0, 0, 4, {"first_token_id": 3}),
-            HelloOk("p2", {"kind": "shm", "boot_id": "b", "num_pages": 9, "nbytes": 1 << 30, "handle": bytes(64)}),
-            Register(6, 3, True), Pages(6, 0, [7, 2, 9]), Pages(6, 3, [], 3, {"first_token_id": 1}), AbortAck(6)]
+            Hello({}, "d2", {"kind": "shm", "boot_id": "b", "num_pages": 9, "nbytes": 1 << 30, "handle": bytes(64)}),
+            HelloOk("p2", True, [bytes(64), bytes(range(64))]), Register(6, 3, [7, 2, 9]), Pushed(6, 0, 3, event=5),
+            Pushed(6, 3, 0, 3, {"first_token_id": 1}), AbortAck(6)]
     assert {type(m) for m in msgs} == set(MESSAGE_TYPES)
     for m in msgs:
         assert decode(encode(m)) == m
