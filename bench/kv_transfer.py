@@ -11,7 +11,10 @@ send (cuda_ipc), scatter.
 Two processes: this one runs the prefill engine, a spawned one the decode engine. For each prompt
 length, ``iters`` rooms (after ``warmup``) each move the whole prompt's KV in one ``send`` (pages drawn
 at random from each side's pool, as a busy cache would have them). Handoff = P's ``send`` call -> D
-sees Success (its pages hold the KV), on the host-wide monotonic clock; the median is reported.
+sees Success (its pages hold the KV), on the host-wide monotonic clock; the median is reported. With
+``--during-forward-ms X`` (GPU) P calls ``send`` the way the scheduler does, right after launching the
+forward (a stand-in GPU kernel of X ms) with its ready event, and the handoff runs from that forward's
+end (P's main thread watching the event) to D's Success: what serving waits for.
 Ceiling, measured in the same run on the same bytes: GPU0 -> GPU1 ``copy_`` (2 GPUs), or a host
 memcpy (CPU). Also reported: pack alone (P, one gather) and unpack alone (D, one scatter).
 "over copy ms" = handoff - the same bytes at the ceiling's speed: the time the handoff adds to a bare copy
@@ -73,12 +76,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch intra-op threads in both processes (default: torch's own; 1 on cpu, where OpenMP "
                          "threads of a 256 KiB copy fighting over shared cores add milliseconds of noise)")
+    ap.add_argument("--during-forward-ms", type=float, default=0.0,
+                    help="GPU only: call send while a stand-in forward of this many ms still runs on P's stream (as "
+                         "the scheduler does), and time the handoff from that forward's end, not from the send call")
     ap.add_argument("--json", default=None, help="append one JSON line with the results to this file")
     args = ap.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "cpu"
     if args.device == "cuda" and torch.cuda.device_count() < 2:
         ap.error("--device cuda needs 2 visible GPUs")
+    if args.during_forward_ms and args.device != "cuda":
+        ap.error("--during-forward-ms needs the GPUs")
     gpu = args.device == "cuda"
     for name, on_gpu, on_cpu in (("tokens", "256,2048,8192", "1,16,256"), ("layers", 32, 2), ("kv_heads", 8, 2),
                                  ("head_dim", 128, 64), ("iters", 8, 50)):
@@ -188,7 +196,19 @@ def decode_main(args: argparse.Namespace, inbox: Any, outbox: Any) -> None:
 # --- prefill process (this one) -------------------------------------------------------------------
 
 
-def handoff(p: Any, kv: torch.Tensor, inbox: Any, outbox: Any, room: int, n_pages: int) -> dict[str, Any]:
+def gpu_cycles_per_ms() -> float:
+    """How many ``torch.cuda._sleep`` cycles take 1 ms on the current GPU (measured)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)  # warm-up
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return 10_000_000 / start.elapsed_time(end)
+
+
+def handoff(p: Any, kv: torch.Tensor, inbox: Any, outbox: Any, room: int, n_pages: int,
+            forward_cycles: int = 0) -> dict[str, Any]:
     p_ids = torch.randperm(kv.shape[2])[:n_pages].tolist()
     d_ids = torch.randperm(kv.shape[2])[:n_pages].tolist()
     p.poll(room)
@@ -198,8 +218,17 @@ def handoff(p: Any, kv: torch.Tensor, inbox: Any, outbox: Any, room: int, n_page
         if time.monotonic() > deadline:
             raise TimeoutError("decode did not register")
         time.sleep(1e-4)
-    t_send = time.monotonic()
-    p.send(room, p_ids, 0, True, AuxRecord(first_token_id=1))
+    if forward_cycles:  # the scheduler's way: send right after launching the forward that writes the pages
+        torch.cuda._sleep(forward_cycles)
+        ready = torch.cuda.Event()
+        ready.record()
+        p.send(room, p_ids, 0, True, AuxRecord(first_token_id=1), ready)
+        while not ready.query():
+            time.sleep(0)  # lets the engine's loop thread run
+        t_send = time.monotonic()  # the forward's end, seen within a few microseconds
+    else:
+        t_send = time.monotonic()
+        p.send(room, p_ids, 0, True, AuxRecord(first_token_id=1))
     msg = inbox.get(timeout=RESULT_TIMEOUT_S)
     assert msg[0] == "done" and msg[1] == room, msg
     if msg[2] != KVPoll.Success:
@@ -236,13 +265,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     proc = ctx.Process(target=decode_main, args=(args, to_d, from_d), name="bench-decode", daemon=True)
     proc.start()
     rows = []
+    forward_cycles = int(args.during_forward_ms * gpu_cycles_per_ms()) if args.during_forward_ms else 0
     try:
         assert from_d.get(timeout=RESULT_TIMEOUT_S)[0] == "ready"
         room = 1
         for t in args.token_list:
             samples = []
             for i in range(args.warmup + args.iters):
-                res = handoff(p, kv, from_d, to_d, room, pages[t])
+                res = handoff(p, kv, from_d, to_d, room, pages[t], forward_cycles)
                 room += 1
                 if i >= args.warmup:
                     samples.append(res)
@@ -276,6 +306,8 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     print(f"KV handoff, {where}: {args.layers} layers x {args.kv_heads} KV heads x {args.head_dim} dims, "
           f"{args.dtype}, page {args.page_size}; pieces <= {args.max_message_mb:g} MiB, {args.queue_size} staging "
           f"slots; median of {args.iters} (after {args.warmup} warm-up); ceiling = {ceiling}")
+    if args.during_forward_ms:
+        print(f"send called while a {args.during_forward_ms:g} ms forward runs; handoff = the forward's end -> D's Success")
     print(f"env: {ucx}")
     head = f"{'path':>6} {'tokens':>7} {'bytes':>13} {'handoff ms':>11} {'p10-p90 ms':>13} {'over copy ms':>13} {'GB/s':>8} " \
            f"{'ceiling GB/s':>13} {'% ceiling':>10} {'pack ms':>8} {'unpack ms':>10} {'pages ok':>8}"
@@ -298,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                   "shape": {"layers": args.layers, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
                             "page_size": args.page_size, "dtype": args.dtype},
                   "iters": args.iters, "queue_size": args.queue_size, "max_message_mb": args.max_message_mb,
-                  "direct": args.direct,
+                  "direct": args.direct, "during_forward_ms": args.during_forward_ms,
                   "ucx_env": {k: v for k, v in os.environ.items() if k.startswith("UCX_")}, "results": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "a") as f:

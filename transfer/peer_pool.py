@@ -21,8 +21,10 @@ room of the link first).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -99,18 +101,21 @@ class PeerPool:
         self.target = target  # CPU: a tensor over D's shared file; CUDA: kernels.kv_copy.RawPages
         self.num_pages = num_pages
         self._ipc_base = ipc_base
+        self._lock = threading.Lock()  # CUDA: one upload + launch at a time (the uploader's ring is not shared)
         self._copier: Any = None  # CUDA: kernels.kv_copy.PageCopier from our pool into ``target`` (first write)
+        self._uploader: Any = None  # CUDA: kernels.kv_copy.PageIdUploader for our page ids (first write)
 
     def check(self, dst_ids: Sequence[int]) -> None:
         """Raise unless every id names a page of D's pool (an id out of range would write past it)."""
         if dst_ids and (min(dst_ids) < 0 or max(dst_ids) >= self.num_pages):
             raise IndexError(f"decode page id out of range [0, {self.num_pages}): min {min(dst_ids)}, max {max(dst_ids)}")
 
-    def write(self, kv: torch.Tensor, src_ids: Sequence[int], dst_ids: Sequence[int] | torch.Tensor) -> None:
-        """D's pool[:, :, dst_ids] = ``kv``[:, :, src_ids] on the current stream (CUDA: no host wait).
+    def write(self, kv: torch.Tensor, src_ids: Sequence[int], dst_ids: Sequence[int] | torch.Tensor,
+              stream: torch.cuda.Stream | None = None) -> None:
+        """D's pool[:, :, dst_ids] = ``kv``[:, :, src_ids] (CUDA: on ``stream``, None: the current one; no host wait).
 
-        ``dst_ids`` were range-checked (``check``) when D registered them; on CUDA they may already be a
-        device tensor (uploaded then, off the critical path)."""
+        ``dst_ids`` were range-checked (``check``) when D registered them; on CUDA they are a device tensor
+        (uploaded then, off the critical path, on ``stream``). Any thread."""
         n = len(src_ids)
         if n != len(dst_ids):
             raise ValueError(f"{n} source pages for {len(dst_ids)} destination pages")
@@ -122,12 +127,18 @@ class PeerPool:
             dst = dst_ids if isinstance(dst_ids, torch.Tensor) else torch.tensor(list(dst_ids), dtype=torch.int64)
             self.target.index_copy_(2, dst, kv.index_select(2, torch.tensor(list(src_ids), dtype=torch.int64)))
             return
-        if self._copier is None:
-            from kernels.kv_copy import PageCopier  # imports triton only when used
+        with self._lock:
+            if self._copier is None:
+                from kernels import kv_copy  # imports triton only when used
 
-            self._copier = PageCopier(kv, self.target)
-        src = upload_ids(src_ids, kv.device)
-        self._copier(src, dst_ids if isinstance(dst_ids, torch.Tensor) else upload_ids(dst_ids, kv.device))
+                self._copier = kv_copy.PageCopier(kv, self.target)
+                self._uploader = kv_copy.PageIdUploader(kv.device, min(kv.shape[2], UPLOAD_CAPACITY))
+            if n <= self._uploader.capacity:
+                src = self._uploader.upload(src_ids, stream)
+            else:
+                src = upload_ids(src_ids, kv.device, stream)
+            dst = dst_ids if isinstance(dst_ids, torch.Tensor) else upload_ids(dst_ids, kv.device, stream)
+            self._copier(src, dst, stream)  # same stream as the uploads: the ids are in place when it runs
 
     def close(self) -> None:
         base, self._ipc_base = self._ipc_base, None
@@ -136,9 +147,13 @@ class PeerPool:
             cuda_ipc.close_handle(base)
 
 
-def upload_ids(ids: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Page ids as an int64 tensor on ``device``, copied on the current stream (no host wait)."""
-    return torch.tensor(list(ids), dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+UPLOAD_CAPACITY = 16384  # page ids one write uploads through the pinned ring; longer sends build a tensor
+
+
+def upload_ids(ids: Sequence[int], device: torch.device, stream: torch.cuda.Stream | None = None) -> torch.Tensor:
+    """Page ids as an int64 tensor on ``device``, copied on ``stream`` (None: the current one; no host wait)."""
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        return torch.tensor(list(ids), dtype=torch.int64).pin_memory().to(device, non_blocking=True)
 
 
 def open_pool(offer: PoolOffer, kv: torch.Tensor) -> PeerPool:

@@ -42,8 +42,8 @@ class PushSender(PieceSender[S]):
         peer.pool.check(page_ids)
         state.dst_ids = page_ids
         if self._stream is not None:  # the copies run on this stream too: ordered after the upload
-            with torch.cuda.device(self.kv.device), torch.cuda.stream(self._stream):
-                state.dst_dev = upload_ids(page_ids, self.kv.device)
+            with torch.cuda.device(self.kv.device):
+                state.dst_dev = upload_ids(page_ids, self.kv.device, self._stream)
 
     def _push_now(self, state: S, ids: list[int] | torch.Tensor, first_page: int, last: bool, aux: AuxRecord | None,
                   ready_event: Any) -> bool:
@@ -88,14 +88,14 @@ class PushSender(PieceSender[S]):
             wait_ready(ready_event)
             peer.pool.write(self.kv, ids, state.dst_ids[first_page:first_page + len(ids)])
             return -1
-        with torch.cuda.device(self.kv.device), torch.cuda.stream(self._stream):
-            if isinstance(ready_event, torch.cuda.Event):
-                self._stream.wait_event(ready_event)
-            else:
-                wait_ready(ready_event)
-            peer.pool.write(self.kv, ids, state.dst_dev[first_page:first_page + len(ids)])
-            k: int = peer.events.record(self._stream)
-            state.pushes = peer.events.events[k]
+        # No stream or device context (they cost more than the launch): everything takes the stream.
+        if isinstance(ready_event, torch.cuda.Event):
+            self._stream.wait_event(ready_event)
+        else:
+            wait_ready(ready_event)
+        peer.pool.write(self.kv, ids, state.dst_dev[first_page:first_page + len(ids)], self._stream)
+        k: int = peer.events.record(self._stream)
+        state.pushes = peer.events.events[k]
         return k
 
     def _post_after_copies(self, peer: Any, state: S | None, msg: Message) -> None:

@@ -22,14 +22,14 @@ class SchedulerHooks:
     # act on a request between two of its steps (PrefillHooks.take_over) must turn this off.
     supports_overlap = True
 
-    def bind(self, scheduler: "Scheduler") -> None:
+    def bind(self, scheduler: Scheduler) -> None:
         self.sched = scheduler
 
     def on_submit(self, req: Req) -> bool:
         """True if the hook queued ``req`` itself (it reaches the scheduler's waiting queue later)."""
         return False
 
-    def before_step(self, out: "StepOutput") -> None:
+    def before_step(self, out: StepOutput) -> None:
         """Move requests between the hook's queues and the scheduler; report what changed in ``out``."""
 
     def after_compute(self, req: Req, start: int, n: int) -> None:

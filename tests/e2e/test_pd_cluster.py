@@ -69,7 +69,7 @@ def test_1p2d_greedy_equals_colocated(cluster_1p2d, expected):
     outs = asyncio.run(post_all(cluster_1p2d.url, [{"input_ids": p, "sampling_params": GREEDY} for p in prompts]))
     assert [o["output_ids"] for o in outs] == want
     assert all(o["meta_info"]["kv_transfer"]["bytes"] > 0 for o in outs)
-    assert {o["meta_info"]["kv_transfer"]["path"] for o in outs} == {"direct"}  # one host: D maps P's pool
+    assert {o["meta_info"]["kv_transfer"]["path"] for o in outs} == {"direct"}  # one host: P writes into D's mapped pool
     # the shared prefix again, now that it sits in P's radix cache: D still gets the whole prompt's KV
     again = requests.post(cluster_1p2d.url + "/generate", json={"input_ids": prompts[-1], "sampling_params": GREEDY},
                           timeout=60).json()
@@ -133,7 +133,7 @@ def test_decode_worker_registers_at_runtime(cluster_1p2d, tiny_llama, expected):
 
 
 def test_2p1d_greedy_equals_colocated(tiny_llama, expected):
-    """Also the UCX data-message path end to end: direct reads are off (as between hosts)."""
+    """Also the UCX data-message path end to end: direct copies are off (as between hosts)."""
     prompts, want = expected
     c = Cluster(tiny_llama, 2, 1, worker_args=PAGE, router_args=ROUTER, env={"SGLANG_DISAGGREGATION_DIRECT_COPY": "0"})
     try:
