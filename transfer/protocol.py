@@ -120,6 +120,7 @@ class Pushed:
     total_pages: int = -1  # as in Data: >= 0 on the room's last message only
     aux: dict[str, Any] | None = None
     event: int = -1  # index into the link's events: the copy is complete once it fired (-1: already complete)
+    started: float = 0.0  # P's time.monotonic() when it launched the copy (a direct link is on one host)
 
     @property
     def last(self) -> bool:

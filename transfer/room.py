@@ -75,10 +75,12 @@ class RoomState:
                 self.t_first = time.monotonic()
             self.num_bytes += n
 
-    def mark_first_byte(self) -> None:
+    def mark_first_byte(self, at: float | None = None) -> None:
+        """The transfer's start: now, or ``at`` (a monotonic time of this host) if that is earlier."""
         with self.lock:
-            if self.t_first is None:
-                self.t_first = time.monotonic()
+            t = time.monotonic() if at is None else at
+            if self.t_first is None or t < self.t_first:
+                self.t_first = t
 
     def stats(self) -> TransferStats:
         with self.lock:

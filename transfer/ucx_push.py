@@ -17,6 +17,7 @@ such care: a copy still reading them after the room failed only feeds pages D wi
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, TypeVar
 
 import torch
@@ -58,6 +59,7 @@ class PushSender(PieceSender[S]):
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
         n = len(ids)
         peer = state.peer
+        started = time.monotonic()
         try:
             with state.lock:
                 if not state.alive:
@@ -73,8 +75,9 @@ class PushSender(PieceSender[S]):
             return
         if n:
             state.path = "direct"
+            state.mark_first_byte(started)
             state.add_bytes(chunk_nbytes(self.kv, n))
-        msg = Pushed(state.room, first_page, n, total, aux.to_dict() if aux is not None else None, event)
+        msg = Pushed(state.room, first_page, n, total, aux.to_dict() if aux is not None else None, event, started)
         if self.runtime.in_loop_thread:
             self._post(peer, msg)
         else:

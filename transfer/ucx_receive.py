@@ -81,7 +81,7 @@ class PageReceiver(UcxEngineBase[DecodeRoom]):
             self._fail_room(state, problem, Fail)
             return
         state.advance(KVPoll.Transferring)
-        state.mark_first_byte()
+        state.mark_first_byte(msg.started if msg.started > 0 else None)  # one host: P's clock is ours
         if msg.event >= 0:
             state.push_event = link.events[msg.event]
         state.pages_received += n

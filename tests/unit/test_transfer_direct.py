@@ -111,6 +111,25 @@ def test_direct_is_chosen_on_one_host_and_moves_pages_bit_exact(make_pair: Calla
     assert pair.d.aux(1) == aux(1)
 
 
+def test_decode_times_the_handoff_from_prefill_launching_the_copy(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    pair.register(1, [3, 4])
+    # Fault injection on a private method: P's Pushed messages leave 50 ms after the copy (CPU: done at once).
+    p_post = pair.p._post  # type: ignore[attr-defined]
+
+    def late_post(peer: object, msg: object) -> None:
+        if type(msg).__name__ == "Pushed":
+            time.sleep(0.05)
+        p_post(peer, msg)
+
+    pair.p._post = late_post  # type: ignore[attr-defined]
+    pair.p.send(1, [20, 21], 0, True, aux(1))
+    pair.settle(1)
+    assert pair.d.poll(1) == KVPoll.Success, pair.d.failure(1)
+    # Both run on one host's monotonic clock: D's handoff time starts when P launched the copy, not when D heard.
+    assert pair.d.stats(1).ms >= 50 and pair.p.stats(1).ms >= pair.d.stats(1).ms
+
+
 def test_a_send_before_registration_pushes_once_decode_registers(make_pair: Callable[..., Pair]) -> None:
     pair = make_pair()
     pair.p.poll(1)
