@@ -11,6 +11,7 @@ Modules
   peer_pool.py     direct copies on one host: D's pool offer, P's mapping of it, the copy into it
   cuda_ipc.py      CUDA IPC through the driver API (export an allocation, map a peer's into this context)
   ipc_events.py    a direct link's interprocess CUDA events (P records one after each copy, D polls it)
+  event_watch.py   EventWatcher: D's thread that polls P's copy events and reports each once fired
   ucx_runtime.py   the process's one UCX thread: event-driven worker progress + the engines' asyncio loop
   ucx_channel.py   one D<->P link: control frames and tagged data messages on one UCX endpoint
   ucx_engine.py    what both UCX engines share: runtime, event waits, timeouts sweeper, gather/scatter launch
@@ -35,7 +36,8 @@ Data flow of one room (``bootstrap_room``)
   (ordered after the forward on the GPU, no host wait), records an interprocess event and posts Pushed
   naming it; D is Success once the event fired. No staging, data message or scatter; a room D fails
   itself drains until P confirms its copies are done (ucx_decode.py).
-Both sides are polled by the scheduler (never called back). UCX and the protocol run on one background
+Both sides are polled by the scheduler (never called back); ``wakeup_fd`` turns readable on every room change,
+so a scheduler with nothing else to do sleeps on it instead of a timer. UCX and the protocol run on one background
 thread per process; P's gathers start on the caller's thread inside ``send`` (no host wait on the GPU).
 """
 

@@ -91,6 +91,10 @@ class TransferStats:
 class PrefillTransfer(ABC):
     """P side. Thread-safe; the scheduler thread calls every method; work runs in background threads."""
 
+    def wakeup_fd(self) -> int | None:
+        """As ``DecodeTransfer.wakeup_fd``: readable after any room's ``poll`` result changed; None: no such fd."""
+        return None
+
     @abstractmethod
     def start(self) -> None:
         """Start the bootstrap server and the data listener; returns once both accept connections."""
@@ -132,6 +136,11 @@ class PrefillTransfer(ABC):
 
 class DecodeTransfer(ABC):
     """D side. Thread-safe; the scheduler thread calls every method; work runs in background threads."""
+
+    def wakeup_fd(self) -> int | None:
+        """A file descriptor that turns readable after any room's ``poll`` result changed (the reader drains it
+        with ``os.eventfd_read``), for the scheduler to sleep on; None: poll on a timer."""
+        return None
 
     @abstractmethod
     def start(self) -> None: ...

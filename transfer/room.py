@@ -23,7 +23,8 @@ from transfer.base import KVPoll, TransferStats
 
 
 class RoomState:
-    def __init__(self, room: int, status: KVPoll = KVPoll.Bootstrapping) -> None:
+    def __init__(self, room: int, status: KVPoll = KVPoll.Bootstrapping,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.room = room
         self.lock = threading.RLock()
         self.status = status
@@ -34,6 +35,7 @@ class RoomState:
         self.t_end: float | None = None  # Success or Failed
         self.gpu_work: Any = None  # D: torch.cuda.Event after the room's latest scatter on the engine stream
         self.path = ""  # TransferStats.path, set by the engine when the first pages move
+        self.on_change = on_change  # called after every status change, outside the lock (the engine's wakeup)
 
     @property
     def terminal(self) -> bool:
@@ -52,7 +54,9 @@ class RoomState:
             self.status = to
             if to == KVPoll.Success:
                 self.t_end = time.monotonic()
-            return True
+        if self.on_change is not None:
+            self.on_change()
+        return True
 
     def fail(self, reason: str) -> bool:
         """Mark Failed with ``reason`` unless already terminal; True if this call failed it.
@@ -67,7 +71,9 @@ class RoomState:
             self.status = KVPoll.Failed
             self.reason = reason
             self.t_end = time.monotonic()
-            return True
+        if self.on_change is not None:
+            self.on_change()
+        return True
 
     def add_bytes(self, n: int) -> None:
         with self.lock:

@@ -34,6 +34,7 @@ from transfer.base import (
 )
 from transfer.bootstrap import BootstrapClient
 from transfer.config import TransferConfig
+from transfer.event_watch import EventWatcher
 from transfer.ipc_events import open_events
 from transfer.peer_pool import PeerPoolError, export_pool
 from transfer.protocol import (
@@ -65,6 +66,7 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
         self._links: dict[Addr, PrefillLink] = {}
         self._client = BootstrapClient()
         self._offer: dict[str, Any] | None = None  # our pool, offered to P for direct copies (peer_pool.py)
+        self.push_watcher = EventWatcher(f"{self.engine_id}-copies")  # P's copy events (CUDA direct links)
 
     # --- scheduler thread -------------------------------------------------------------------------
 
@@ -83,7 +85,7 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
     def register(self, room: int, bootstrap_host: str, bootstrap_port: int, page_ids: Sequence[int]) -> None:
         ids = page_ids.tolist() if isinstance(page_ids, torch.Tensor) else list(page_ids)
         state = DecodeRoom(room, ids, (bootstrap_host, int(bootstrap_port)),
-                           time.monotonic() + self.config.waiting_timeout)
+                           time.monotonic() + self.config.waiting_timeout, self._notify)
         old = self.rooms.put(room, state)
         if old is not None and old.alive:
             self._fail_room(old, f"room {room} registered again", Abort)
@@ -128,6 +130,7 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
 
     def shutdown(self) -> None:
         self._shutdown_common(self._aclose)
+        self.push_watcher.close()
 
     # --- rooms (any thread) -----------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from transfer.base import AuxRecord
@@ -20,8 +21,9 @@ class HandshakeRefused(Exception):
 
 
 class DecodeRoom(RoomState):
-    def __init__(self, room: int, page_ids: list[int], addr: Addr, deadline: float) -> None:
-        super().__init__(room)
+    def __init__(self, room: int, page_ids: list[int], addr: Addr, deadline: float,
+                 on_change: Callable[[], None] | None = None) -> None:
+        super().__init__(room, on_change=on_change)
         self.page_ids = page_ids  # D's pages of the whole prompt, in prompt order
         self.addr = addr
         self.deadline = deadline

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -63,6 +64,7 @@ class UcxEngineBase(Generic[R]):
         self._stream = torch.cuda.Stream(kv_buffer.device) if kv_buffer.device.type == "cuda" else None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._wakeup = _eventfd()  # readable after any room's status changed (``wakeup_fd``); None: no eventfd
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -129,6 +131,9 @@ class UcxEngineBase(Generic[R]):
         if self._runtime is not None:
             runtime, self._runtime = self._runtime, None
             runtime.release()
+        fd, self._wakeup = self._wakeup, None  # no thread of ours is left to write it
+        if fd is not None:
+            os.close(fd)
 
     @property
     def runtime(self) -> UcxRuntime:
@@ -228,9 +233,28 @@ class UcxEngineBase(Generic[R]):
 
     # --- shared public helpers ----------------------------------------------------------------------
 
+    def wakeup_fd(self) -> int | None:
+        return self._wakeup
+
+    def _notify(self) -> None:
+        """Any thread: a room's status changed; wake whoever polls ``wakeup_fd``."""
+        fd = self._wakeup
+        if fd is not None:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:  # the counter is full (nobody reads): the fd is readable anyway
+                pass
+
     def _stats(self, room: int) -> TransferStats:
         state = self.rooms.get(room)
         return state.stats() if state is not None else TransferStats()
+
+
+def _eventfd() -> int | None:
+    try:
+        return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    except (AttributeError, OSError):  # not Linux: the scheduler polls on its own timer
+        return None
 
 
 def _record(stream: torch.cuda.Stream) -> torch.cuda.Event:

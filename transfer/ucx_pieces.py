@@ -17,7 +17,7 @@ itself (ucx_push.py); only a send that came before D's registration waits here a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,8 +34,8 @@ from transfer.ucx_engine import UcxEngineBase
 class SendingRoom(RoomState):
     """What the pipeline keeps per room on P."""
 
-    def __init__(self, room: int) -> None:
-        super().__init__(room)
+    def __init__(self, room: int, on_change: Callable[[], None] | None = None) -> None:
+        super().__init__(room, on_change=on_change)
         self.peer: Any = None  # D's link (``.channel``) once D registered the room
         self.num_pages = 0  # pages D registered
         self.direct = False  # D registered on a direct link: we write its pages ourselves (ucx_push.py)

@@ -18,7 +18,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,8 +69,8 @@ class DecodePeer:
 
 
 class PrefillRoom(SendingRoom):
-    def __init__(self, room: int, deadline: float) -> None:
-        super().__init__(room)
+    def __init__(self, room: int, deadline: float, on_change: Callable[[], None] | None = None) -> None:
+        super().__init__(room, on_change)
         self.deadline = deadline  # D must register before this (monotonic s)
         self.peer: DecodePeer | None = None
         self.send_started = False  # failure injection is decided at the first send
@@ -162,7 +162,7 @@ class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
             return state
         with self._lock:
             deadline = time.monotonic() + self.config.bootstrap_timeout
-            state, created = self.rooms.get_or_create(room, lambda: PrefillRoom(room, deadline))
+            state, created = self.rooms.get_or_create(room, lambda: PrefillRoom(room, deadline, self._notify))
             pending = self._pending.pop(room, None) if created else None
         if pending is not None:
             self._attach(state, pending.peer, pending.num_pages, pending.page_ids)

@@ -8,8 +8,8 @@ Direct links: P writes the room's pages itself; a Pushed message says it launche
 interprocess event it recorded after it (ucx_push.py).
 Either way the room's last message carries the aux record and the page count; once every page has
 landed and been written (on CUDA: once the last write's event fired, seen by ``poll``, a worker thread
-or, for P's events, the loop's polling, whichever first), the room is Success and P is told Done. Loop
-thread unless stated.
+or, for P's events, the ``push_watcher`` thread, whichever first), the room is Success and P is told Done.
+Loop thread unless stated.
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ import asyncio
 from typing import Any
 
 from transfer.base import AuxRecord, KVPoll
+from transfer.event_watch import EventWatcher
 from transfer.pack import chunk_nbytes
 from transfer.protocol import Data, Done, Fail, Message, Pushed
 from transfer.staging import StagingSlot
 from transfer.ucx_decode_state import DecodeRoom, PrefillLink
 from transfer.ucx_engine import UcxEngineBase
 
-PUSH_POLL_S = 2e-4  # how often the loop looks at P's copy event (the scheduler's ``poll`` looks too)
-
 
 class PageReceiver(UcxEngineBase[DecodeRoom]):
+    push_watcher: EventWatcher  # the decode engine makes it
+
+
     def _fail_room(self, state: DecodeRoom, reason: str, tell: type[Any] | None) -> None:
         """Fail the room; tell P with message type ``tell`` (the decode engine implements it)."""
         raise NotImplementedError
@@ -132,12 +134,12 @@ class PageReceiver(UcxEngineBase[DecodeRoom]):
         if problem is not None:
             self._fail_room(state, problem, Fail)
             return
-        if state.push_event is not None:  # P's copies: poll P's event (a wait on it could outlive a dead P)
+        if state.push_event is not None:  # P's copies: watch P's event (a wait on it could outlive a dead P)
             if state.push_event.query():
                 self._succeed(state)
             else:
                 state.finishing = state.push_event
-                self.spawn(self._succeed_when_pushed(state))
+                self.push_watcher.watch(state.push_event, lambda error: self._pushed(state, error), lambda: state.alive)
         elif state.gpu_work is None or state.gpu_work.query():
             self._succeed(state)
         else:
@@ -148,12 +150,12 @@ class PageReceiver(UcxEngineBase[DecodeRoom]):
         await self.wait_event(state.finishing)
         self._succeed(state)
 
-    async def _succeed_when_pushed(self, state: DecodeRoom) -> None:
-        """Until P's copies into the room's pages finished (``poll`` may see it first), or the room died."""
-        while state.alive and not state.finishing.query():
-            await asyncio.sleep(PUSH_POLL_S)
-        if state.alive:
+    def _pushed(self, state: DecodeRoom, error: BaseException | None) -> None:
+        """P's copies into the room's pages finished (or their event could not be read). Watcher thread."""
+        if error is None:
             self._succeed(state)
+        else:
+            self._fail_room(state, f"cannot tell whether prefill's copy finished ({type(error).__name__}: {error})", Fail)
 
     def _succeed(self, state: DecodeRoom) -> None:
         """Success, and Done to P, exactly once (``poll`` or the loop, whichever sees the last scatter end)."""

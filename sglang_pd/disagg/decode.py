@@ -124,6 +124,9 @@ class DecodeHooks(SchedulerHooks):
     def has_work(self) -> bool:
         return bool(self.prealloc_queue or self.transfer_queue or self.draining)
 
+    def wakeup_fd(self) -> int | None:
+        return self.transfer.wakeup_fd()
+
     def stats(self) -> dict[str, Any]:
         return {
             "num_decode_prealloc_queue_reqs": len(self.prealloc_queue),

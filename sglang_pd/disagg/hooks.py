@@ -50,6 +50,11 @@ class SchedulerHooks:
     def has_work(self) -> bool:
         return False
 
+    def wakeup_fd(self) -> int | None:
+        """An fd that turns readable when the hook's work may have moved (a KV transfer's state changed), so a
+        scheduler waiting on it need not poll on a timer; None: none. The waiter drains it (os.eventfd_read)."""
+        return None
+
     def stats(self) -> dict[str, Any]:
         return {}
 

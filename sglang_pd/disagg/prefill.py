@@ -116,6 +116,9 @@ class PrefillHooks(SchedulerHooks):
     def has_work(self) -> bool:
         return bool(self.bootstrap_queue or self.inflight)
 
+    def wakeup_fd(self) -> int | None:
+        return self.transfer.wakeup_fd()
+
     def stats(self) -> dict[str, Any]:
         return {
             "num_prefill_prealloc_queue_reqs": len(self.bootstrap_queue),

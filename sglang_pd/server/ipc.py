@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +47,23 @@ def send(sock: zmq.Socket, msg: Any) -> None:
     sock.send(messages.encode(msg))
 
 
-def recv_all(sock: zmq.Socket, timeout_ms: int) -> list[Any]:
-    """Every message waiting now; blocks up to ``timeout_ms`` for the first when none is waiting."""
+def recv_all(sock: zmq.Socket, timeout_ms: int, wakeup_fd: int | None = None) -> list[Any]:
+    """Every message waiting now; blocks up to ``timeout_ms`` for the first when none is waiting, or until
+    ``wakeup_fd`` (an eventfd, drained here) turns readable."""
     out: list[Any] = []
-    if sock.poll(timeout_ms) == 0:
-        return out
+    if wakeup_fd is None:
+        if sock.poll(timeout_ms) == 0:
+            return out
+    else:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(wakeup_fd, zmq.POLLIN)
+        ready = dict(poller.poll(timeout_ms))
+        if wakeup_fd in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(wakeup_fd)
+        if sock not in ready:
+            return out
     while True:
         try:
             out.append(messages.decode(sock.recv(zmq.NOBLOCK)))

@@ -26,7 +26,7 @@ from sglang_pd.server_args import ServerArgs
 logger = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.5
 IDLE_POLL_MS = 50
-WAITING_POLL_MS = 1  # work exists but nothing ran (e.g. waiting on KV transfers): poll, don't spin
+WAITING_POLL_MS = 1  # work exists but nothing ran: poll, don't spin (a KV transfer's change wakes it at once)
 
 
 def run_scheduler_process(args: ServerArgs, paths: ipc.IpcPaths) -> None:
@@ -73,6 +73,7 @@ class SchedulerLoop:
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.running = True
+        self.wakeup_fd = self.core.scheduler.hooks.wakeup_fd()  # KV transfers wake the loop, not a timer
 
     def run(self) -> None:
         ran_batch = False
@@ -81,7 +82,7 @@ class SchedulerLoop:
                 timeout = 0
             else:
                 timeout = WAITING_POLL_MS if self.core.scheduler.has_work() else IDLE_POLL_MS
-            for msg in ipc.recv_all(self.inbox, timeout):
+            for msg in ipc.recv_all(self.inbox, timeout, self.wakeup_fd):
                 self.handle(msg)
             ran_batch = False
             if self.core.scheduler.has_work():

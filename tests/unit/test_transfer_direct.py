@@ -5,6 +5,7 @@ messages. A room D fails itself drains until P confirms that none of its copies 
 
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -107,6 +108,9 @@ def test_direct_is_chosen_on_one_host_and_moves_pages_bit_exact(make_pair: Calla
     assert not pair.dkv[:, :, [pg for pg in range(NUM_PAGES) if pg not in d_pages]].any()
     ps, ds = pair.p.stats(1), pair.d.stats(1)
     assert ps.path == ds.path == "direct"
+    for side in (pair.p, pair.d):  # each room change made the engine's wakeup fd readable: a waiting scheduler wakes
+        fd = side.wakeup_fd()
+        assert fd is not None and select.select([fd], [], [], 0)[0] == [fd]
     assert ps.num_bytes == ds.num_bytes == len(p_pages) * PAGE_BYTES
     assert pair.d.aux(1) == aux(1)
 
