@@ -55,7 +55,7 @@ class PoolOffer:
     nbytes: int  # the pool's bytes from its first element
     offset: int = 0  # bytes from the start of the allocation (cuda_ipc) / shared file (shm) to the pool
     handle: bytes = b""  # cuda_ipc: the allocation's IPC handle
-    pid: int = 0  # shm: P's pid and its descriptor of the pool's file, with the file's (st_dev, st_ino)
+    pid: int = 0  # shm: D's pid and its descriptor of the pool's file, with the file's (st_dev, st_ino)
     fd: int = -1
     file_id: list[int] = field(default_factory=list)
 
@@ -142,7 +142,7 @@ class PeerPool:
 
     def close(self) -> None:
         base, self._ipc_base = self._ipc_base, None
-        self.target = self._copier = None
+        self.target = self._copier = self._uploader = None
         if base is not None:
             cuda_ipc.close_handle(base)
 
@@ -182,6 +182,6 @@ def open_pool(offer: PoolOffer, kv: torch.Tensor) -> PeerPool:
             raw = torch.from_file(path, shared=True, size=offer.offset + offer.nbytes, dtype=torch.uint8)
         except (OSError, RuntimeError) as e:
             raise PeerPoolError(f"cannot map decode's pool: {e}") from e
-        source = raw[offer.offset:].view(kv.dtype).view(shape)
-        return PeerPool(source, offer.num_pages, None)
-    raise PeerPoolError(f"a {offer.kind} pool cannot be read from a {kv.device.type} pool")
+        target = raw[offer.offset:].view(kv.dtype).view(shape)
+        return PeerPool(target, offer.num_pages, None)
+    raise PeerPoolError(f"a {offer.kind} pool cannot be written from a {kv.device.type} pool")

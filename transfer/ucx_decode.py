@@ -325,9 +325,11 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
             if state is not None:
                 state.advance(KVPoll.WaitingForInput)
         elif isinstance(msg, (Fail, Abort, AbortAck)):  # P's copies of the room are done: its pages are ours again
-            if state is not None and (state.draining is not None or not isinstance(msg, AbortAck)):
-                reason = ("" if isinstance(msg, AbortAck) else msg.reason if isinstance(msg, Fail)
-                          else f"aborted by prefill: {msg.reason}")
+            if isinstance(msg, AbortAck):  # answers our Fail/Abort: only a draining room waits for it
+                if state is not None and state.draining is not None:
+                    self._fail_room(state, state.draining, None)
+            elif state is not None:
+                reason = msg.reason if isinstance(msg, Fail) else f"aborted by prefill: {msg.reason}"
                 self._fail_room(state, reason, None)  # a draining room fails with its own reason
         else:
             logger.warning("%s: unexpected %s from prefill %s", self.engine_id, type(msg).__name__, link.name)

@@ -29,7 +29,6 @@ from transfer.ucx_engine import UcxEngineBase
 class PageReceiver(UcxEngineBase[DecodeRoom]):
     push_watcher: EventWatcher  # the decode engine makes it
 
-
     def _fail_room(self, state: DecodeRoom, reason: str, tell: type[Any] | None) -> None:
         """Fail the room; tell P with message type ``tell`` (the decode engine implements it)."""
         raise NotImplementedError
