@@ -19,8 +19,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# The repo root goes before bench/ (python puts a script's folder first): ``import kernels`` must find
-# the kernels/ package, not bench/kernels.py.
+# The repo root goes before bench/ (python puts a script's folder first): ``import pd_kernels`` must find
+# the pd_kernels/ package, not bench/kernels.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -82,7 +82,7 @@ def random_page_table(bs: int, ctx: int) -> torch.Tensor:
 
 
 def decode_rows(copy_gbs: float, grid: list[tuple[int, int]]) -> list[Row]:
-    from kernels.decode_attention import decode_attention, default_num_kv_splits
+    from pd_kernels.decode_attention import decode_attention, default_num_kv_splits
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
@@ -101,7 +101,7 @@ def decode_rows(copy_gbs: float, grid: list[tuple[int, int]]) -> list[Row]:
 
 
 def prefill_rows(mm_tflops: float, shapes: list[tuple[int, int]]) -> list[Row]:
-    from kernels.extend_attention import extend_attention
+    from pd_kernels.extend_attention import extend_attention
 
     rows = []
     for bs, n in shapes:
@@ -123,11 +123,11 @@ def prefill_rows(mm_tflops: float, shapes: list[tuple[int, int]]) -> list[Row]:
 
 
 def pointwise_rows(copy_gbs: float, tokens: int) -> list[Row]:
-    from kernels.activation import silu_and_mul
-    from kernels.kv_pack import pack_pages
-    from kernels.kv_store import store_kv
-    from kernels.rmsnorm import rms_norm
-    from kernels.rotary import apply_rotary
+    from pd_kernels.activation import silu_and_mul
+    from pd_kernels.kv_pack import pack_pages
+    from pd_kernels.kv_store import store_kv
+    from pd_kernels.rmsnorm import rms_norm
+    from pd_kernels.rotary import apply_rotary
 
     hidden, inter = 4096, 14336
     x = torch.randn(tokens, hidden, dtype=DT, device="cuda")

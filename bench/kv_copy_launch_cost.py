@@ -1,4 +1,4 @@
-"""Host cost of each step that starts a direct copy (kernels/kv_copy.py), in a quiet process (no other Python
+"""Host cost of each step that starts a direct copy (pd_kernels/kv_copy.py), in a quiet process (no other Python
 thread) on 2 GPUs. The first way (D pulling, through transfer/peer_pool.py's first version): building the
 page-id tensor, uploading it through pinned memory, the ``copy_pages`` launch (1 page: the host side, not the
 copy), the CUDA event, the device and stream guards. Next to it, the fast path: ``PageIdUploader.upload`` and
@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root first: kernels/ is a package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root first: pd_kernels/ is a package
 
 import torch
 
-from kernels.kv_copy import (
+from pd_kernels.kv_copy import (
     PageCopier,
     PageIdUploader,
     RawPages,

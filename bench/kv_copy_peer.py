@@ -1,4 +1,4 @@
-"""Peer page-copy bandwidth of kernels/kv_copy.py on 2 GPUs (one process): pull (the kernel on GPU 1 reads GPU 0's
+"""Peer page-copy bandwidth of pd_kernels/kv_copy.py on 2 GPUs (one process): pull (the kernel on GPU 1 reads GPU 0's
 pool, as D does on a direct link) and push (the kernel on GPU 0 writes GPU 1's pool), over block sizes and warp
 counts, against torch's contiguous GPU0 -> GPU1 copy of the same bytes. Llama-3.1-8B pages, random page ids.
 
@@ -11,11 +11,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root first: kernels/ is a package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root first: pd_kernels/ is a package
 
 import torch
 
-from kernels.kv_copy import RawPages, _pages_to_pages_kernel
+from pd_kernels.kv_copy import RawPages, _pages_to_pages_kernel
 
 LAYERS, HEADS, HEAD_DIM, PAGE, POOL = 32, 8, 128, 16, 1200
 ELEMS = PAGE * HEADS * HEAD_DIM  # per page per plane

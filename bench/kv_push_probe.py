@@ -1,7 +1,7 @@
 """Probe of the push handoff: P (cuda:0) writes D's (cuda:1) pages itself; D learns completion from a CUDA IPC event.
 
 P maps D's KV pool through CUDA IPC. A send, as P's scheduler thread would run it: on a side stream that
-first waits for the forward's event, upload the page ids, launch kernels/kv_copy.py's kernel writing D's
+first waits for the forward's event, upload the page ids, launch pd_kernels/kv_copy.py's kernel writing D's
 pages over NVLink, record one of 8 interprocess events; then tell D which one (a pipe, written from the
 calling thread, standing in for the control message, which travels while the copy runs). D opened the
 events once and polls the named one. Handoff = P's t0 -> D sees the event fired (host monotonic clock,
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root first: kernels/ is a package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root first: pd_kernels/ is a package
 
 import torch
 import triton
@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--idle-ms", type=float, default=5.0, help="GPU 0 idle before each send (P spins)")
     args = ap.parse_args()
 
-    from kernels.kv_copy import (
+    from pd_kernels.kv_copy import (
         PageCopier,
         PageIdUploader,
         RawPages,

@@ -30,8 +30,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# The repo root goes before bench/ (python puts a script's folder first): ``import kernels`` must find
-# the kernels/ package, not bench/kernels.py.
+# The repo root goes before bench/ (python puts a script's folder first): ``import pd_kernels`` must find
+# the pd_kernels/ package, not bench/kernels.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse

@@ -51,7 +51,7 @@ def install(role: str) -> None:
 
     wrap(ucx_channel.Channel, "post", lambda self, msg: rec(getattr(msg, "room", -1), "post_" + type(msg).__name__))
     if role == "p":
-        from kernels import kv_copy
+        from pd_kernels import kv_copy
         from transfer import ipc_events
 
         def launch_call(self: Any, state: Any, *a: Any) -> None:

@@ -60,7 +60,7 @@ from typing import Any, Iterable
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 if str(BENCH) not in sys.path:
-    sys.path.append(str(BENCH))  # last: bench/kernels.py must not shadow the kernels/ package
+    sys.path.append(str(BENCH))  # last: bench/kernels.py must not shadow the pd_kernels/ package
 
 from serving_lib.compare import summary_markdown, workload_table  # noqa: E402
 from serving_lib.plots import load_rows, plot_sweep, select_rows  # noqa: E402

@@ -37,7 +37,7 @@ if __package__:  # python -m bench.serving
     from .serving_lib.slo import parse_slo
 else:  # python bench/serving.py (bench/ is sys.path[0] then), or imported as ``serving`` by tests
     if str(Path(__file__).resolve().parent) not in sys.path:
-        sys.path.append(str(Path(__file__).resolve().parent))  # last: bench/kernels.py must not shadow kernels/
+        sys.path.append(str(Path(__file__).resolve().parent))  # last: bench/kernels.py must not shadow pd_kernels/
     from serving_lib import plots
     from serving_lib.config import BACKENDS, DATASETS, BenchConfig
     from serving_lib.metrics import compute_metrics

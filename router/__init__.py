@@ -1,6 +1,6 @@
 """router: the aiohttp front door of a cluster, in PD mode (prefill/decode pairs) or regular mode (a worker pool).
 
-It speaks HTTP only and imports nothing from sglang_pd, transfer or kernels.
+It speaks HTTP only and imports nothing from sglang_pd, transfer or pd_kernels.
 
 Data flow of one inference request (``/generate``, ``/v1/completions``, ``/v1/chat/completions``)::
 

@@ -1,4 +1,4 @@
-"""transfer: prefill (P) -> decode (D) KV movement. May import kernels; imports nothing from sglang_pd.
+"""transfer: prefill (P) -> decode (D) KV movement. May import pd_kernels; imports nothing from sglang_pd.
 
 Modules
   base.py          the contract: KVPoll, EngineDescription, AuxRecord, TransferStats, PrefillTransfer, DecodeTransfer

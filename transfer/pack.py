@@ -4,7 +4,7 @@ KV layout: ``kv_buffer[num_layers, 2 (K, V), num_pages, page_size, num_kv_heads,
 A packed chunk of ``n`` pages is ``[num_layers, 2, n, page_size, num_kv_heads, head_dim]``, contiguous, in
 the order of ``page_ids``: entry ``i`` of the chunk is page ``page_ids[i]``. P packs its page ids, D
 unpacks into its own page ids of the same prompt positions, so the two sides' ids never need to match.
-On CUDA the copies are one launch of the Triton kernel in ``kernels.kv_pack`` (near HBM copy bandwidth);
+On CUDA the copies are one launch of the Triton kernel in ``pd_kernels.kv_pack`` (near HBM copy bandwidth);
 on CPU they are torch's ``index_select`` / ``index_copy_``. Page ids of a CUDA tensor are not range-checked
 (that would sync with the device): they must lie in ``[0, num_pages)``.
 """
@@ -69,7 +69,7 @@ def pack_pages(kv_buffer: torch.Tensor, page_ids: PageIds, out: torch.Tensor) ->
     idx = page_index(kv_buffer, page_ids)
     view = _chunk_view(kv_buffer, idx.numel(), out, "out")
     if kv_buffer.is_cuda and kv_buffer.is_contiguous():
-        from kernels.kv_pack import (
+        from pd_kernels.kv_pack import (
             pack_pages as triton_pack_pages,  # imports triton only when used
         )
 
@@ -87,7 +87,7 @@ def unpack_pages(kv_buffer: torch.Tensor, page_ids: PageIds, staging: torch.Tens
     idx = page_index(kv_buffer, page_ids)
     view = _chunk_view(kv_buffer, idx.numel(), staging, "staging")
     if kv_buffer.is_cuda and kv_buffer.is_contiguous():
-        from kernels.kv_pack import unpack_pages as triton_unpack_pages
+        from pd_kernels.kv_pack import unpack_pages as triton_unpack_pages
 
         triton_unpack_pages(kv_buffer, idx, view)
     else:

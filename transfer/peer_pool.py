@@ -4,7 +4,7 @@ D describes its pool in a ``PoolOffer`` (in Hello): on CUDA an IPC handle of the
 the pool's shared-memory file (D moves its pool into shared memory when the engine starts; views of the
 pool follow, since they share its storage). P maps the offer (``open_pool``) once per link; a ``send``'s
 pages then move with one copy launched by P: ``PeerPool.write`` (CUDA: one kernel on P's device writing
-D's GPU over NVLink, kernels/kv_copy.py; CPU: a gather and a scatter). No staging buffer, no pack or
+D's GPU over NVLink, pd_kernels/kv_copy.py; CPU: a gather and a scatter). No staging buffer, no pack or
 unpack, no data message, and no host step between the forward and the copy. Anything that does not fit
 (another host, a GPU pair without peer access, a foreign allocator) raises ``PeerPoolError`` and the link
 falls back to UCX data messages.
@@ -98,12 +98,12 @@ class PeerPool:
     """P's mapping of one D's pool: ``write`` copies P's pages into it; ``close`` unmaps (after the last write)."""
 
     def __init__(self, target: Any, num_pages: int, ipc_base: int | None) -> None:
-        self.target = target  # CPU: a tensor over D's shared file; CUDA: kernels.kv_copy.RawPages
+        self.target = target  # CPU: a tensor over D's shared file; CUDA: pd_kernels.kv_copy.RawPages
         self.num_pages = num_pages
         self._ipc_base = ipc_base
         self._lock = threading.Lock()  # CUDA: one upload + launch at a time (the uploader's ring is not shared)
-        self._copier: Any = None  # CUDA: kernels.kv_copy.PageCopier from our pool into ``target`` (first write)
-        self._uploader: Any = None  # CUDA: kernels.kv_copy.PageIdUploader for our page ids (first write)
+        self._copier: Any = None  # CUDA: pd_kernels.kv_copy.PageCopier from our pool into ``target`` (first write)
+        self._uploader: Any = None  # CUDA: pd_kernels.kv_copy.PageIdUploader for our page ids (first write)
 
     def check(self, dst_ids: Sequence[int]) -> None:
         """Raise unless every id names a page of D's pool (an id out of range would write past it)."""
@@ -129,7 +129,7 @@ class PeerPool:
             return
         with self._lock:
             if self._copier is None:
-                from kernels import kv_copy  # imports triton only when used
+                from pd_kernels import kv_copy  # imports triton only when used
 
                 self._copier = kv_copy.PageCopier(kv, self.target)
                 self._uploader = kv_copy.PageIdUploader(kv.device, min(kv.shape[2], UPLOAD_CAPACITY))
@@ -165,7 +165,7 @@ def open_pool(offer: PoolOffer, kv: torch.Tensor) -> PeerPool:
         raise PeerPoolError(f"offered pool has {offer.nbytes} bytes; {offer.num_pages} pages need {want}")
     shape = (*kv.shape[:2], offer.num_pages, *kv.shape[3:])
     if offer.kind == "cuda_ipc" and kv.is_cuda:
-        from kernels.kv_copy import RawPages
+        from pd_kernels.kv_copy import RawPages
 
         try:
             cuda_ipc.ensure_context(kv.device.index or 0)

@@ -1,4 +1,4 @@
-"""Attention over the paged KV with the Triton kernels of ``kernels/`` (the default on CUDA).
+"""Attention over the paged KV with the Triton kernels of ``pd_kernels/`` (the default on CUDA).
 
 Per layer: one launch stores the new tokens' K/V into their slots, then one attention call reads
 everything (prefix and new tokens) from the paged cache: split-KV decode attention when every
@@ -25,9 +25,9 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(self, kv_cache: KVCache) -> None:
         super().__init__(kv_cache)
         # Imported here: triton.jit reads TRITON_INTERPRET at import time.
-        from kernels.decode_attention import decode_attention, default_num_kv_splits
-        from kernels.extend_attention import extend_attention
-        from kernels.kv_store import store_kv
+        from pd_kernels.decode_attention import decode_attention, default_num_kv_splits
+        from pd_kernels.extend_attention import extend_attention
+        from pd_kernels.kv_store import store_kv
 
         self._decode, self._extend, self._store = decode_attention, extend_attention, store_kv
         self._default_splits = default_num_kv_splits

@@ -1,6 +1,6 @@
 """The pointwise ops of a decoder layer behind one small interface: plain torch, or fused Triton kernels.
 
-``TorchOps`` is the reference (HF Llama numerics, runs anywhere). ``TritonOps`` calls ``kernels/``:
+``TorchOps`` is the reference (HF Llama numerics, runs anywhere). ``TritonOps`` calls ``pd_kernels/``:
 RMSNorm with the residual add fused in, rotary embedding on q and k in one launch, SiLU-and-mul. The
 model picks one by name at construction (``--attention-backend triton`` selects the Triton kernels
 throughout, see ``sglang_pd.runtime_config``); nothing else in the model branches on it.
@@ -75,9 +75,9 @@ class TritonOps(LayerOps):
 
     def __init__(self) -> None:
         # Imported here: triton.jit reads TRITON_INTERPRET at import, and CPU-only runs never need it.
-        from kernels.activation import silu_and_mul
-        from kernels.rmsnorm import rms_norm
-        from kernels.rotary import apply_rotary
+        from pd_kernels.activation import silu_and_mul
+        from pd_kernels.rmsnorm import rms_norm
+        from pd_kernels.rotary import apply_rotary
 
         self._rms_norm, self._rotary, self._silu_and_mul = rms_norm, apply_rotary, silu_and_mul
 

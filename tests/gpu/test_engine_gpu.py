@@ -19,7 +19,7 @@ import torch
 
 from oracle import ARCHS
 
-sys.path.append(str(Path(__file__).resolve().parents[2] / "bench"))  # after the kernels/ package
+sys.path.append(str(Path(__file__).resolve().parents[2] / "bench"))  # after the pd_kernels/ package
 from model_shapes import write_config  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -19,7 +19,7 @@ from aiohttp import web
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 if str(BENCH_DIR) not in sys.path:
-    sys.path.append(str(BENCH_DIR))  # last: bench/kernels.py must not shadow the kernels/ package
+    sys.path.append(str(BENCH_DIR))  # last: bench/kernels.py must not shadow the pd_kernels/ package
 
 from serving_lib.arrivals import arrival_gaps, arrival_offsets  # noqa: E402
 from serving_lib.backends import APPLIERS, build_payload  # noqa: E402

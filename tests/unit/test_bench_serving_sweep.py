@@ -19,7 +19,7 @@ from aiohttp import web
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 REPO = BENCH_DIR.parent
 if str(BENCH_DIR) not in sys.path:
-    sys.path.append(str(BENCH_DIR))  # last: bench/kernels.py must not shadow the kernels/ package
+    sys.path.append(str(BENCH_DIR))  # last: bench/kernels.py must not shadow the pd_kernels/ package
 
 import pd_vs_colocated  # noqa: E402
 import serving  # noqa: E402

@@ -1,11 +1,11 @@
-"""kernels.activation: silu_and_mul vs torch's ``F.silu(gate) * up`` over odd shapes and strided rows."""
+"""pd_kernels.activation: silu_and_mul vs torch's ``F.silu(gate) * up`` over odd shapes and strided rows."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref
+from pd_kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernel_testing import DEVICES, nan_empty
 
 

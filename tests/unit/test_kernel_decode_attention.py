@@ -1,4 +1,4 @@
-"""kernels.decode_attention: split-KV paged decode vs a per-sequence torch reference.
+"""pd_kernels.decode_attention: split-KV paged decode vs a per-sequence torch reference.
 
 Awkward shapes: odd and mixed lengths, GQA 1/3/4 and H == Hkv, head dims 64/80/128, page sizes 1/16/64
 with shuffled pages, sliding windows, more splits than key blocks. ``out`` starts as NaN so a row the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.decode_attention import decode_attention, decode_attention_ref, default_num_kv_splits
+from pd_kernels.decode_attention import decode_attention, decode_attention_ref, default_num_kv_splits
 from kernel_testing import DEVICES
 
 LENS = [1, 2, 17, 33, 70]

@@ -1,4 +1,4 @@
-"""kernels.extend_attention: causal paged prefill/extend vs a per-sequence torch reference.
+"""pd_kernels.extend_attention: causal paged prefill/extend vs a per-sequence torch reference.
 
 Each batch mixes a fresh prefill, an extend after a cached prefix, decode rows (extend_len 1) and a
 sequence with no new rows, over shuffled pages of size 1/16/64, GQA 1/2/4, head dims 64/80/128, with
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.extend_attention import extend_attention, extend_attention_ref
+from pd_kernels.extend_attention import extend_attention, extend_attention_ref
 from kernel_testing import DEVICES
 
 # (seq_len, extend_len): decode row, prefix + chunk, no rows, fresh prefill, decode row after a prefix

@@ -1,4 +1,4 @@
-"""kernels.kv_copy: page-to-page copy between two pools (different page counts) vs torch, bit for bit, through
+"""pd_kernels.kv_copy: page-to-page copy between two pools (different page counts) vs torch, bit for bit, through
 copy_pages and through PageCopier fed by PageIdUploader (on CPU: Triton's interpreter, the copier's ordinary
 launch); on 2 GPUs, the peer copies it exists for: a pool of the other GPU known by address only (RawPages),
 read (pull) or written (push), the copier's direct launch included."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 from kernel_testing import DEVICES
 
-from kernels.kv_copy import (
+from pd_kernels.kv_copy import (
     PageCopier,
     PageIdUploader,
     RawPages,

@@ -1,11 +1,11 @@
-"""kernels.kv_pack: page gather/scatter vs torch index_select/index_copy_, bit for bit; transfer.pack on CUDA."""
+"""pd_kernels.kv_pack: page gather/scatter vs torch index_select/index_copy_, bit for bit; transfer.pack on CUDA."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.kv_pack import pack_pages, pack_pages_ref, unpack_pages, unpack_pages_ref
+from pd_kernels.kv_pack import pack_pages, pack_pages_ref, unpack_pages, unpack_pages_ref
 from kernel_testing import DEVICES
 from transfer import pack as transfer_pack
 

@@ -1,11 +1,11 @@
-"""kernels.kv_store: store_kv vs ``cache[slots] = k`` on KVCache slot views, strided k/v, dtype casts."""
+"""pd_kernels.kv_store: store_kv vs ``cache[slots] = k`` on KVCache slot views, strided k/v, dtype casts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.kv_store import store_kv, store_kv_ref
+from pd_kernels.kv_store import store_kv, store_kv_ref
 from kernel_testing import DEVICES
 from sglang_pd.mem.kv_cache import KVCache, KVCacheShape
 

@@ -1,11 +1,11 @@
-"""kernels.rmsnorm: fused residual add + RMSNorm vs the model's torch code, over awkward shapes and strides."""
+"""pd_kernels.rmsnorm: fused residual add + RMSNorm vs the model's torch code, over awkward shapes and strides."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.rmsnorm import rms_norm, rms_norm_ref
+from pd_kernels.rmsnorm import rms_norm, rms_norm_ref
 from kernel_testing import DEVICES, nan_empty
 from sglang_pd.models.layers import RMSNorm
 from sglang_pd.models.ops import torch_rms_norm as model_rms_norm

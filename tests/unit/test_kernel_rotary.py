@@ -1,11 +1,11 @@
-"""kernels.rotary: rotate-half RoPE vs HF-numerics torch (RotaryEmbedding) on strided q/k, GQA, partial rotary."""
+"""pd_kernels.rotary: rotate-half RoPE vs HF-numerics torch (RotaryEmbedding) on strided q/k, GQA, partial rotary."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.rotary import apply_rotary, apply_rotary_, apply_rotary_ref
+from pd_kernels.rotary import apply_rotary, apply_rotary_, apply_rotary_ref
 from kernel_testing import DEVICES, nan_empty
 from sglang_pd.models.rope import RopeConfig, RotaryEmbedding
 

@@ -1,4 +1,4 @@
-"""kernels: Triton kernels, each beside a pure-torch reference. Imports only torch/triton.
+"""pd_kernels: Triton kernels, each beside a pure-torch reference. Imports only torch/triton.
 
 One op per module; import the module you need (nothing is imported eagerly here, so importing the package
 does not import triton):
@@ -9,9 +9,12 @@ does not import triton):
     kv_store    store_kv(k_cache, v_cache, slots, k, v) -> None (both in one launch)   [+ store_kv_ref]
     kv_pack     pack_pages(kv_buffer, page_idx, out) / unpack_pages(kv_buffer, page_idx, staging)
                 (page gather/scatter for the KV transfer; used by transfer.pack on CUDA) [+ *_ref]
+    kv_copy     whole pages from one pool into another in one launch (the direct handoff on one host)
+    decode_attention  paged split-KV decode attention (two stages)             [+ reference]
+    extend_attention  paged causal prefill/extend attention over a prefix     [+ reference]
 Launchers check shapes/strides/dtypes on the host only (no device syncs: safe in CUDA-graph capture).
 On a machine without a GPU, set ``TRITON_INTERPRET=1`` before importing a kernel module.
 
-Note: a Hugging Face package is also called ``kernels`` and transformers probes for it; a test keeps
-checking that transformers still imports and loads models with this package installed.
+Named ``pd_kernels`` (not ``kernels``): Hugging Face's ``kernels`` package, which transformers depends on
+and imports, must stay importable beside ours (tests/unit/test_packaging.py).
 """

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import LOG2E, NO_WINDOW, check_paged_inputs, gather_slots, interpreting
+from pd_kernels.decode_attention import LOG2E, NO_WINDOW, check_paged_inputs, gather_slots, interpreting
 
 
 @triton.jit
