@@ -4,8 +4,13 @@
         [--worker-arg=--page-size=16 ...] [--router-arg=--policy=round_robin ...]
 
 Ports: workers from --base-port up (prefill first), bootstrap ports from --bootstrap-base-port up,
-the router on --port. With --device cuda, prefill i uses GPU i and decode j uses GPU N + j
-(--base-gpu-id). With --prefill 0 the workers are colocated (--decode M regular workers, router in
+the router on --port. Security: the cluster runs signed (README "Security"): a fresh random secret is
+written to LOG_DIR/cluster.secret (mode 0600) and given to every worker and the router as
+--cluster-secret-file; --cluster-secret-file FILE uses yours, --no-cluster-secret runs unsigned (private
+network only). The JSON line names the file ("cluster_secret_file"), so a worker started later can join.
+With --device cuda, prefill i uses GPU i and decode j uses GPU N + j (--base-gpu-id), or the i-th entry of
+--gpu-ids (prefill first; e.g. --gpu-ids 0,0 puts P and D on one GPU: give them --max-total-tokens and a
+small --mem-fraction-static). With --prefill 0 the workers are colocated (--decode M regular workers, router in
 regular mode). Prints one JSON line with the URLs once everything is healthy (tests read it), then
 a curl line for people, and waits.
 """
@@ -16,6 +21,7 @@ import argparse
 import http.client
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -39,9 +45,23 @@ def _env() -> dict[str, str]:
             "UCX_WARN_UNUSED_ENV_VARS": "n"}
 
 
+def secret_args(args: argparse.Namespace) -> list[str]:
+    return ["--cluster-secret-file", args.cluster_secret_file] if args.cluster_secret_file else []
+
+
+def make_secret(log_dir: Path) -> str:
+    """A fresh random cluster secret in ``log_dir``/cluster.secret, readable by this user only; its path."""
+    path = log_dir / "cluster.secret"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    os.chmod(path, 0o600)
+    return str(path)
+
+
 def start_worker(args: argparse.Namespace, mode: str, index: int, port: int, gpu: int, log_dir: Path) -> Proc:
     cmd = [sys.executable, "-m", "sglang_pd.launch_server", "--model-path", args.model_path, "--host", args.host,
-           "--port", str(port), "--device", args.device, *args.worker_arg]
+           "--port", str(port), "--device", args.device, *secret_args(args), *args.worker_arg]
     if mode != "null":
         cmd += ["--disaggregation-mode", mode]
     if mode == "prefill":
@@ -55,7 +75,8 @@ def start_worker(args: argparse.Namespace, mode: str, index: int, port: int, gpu
 
 
 def start_router(args: argparse.Namespace, prefills: list[Proc], decodes: list[Proc], log_dir: Path) -> Proc:
-    cmd = [sys.executable, "-m", "router.launch_router", "--host", args.host, "--port", str(args.port), *args.router_arg]
+    cmd = [sys.executable, "-m", "router.launch_router", "--host", args.host, "--port", str(args.port),
+           *secret_args(args), *args.router_arg]
     if prefills:
         cmd.append("--pd-disaggregation")
         for i, p in enumerate(prefills):
@@ -110,9 +131,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--base-port", type=int, default=30000, help="first worker port")
     ap.add_argument("--bootstrap-base-port", type=int, default=8998)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--gpu-ids", default=None, help="cuda: comma-separated GPU per worker, prefill first (default 0, 1, ...)")
     ap.add_argument("--worker-arg", action="append", default=[], help="extra worker flag (repeatable; use --worker-arg=--flag=value)")
     ap.add_argument("--router-arg", action="append", default=[], help="extra router flag (repeatable)")
     ap.add_argument("--log-dir", default=None)
+    ap.add_argument("--cluster-secret-file", default=None,
+                    help="cluster secret for every worker and the router (default: a fresh one in the log dir)")
+    ap.add_argument("--no-cluster-secret", action="store_true",
+                    help="run the control plane unsigned (private network only; README: Security)")
     ap.add_argument("--startup-timeout", type=float, default=300)
     args = ap.parse_args(argv)
     args.worker_arg = [x for a in args.worker_arg for x in a.split("=", 1)] if args.worker_arg else []
@@ -120,14 +146,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def gpu_ids(args: argparse.Namespace) -> list[int]:
+    """The GPU of each worker, prefill first: --gpu-ids, else one GPU each in order."""
+    n = args.prefill + args.decode
+    if args.gpu_ids is None:
+        return list(range(n))
+    ids = [int(x) for x in args.gpu_ids.split(",")]
+    if len(ids) != n:
+        raise SystemExit(f"--gpu-ids names {len(ids)} GPUs for {n} workers")
+    return ids
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log_dir = Path(args.log_dir or f"/tmp/sglang-pd-cluster-{os.getpid()}")
     log_dir.mkdir(parents=True, exist_ok=True)
+    if args.no_cluster_secret:
+        args.cluster_secret_file = None
+    elif not args.cluster_secret_file:
+        args.cluster_secret_file = make_secret(log_dir)
     mode = "prefill" if args.prefill > 0 else "null"
-    prefills = [start_worker(args, "prefill", i, args.base_port + i, i, log_dir) for i in range(args.prefill)]
+    gpus = gpu_ids(args)
+    prefills = [start_worker(args, "prefill", i, args.base_port + i, gpus[i], log_dir) for i in range(args.prefill)]
     decodes = [start_worker(args, "decode" if mode == "prefill" else "null", j, args.base_port + args.prefill + j,
-                            args.prefill + j, log_dir) for j in range(args.decode)]
+                            gpus[args.prefill + j], log_dir) for j in range(args.decode)]
     procs = prefills + decodes
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
@@ -137,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(router)
         wait_healthy([router], 60, log_dir)
         print(json.dumps({"router": router.url, "prefill": [p.url for p in prefills],
-                          "decode": [d.url for d in decodes], "log_dir": str(log_dir)}), flush=True)
+                          "decode": [d.url for d in decodes], "log_dir": str(log_dir),
+                          "cluster_secret_file": args.cluster_secret_file}), flush=True)
         print(f"cluster ready; try:\n  curl -s {router.url}/generate -H 'Content-Type: application/json' "
               f"-d '{{\"text\": \"Hello\", \"sampling_params\": {{\"max_new_tokens\": 16, \"temperature\": 0}}}}'",
               flush=True)

@@ -4,10 +4,12 @@ It speaks HTTP only and imports nothing from sglang_pd, transfer or pd_kernels.
 
 Data flow of one inference request (``/generate``, ``/v1/completions``, ``/v1/chat/completions``)::
 
-  client ──> app (middlewares: errors -> request id -> auth)
-         ──> inference_routes: read body (413/400) -> validation (400) -> admission (429/408)
-         ──> jobs / fanout: one Job per worker call (PD: one per choice, scalar bootstrap fields)
+  client ──> app (middlewares: errors -> request id -> auth: inference key / admin key or loopback / cluster signature)
+         ──> inference_routes: read body (413/400, bounded JSON) -> validation (400) -> admission (429/408)
+         ──> jobs / fanout: one Job per worker call (PD: one per choice, scalar bootstrap fields, signed
+                with the cluster secret; a client's own bootstrap fields are dropped)
          ──> dispatch: policies pick workers (503 if none) -> legs.PairCall -> retry before the first byte
+                (worker faults only: connection failures, 502/503/504, a dead worker process; ``faults``)
                 legs: regular worker, or P and D concurrently (P failing aborts D and vice versa)
                 upstream: pooled keep-alive HTTP/1.1 client (h1_*), stale-connection recovery, /abort_request
          ──> responder: whole JSON, or SSE forwarded event by event (late errors as a final event)
@@ -24,11 +26,13 @@ Modules:
   logprob_merge     P's prompt logprobs into D's answer
   responder, sse    writing answers; whole-event SSE splitting and rewriting
   upstream          worker calls (one request = one write), their ``LegError``s, aborts
+  faults            whose fault a failed call is (client vs worker), what is retried, "process died" answers
   h1_client, h1_conn, h1_parser   the lean HTTP/1.1 client under upstream: per-worker keep-alive pool,
                     one connection's asyncio Protocol, response parsing without I/O (chunked, length)
   worker, registry  per-worker runtime state; the registry with drain-on-delete
-  health            background probes: eject after N failures, re-admit after M successes
-  circuit_breaker   per-worker closed/open/half-open breaker
+  health            background probes: eject after N failures (at once when a worker process died),
+                    re-admit after M successes; admission half-opens the worker's circuit
+  circuit_breaker   per-worker closed/open/half-open breaker (health checks end an open circuit early)
   admission         bounded concurrency + bounded FIFO queue
   policies, prefix_tree   random / round_robin / power_of_two / cache_aware as pure functions
   metrics           ``sgl_router_*`` Prometheus metrics in the app's own registry

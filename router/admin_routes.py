@@ -1,12 +1,23 @@
 """Routes that are not inference: health/readiness, the worker registry, info and cache fan-out, metrics.
 
+Who may call which is the auth middleware's business (``app``): the registry, /flush_cache,
+/abort_request and /get_server_info are management routes (admin key, or loopback without one).
+
 - ``/health`` is readiness: 200 iff every role this router needs has a worker that can take
-  requests (PD: >= 1 prefill and >= 1 decode; regular: >= 1 worker). ``/liveness`` is always 200.
+  requests (PD: >= 1 prefill and >= 1 decode; regular: >= 1 worker): healthy, not draining, circuit
+  not open. A worker that says a process of it died is ejected on that first answer, so /health
+  turns 503 at once when it was the last of its role. (SGLang's gateway answers /health as liveness
+  and /readiness as readiness; here both /health and /readiness are readiness, so a load balancer
+  in front of the router stops sending when the cluster cannot serve.) ``/liveness`` is always 200.
+- ``/health_generate`` runs one real one-token generation end to end, the way a client request
+  goes: PD mode through one prefill + decode pair (both picked as the least loaded available, with
+  bootstrap fields, signed with the cluster secret), regular mode through one worker; 200 only when
+  a token came back. It does not fan out to the workers' own /health_generate.
 - ``/workers``: GET lists; POST ``{"url", "role", "bootstrap_port", "api_key"}`` registers (probes
   the worker once, so a healthy one serves at once; 201 new, 200 known); DELETE ``?url=`` drains:
   no new requests at once, removal when in-flight calls end (200 removed / 202 draining).
   ``/add_worker?url=`` and ``/remove_worker?url=`` are SGLang's older spellings.
-- ``/get_server_info``, ``/flush_cache``, ``/abort_request``, ``/health_generate`` fan out to workers;
+- ``/get_server_info``, ``/flush_cache``, ``/abort_request`` fan out to workers;
   ``/v1/models`` and ``/get_model_info`` come from one available worker (decode/regular first).
 """
 
@@ -14,13 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from aiohttp import web
 
+from pd_common.json_body import JSONBodyError, loads_bounded
 from router.app_keys import STATE_KEY
 from router.config import DEFAULT_BOOTSTRAP_PORT, ROLES, Role, WorkerSpec, normalize_url
 from router.errors import APIError
+from router.jobs import Job
+from router.legs import PairCall
 from router.metrics import CONTENT_TYPE
 from router.state import RouterState
 from router.upstream import LegError
@@ -81,14 +96,8 @@ def _spec_from(state: RouterState, data: dict[str, Any]) -> WorkerSpec:
 async def add_worker(request: web.Request) -> web.Response:
     state = _state(request)
     data: dict[str, Any] = dict(request.query)
-    if request.can_read_body:
-        try:
-            body = json.loads(await request.read() or b"{}")
-        except ValueError as e:
-            raise APIError(400, f"malformed JSON body: {e}") from e
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        data.update(body)
+    if request.body_exists:  # (read() returns the body again if the auth middleware read it for a signature)
+        data.update(_json_object(await request.read()))
     if isinstance(data.get("bootstrap_port"), str) and data["bootstrap_port"].isdigit():
         data["bootstrap_port"] = int(data["bootstrap_port"])
     worker, created = state.registry.add(_spec_from(state, data))
@@ -112,6 +121,16 @@ async def remove_worker(request: web.Request) -> web.Response:
                              status=200 if removed else 202)
 
 
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = loads_bounded(raw or b"{}")
+    except JSONBodyError as e:
+        raise APIError(400, str(e)) from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
 # --- fan-out and single-worker info ----------------------------------------------------------------
 async def _each(state: RouterState, workers: list[Worker], method: str, path: str, timeout: float,
                 body: bytes | None = None) -> list[dict[str, Any]]:
@@ -123,7 +142,7 @@ async def _each(state: RouterState, workers: list[Worker], method: str, path: st
         out: dict[str, Any] = {"url": w.url, "role": w.role, "status": status}
         try:
             out["body"] = json.loads(raw) if ctype == "application/json" else raw.decode("utf-8", "replace")
-        except ValueError:
+        except (ValueError, RecursionError):
             out["body"] = raw.decode("utf-8", "replace")
         return out
 
@@ -171,22 +190,79 @@ async def flush_cache(request: web.Request) -> web.Response:
 
 async def abort_request(request: web.Request) -> web.Response:
     state = _state(request)
-    body = await request.read()
-    results = await _each(state, state.registry.all(), "POST", "/abort_request", CONTROL_TIMEOUT_S, body)
+    body = _json_object(await request.read())
+    rid, abort_all = body.get("rid"), body.get("abort_all")
+    if not (isinstance(rid, str) and rid) and abort_all is not True:
+        raise APIError(400, 'give {"rid": "..."} or {"abort_all": true}', "rid")
+    if abort_all is not None and not isinstance(abort_all, bool):
+        raise APIError(400, "abort_all must be a boolean", "abort_all")
+    data = json.dumps(body).encode()
+    results = await _each(state, state.registry.all(), "POST", "/abort_request", CONTROL_TIMEOUT_S, data)
     return web.json_response({"results": results})
 
 
+PROBE_BODY = {"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperature": 0}, "stream": False}
+
+
+def _least_loaded(state: RouterState, role: Role) -> Worker | None:
+    workers = state.registry.available(role)
+    if not workers:
+        return None
+    low = min(w.active for w in workers)
+    return state.rng.choice([w for w in workers if w.active == low])
+
+
 async def health_generate(request: web.Request) -> web.Response:
+    """One one-token generation end to end (PD: one P + D pair; regular: one worker). 200 iff it made a token."""
     state = _state(request)
     problem = readiness_problem(state)
-    workers = [w for role in state.config.roles for w in state.registry.available(role)]
-    results = await _each(state, workers, "GET", "/health_generate", HEALTH_GENERATE_TIMEOUT_S)
-    ok_roles = {r["role"] for r in results if r["status"] == 200}
-    missing = [role for role in state.config.roles if role not in ok_roles]
-    if problem or missing:
-        reason = problem or f"no {' or '.join(missing)} worker generated"
-        return web.json_response({"status": "unhealthy", "reason": reason, "workers": results}, status=503)
-    return web.json_response({"status": "ok", "workers": results})
+    if problem:
+        return web.json_response({"status": "unhealthy", "reason": problem}, status=503)
+    pd = state.config.pd_disaggregation
+    prefill = _least_loaded(state, "prefill") if pd else None
+    decode = _least_loaded(state, "decode" if pd else "regular")
+    if decode is None or (pd and prefill is None):
+        return web.json_response({"status": "unhealthy", "reason": "no available worker pair"}, status=503)
+    picked = {"prefill": prefill.url, "decode": decode.url} if prefill is not None else {"worker": decode.url}
+    rid = f"health-generate-{state.new_id()}"
+    job = Job("/generate", PROBE_BODY, rid, (1,), False, "", None, rid)
+    call = PairCall(state, job, prefill, decode, job.encode(0, prefill, state.rng, state.cluster_key))
+    started = time.perf_counter()
+    outcome = "failed"
+    try:
+        async with asyncio.timeout(HEALTH_GENERATE_TIMEOUT_S):
+            raw, _ = await call.unary()  # an answer saying a worker process died is a LegError (and ejects)
+        reason = _generated(raw)
+    except LegError as e:
+        call.blame(e)
+        reason = e.message
+    except TimeoutError:
+        reason = f"no answer within {HEALTH_GENERATE_TIMEOUT_S:g}s"
+    except BaseException:
+        outcome = "client_disconnected"
+        raise
+    finally:
+        call.close(outcome)
+    took = round(time.perf_counter() - started, 4)
+    if reason is not None:
+        return web.json_response({"status": "unhealthy", "reason": reason, **picked, "latency_s": took}, status=503)
+    return web.json_response({"status": "ok", **picked, "latency_s": took})
+
+
+def _generated(raw: bytes) -> str | None:
+    """None when ``raw`` (a /generate answer) holds a generated token, else why not."""
+    try:
+        answer = json.loads(raw)
+    except (ValueError, RecursionError):
+        return "the answer is not JSON"
+    meta = answer.get("meta_info") if isinstance(answer, dict) else None
+    finish = meta.get("finish_reason") if isinstance(meta, dict) else None
+    if isinstance(finish, dict) and finish.get("type") == "abort":
+        return f"the generation was aborted: {finish.get('message') or 'no reason given'}"
+    ids = answer.get("output_ids") if isinstance(answer, dict) else None
+    if not (isinstance(ids, list) and ids) and not (isinstance(meta, dict) and meta.get("completion_tokens")):
+        return "the answer holds no generated token"
+    return None
 
 
 async def metrics(request: web.Request) -> web.Response:

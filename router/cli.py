@@ -2,6 +2,9 @@
 
 ``--prefill URL [BOOTSTRAP_PORT]`` and ``--decode URL`` repeat; a missing bootstrap port means
 8998 (SGLang's default) and ``none`` means "send none, let the prefill worker use its own".
+``$SGLANG_ROUTER_ADMIN_API_KEY`` gives ``--admin-api-key`` when neither the command line nor the
+YAML does (a key in the environment stays out of ``ps``). The cluster secret (``--cluster-secret-file``
+or ``$SGLANG_DISAGGREGATION_CLUSTER_SECRET``) is loaded once here, so a bad one fails at startup.
 Invalid flags end the program with one line on stderr and exit code 2.
 """
 
@@ -9,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import yaml
 
+from pd_common.cluster_auth import load_cluster_key
 from router.config import DEFAULT_BOOTSTRAP_PORT, LOG_LEVELS, POLICIES, RouterConfig
 
+ADMIN_KEY_ENV = "SGLANG_ROUTER_ADMIN_API_KEY"
 _HELP = {
     "host": "address to bind", "port": "port to listen on",
     "pd_disaggregation": "prefill/decode mode: every request goes to one prefill and one decode worker",
@@ -23,6 +29,12 @@ _HELP = {
     "decode": "PD: a decode worker URL (repeatable)", "policy": "routing policy for every role",
     "prefill_policy": "policy for prefill workers (default: --policy)", "decode_policy": "policy for decode workers (default: --policy)",
     "api_key": "clients must send 'Authorization: Bearer KEY' (/health and /metrics stay open); also sent to workers",
+    "admin_api_key": "management routes (/workers, /add_worker, /remove_worker, /flush_cache, /abort_request, "
+                     "/get_server_info) need 'Authorization: Bearer KEY'; the --api-key does not grant them "
+                     "(default: $SGLANG_ROUTER_ADMIN_API_KEY; none: loopback callers only)",
+    "allow_remote_admin": "without --admin-api-key, let non-loopback callers use the management routes (unsafe)",
+    "cluster_secret_file": "file holding the PD cluster secret (default: $SGLANG_DISAGGREGATION_CLUSTER_SECRET): "
+                           "signs the bootstrap fields sent to workers and verifies workers' registrations",
     "max_concurrent_requests": "requests dispatched at once (<= 0: unbounded)", "queue_size": "requests waiting for a slot before 429",
     "queue_timeout_secs": "longest wait for a slot before 408", "request_timeout_secs": "longest time one worker call may take",
     "max_payload_size": "largest request body in bytes (413 beyond)",
@@ -126,10 +138,14 @@ def parse_router_args(argv: Sequence[str] | None, prog: str = "sglang-pd-router"
     path = ns.pop("config", None)
     values: dict[str, Any] = _load_yaml(parser, path) if path else {}
     values.update(ns)
+    if "admin_api_key" not in values and os.environ.get(ADMIN_KEY_ENV):
+        values["admin_api_key"] = os.environ[ADMIN_KEY_ENV]
     try:
-        return config_from_values(values)
+        config = config_from_values(values)
+        load_cluster_key(secret_file=config.cluster_secret_file)  # fail now on an unreadable or short secret
     except (TypeError, ValueError) as e:
         parser.error(str(e))
+    return config
 
 
 def _load_yaml(parser: OneLineParser, path: str) -> dict[str, Any]:

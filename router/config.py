@@ -100,6 +100,9 @@ class RouterConfig:
     prefill_policy: str | None = None  # None: --policy
     decode_policy: str | None = None
     api_key: str | None = None
+    admin_api_key: str | None = None  # management routes; also $SGLANG_ROUTER_ADMIN_API_KEY (cli)
+    allow_remote_admin: bool = False  # no admin key: management routes open to non-loopback callers too
+    cluster_secret_file: str | None = None  # else $SGLANG_DISAGGREGATION_CLUSTER_SECRET (pd_common.cluster_auth)
     max_concurrent_requests: int = 256  # <= 0: unbounded
     queue_size: int = 100
     queue_timeout_secs: float = 60.0
@@ -152,6 +155,11 @@ class RouterConfig:
         _check(self.health_check_endpoint.startswith("/"), "health_check_endpoint must start with '/'")
         _check(self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}")
         _check(self.shutdown_grace_period_secs >= 0, "shutdown_grace_period_secs must be >= 0")
+        for name in ("api_key", "admin_api_key", "cluster_secret_file"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value != ""), f"{name} must be a non-empty string")
+        _check(not self.admin_api_key or self.admin_api_key != self.api_key,
+               "--admin-api-key must differ from --api-key (the inference key must not grant administration)")
 
     # --- derived views -----------------------------------------------------------------------------
     def initial_workers(self) -> list[WorkerSpec]:
@@ -196,8 +204,9 @@ class RouterConfig:
         from dataclasses import asdict
 
         d = asdict(self)
-        if d.get("api_key"):
-            d["api_key"] = "***"
+        for name in ("api_key", "admin_api_key"):
+            if d.get(name):
+                d[name] = "***"
         return d
 
 

@@ -1,11 +1,13 @@
 """Dispatch one Job: pick workers by policy, run an attempt (``legs.PairCall``), retry before the first byte.
 
-Retry rule: an attempt that fails with a retryable error (transport failure, 408/429/5xx, or a
+Retry rule: an attempt that fails with a retryable error (``faults``: a connection failure,
+502/503/504 that do not blame the request, an answer aborted because a worker process died, or a
 stream whose first event is such an error) is retried with backoff on a newly picked worker (PD: a
 new pair and a new room), avoiding the workers that failed when others exist, up to
 ``retry.max_retries`` times, and only while nothing of this job has been sent to the client: once
 the first event of a stream has been yielded, a failure is final (the responder turns it into a
-final SSE error event). A client's 4xx is never retried.
+final SSE error event). A client's 4xx, a 5xx that blames the request, and a plain 500 (an internal
+error the same request would likely hit again) go back to the client at once.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class Dispatcher:
     def _call(self, job: Job, attempt: int, avoid: set[str]) -> PairCall:
         prefill = self.pick("prefill", job.key, avoid) if self.pd else None
         decode = self.pick("decode" if self.pd else "regular", job.key, avoid)
-        return PairCall(self.state, job, prefill, decode, job.encode(attempt, prefill, self.state.rng))
+        sent = job.encode(attempt, prefill, self.state.rng, self.state.cluster_key)
+        return PairCall(self.state, job, prefill, decode, sent)
 
     def _may_retry(self, job: Job, error: LegError, attempt: int, avoid: set[str]) -> bool:
         if error.worker is not None:

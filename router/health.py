@@ -2,10 +2,17 @@
 
 Each worker is probed (``GET {url}{endpoint}``, 200 = good) every ``interval_s`` while healthy and
 quiet, and every ``FAST_PROBE_S`` (capped by the interval) while it is suspect: pending, unhealthy,
-or failing lately. The dispatcher ``poke``s a worker when a call to it fails at the transport level,
-so a dead worker is probed at once and ejected within about ``failure_threshold * FAST_PROBE_S``.
-Probes run as independent tasks (one per worker at a time), so a hung worker never delays others.
-A pending worker (never seen healthy) is admitted by its first good probe.
+failing lately, or its circuit open. The dispatcher ``poke``s a worker when a call to it fails at
+the transport level, so a dead worker is probed at once and ejected within about
+``failure_threshold * FAST_PROBE_S``. Probes run as independent tasks (one per worker at a time), so
+a hung worker never delays others. A pending worker (never seen healthy) is admitted by its first
+good probe.
+
+A worker that says a process of it died (``/health`` 503 with a reason containing "died", or a
+request aborted with such a message: ``faults``) is ejected at once, on that first answer
+(``eject``), not after N probes. Admission (re-)opens the worker's circuit breaker half-way
+(``CircuitBreaker.readmit``), and good probes after signs of a restart do too (``probe_ok``), so a
+restarted worker is routable as soon as its health checks pass, not after ``--cb-timeout-duration-secs``.
 """
 
 from __future__ import annotations
@@ -17,17 +24,20 @@ import time
 from collections.abc import Awaitable, Callable
 
 from router.config import HealthConfig
+from router.faults import ProbeFailure
 from router.metrics import RouterMetrics
 from router.registry import WorkerRegistry
 from router.worker import Health, Worker
 
 logger = logging.getLogger(__name__)
 FAST_PROBE_S = 0.5
-Probe = Callable[[Worker], Awaitable[str | None]]  # None when healthy, else why not
+Probe = Callable[[Worker], Awaitable[ProbeFailure | str | None]]  # None when healthy, else why not
 
 
-def apply_probe(worker: Worker, error: str | None, config: HealthConfig) -> str | None:
-    """Fold one probe result into the worker's state; -> "admitted" / "ejected" / None."""
+def apply_probe(worker: Worker, error: ProbeFailure | str | None, config: HealthConfig) -> str | None:
+    """Fold one probe result into the worker's state; -> "admitted" / "ejected" / None.
+
+    A fatal failure (the worker says a process of it died) ejects at once."""
     if error is None:
         worker.ok_streak += 1
         worker.fail_streak = 0
@@ -36,15 +46,30 @@ def apply_probe(worker: Worker, error: str | None, config: HealthConfig) -> str 
             worker.health is Health.UNHEALTHY and worker.ok_streak >= config.success_threshold
         ):
             worker.health = Health.HEALTHY
+            worker.breaker.readmit()
             return "admitted"
+        worker.breaker.probe_ok(config.success_threshold)
         return None
     worker.fail_streak += 1
     worker.ok_streak = 0
-    worker.last_probe_error = error
+    worker.last_probe_error = str(error)
+    worker.breaker.probe_failed()
+    if isinstance(error, ProbeFailure) and error.fatal:
+        return eject(worker, str(error))
     if worker.health is Health.HEALTHY and worker.fail_streak >= config.failure_threshold:
         worker.health = Health.UNHEALTHY
         return "ejected"
     return None
+
+
+def eject(worker: Worker, reason: str) -> str | None:
+    """Take ``worker`` out of rotation now (it says a process of it died). -> "ejected" if it was healthy."""
+    was_healthy = worker.health is Health.HEALTHY
+    worker.health = Health.UNHEALTHY
+    worker.ok_streak = 0
+    worker.last_probe_error = reason
+    worker.breaker.probe_failed()
+    return "ejected" if was_healthy else None
 
 
 class HealthChecker:
@@ -74,8 +99,17 @@ class HealthChecker:
         self._next_at[url] = 0.0
         self._wake.set()
 
+    def eject(self, worker: Worker, reason: str) -> None:
+        """A call's answer says a process of ``worker`` died: out of rotation now, probed fast from now on."""
+        if self.registry.get(worker.url) is not worker:
+            return
+        if eject(worker, reason) == "ejected":
+            logger.warning("worker %s ejected: %s", worker.url, reason)
+        self.poke(worker.url)
+
     async def probe_now(self, worker: Worker) -> None:
-        """One probe, awaited (POST /workers uses it to admit a new worker at once)."""
+        """One probe, awaited (POST /workers uses it to admit a new worker at once; a call aborted
+        without a reason uses it to learn whether the worker is still alive)."""
         await self._probe(worker)
 
     async def _run(self) -> None:
@@ -112,7 +146,7 @@ class HealthChecker:
         self.metrics.health_checks.labels(worker.url, "ok" if error is None else "fail").inc()
         event = apply_probe(worker, error, self.config)
         if event == "ejected":
-            logger.warning("worker %s ejected after %d failed health checks: %s", worker.url, worker.fail_streak, error)
+            logger.warning("worker %s ejected after %d failed health check(s): %s", worker.url, worker.fail_streak, error)
         elif event == "admitted":
             logger.info("worker %s admitted (%s)", worker.url, worker.role)
         wait = min(self.config.interval_s, FAST_PROBE_S) if worker.suspect else self.config.interval_s

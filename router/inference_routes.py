@@ -1,21 +1,23 @@
 """/generate, /v1/completions, /v1/chat/completions: validate, admit, plan, dispatch, respond.
 
 Order of checks (each a plain JSON error, before any worker is called): auth (middleware) -> body
-size and JSON (413/400) -> validation (400) -> admission (429/408) -> worker choice (503).
+size and JSON (413/400; bounded: ``pd_common.json_body``, at most 32 levels deep, integers within
+int64, no NaN) -> validation (400) -> admission (429/408) -> worker choice (503).
 Regular mode sends the client's body (plus the rid the router sets) to one worker; PD mode sends
-it to a P/D pair, split per choice when it holds several (``fanout``).
+it to a P/D pair, split per choice when it holds several (``fanout``). Bootstrap fields a client
+sent are dropped first (``jobs.strip_client_fields``): only the router sets them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from pd_common.json_body import JSONBodyError, loads_bounded
 from router.app_keys import DISPATCHER_KEY, REQUEST_ID, STATE_KEY
 from router.dispatch import Dispatcher
 from router.errors import APIError
@@ -27,7 +29,7 @@ from router.fanout import (
     split_generate,
     split_openai,
 )
-from router.jobs import Job, Merge, client_rid, strip_rid
+from router.jobs import Job, Merge, client_rid, strip_client_fields, strip_rid
 from router.responder import leg_error_response, send_stream, send_unary
 from router.state import RouterState
 from router.upstream import LegError
@@ -49,13 +51,18 @@ async def read_json(request: web.Request) -> tuple[dict[str, Any], bytes]:
         raise APIError(400, "the request body ended before its Content-Length") from e
     except web.HTTPRequestEntityTooLarge as e:
         raise APIError(413, f"request body exceeds the limit of {limit} bytes") from e
+    return parse_body(raw), raw
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a bounded JSON object, or 400."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"malformed JSON body: {e}") from e
+        body = loads_bounded(raw)
+    except JSONBodyError as e:
+        raise APIError(400, str(e)) from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    return body, raw
+    return body
 
 
 def single_job(route: str, body: dict[str, Any], parsed: Parsed, request_id: str, pd: bool,
@@ -75,8 +82,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     dispatcher: Dispatcher = request.app[DISPATCHER_KEY]
     route = request.path
     started = time.perf_counter()
-    body, raw = await read_json(request)
+    body, given = await read_json(request)
     parsed = PARSERS[ROUTES[route]](body)
+    raw: bytes | None = given
+    stripped = strip_client_fields(body)
+    if stripped is not body:  # the client named bootstrap fields: never forwarded, the body is re-encoded
+        body, raw = dict(stripped), None
     request_id: str = request[REQUEST_ID]
     headers = {"x-request-id": request_id}
     if state.shutting_down:

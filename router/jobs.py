@@ -9,7 +9,11 @@ makes ``{rid}-{c}``; an OpenAI body with several choices makes ``{rid}-{k}``.
 
 PD fields (DESIGN §4.1): ``bootstrap_host`` = P's host, ``bootstrap_port`` = P's bootstrap port,
 ``bootstrap_room`` uniform in [0, 2^63), fresh per attempt. A PD job always holds exactly one choice
-(``fanout`` splits the rest), so the three fields are always scalars. P gets the same body except
+(``fanout`` splits the rest), so the three fields are always scalars. With a cluster secret the router
+adds ``bootstrap_token`` = ``key.sign("bootstrap", [host, port, room])`` over exactly the values in
+the body (``pd_common.cluster_auth``), so workers accept bootstrap fields only from the router. Fields
+of these names that a client sent (``CLIENT_FORBIDDEN``) never reach a worker: ``strip_client_fields``
+removes them from every body, in both modes, before anything else. P gets the same body except
 that it is never asked to stream (``stream: false``, no ``stream_options``): its answer is the one
 token the router reads whole, for errors and prompt logprobs; D gets the client's body as is.
 
@@ -25,11 +29,15 @@ import json
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from router.worker import Worker
 
+if TYPE_CHECKING:
+    from pd_common.cluster_auth import ClusterKey
+
 ROOM_BOUND = 1 << 63
+CLIENT_FORBIDDEN = ("bootstrap_host", "bootstrap_port", "bootstrap_room", "bootstrap_token")
 _JSON = json.JSONEncoder(ensure_ascii=False)  # stateless; json.dumps(ensure_ascii=False) builds one per call
 Merge = Literal["generate", "completions"] | None
 
@@ -57,15 +65,14 @@ class Job:
             return tuple(f"{r}-retry{attempt}" for r in self.rid)
         return f"{self.rid}-retry{attempt}"
 
-    def encode(self, attempt: int, prefill: Worker | None, rng: random.Random) -> Encoded:
+    def encode(self, attempt: int, prefill: Worker | None, rng: random.Random,
+               key: ClusterKey | None = None) -> Encoded:
         rid = self.rid_for(attempt)
         fields: dict[str, Any] = {"rid": list(rid) if isinstance(rid, tuple) else rid}
         rids = worker_rids(rid, self.choices, self.openai)
         if prefill is None:
             return Encoded(self._with(fields), None, rids)
-        fields["bootstrap_host"] = prefill.host
-        fields["bootstrap_port"] = prefill.spec.bootstrap_port
-        fields["bootstrap_room"] = rng.randrange(ROOM_BOUND)
+        fields.update(bootstrap_fields(prefill.host, prefill.spec.bootstrap_port, rng.randrange(ROOM_BOUND), key))
         data = self._with(fields)
         if not self.body.get("stream"):
             return Encoded(data, data, rids)
@@ -90,6 +97,21 @@ class Encoded:
     data: bytes
     prefill_data: bytes | None
     rids: tuple[str, ...]
+
+
+def bootstrap_fields(host: str, port: int | None, room: int | list[int], key: ClusterKey | None) -> dict[str, Any]:
+    """The PD fields a worker pair gets; signed over exactly these values when there is a cluster key."""
+    fields: dict[str, Any] = {"bootstrap_host": host, "bootstrap_port": port, "bootstrap_room": room}
+    if key is not None:
+        fields["bootstrap_token"] = key.sign("bootstrap", [host, port, room])
+    return fields
+
+
+def strip_client_fields(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``body`` without the fields only the router may set (the same object when it has none)."""
+    if not any(k in body for k in CLIENT_FORBIDDEN):
+        return body
+    return {k: v for k, v in body.items() if k not in CLIENT_FORBIDDEN}
 
 
 def _dumps(body: Mapping[str, Any]) -> bytes:

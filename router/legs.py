@@ -1,9 +1,11 @@
 """One attempt of one Job: a call to a regular worker, or to a prefill/decode pair at once (DESIGN §4.1).
 
 ``Leg`` is one worker call: it holds the worker's active slot from creation until ``finish`` and
-reports the outcome to the worker's circuit breaker (transport failures also ``poke`` the health
-checker). ``PairCall`` runs the decode leg (the regular worker in regular mode) in the caller's task
-and the prefill leg as a background task, concurrently:
+reports the outcome to the worker's circuit breaker: a success, a worker fault, or nothing at all
+for a fault of the request (``faults``). Transport failures also ``poke`` the health checker; an
+answer that says a process of the worker died ejects the worker at once. ``PairCall`` runs the
+decode leg (the regular worker in regular mode) in the caller's task and the prefill leg as a
+background task, concurrently:
 - D's answer is what the client gets; it is forwarded as whole SSE events as soon as they arrive.
   Only when the client asked for prompt logprobs does the first D event wait for P's answer (D
   cannot produce a token before P's prefill, so this costs next to nothing).
@@ -14,6 +16,10 @@ and the prefill leg as a background task, concurrently:
   (the client leaving) is never swallowed.
 - After D finished, a P leg still running is left to finish on its own (never aborted: D's answer
   is complete, P's late answer is only released).
+- Aborted answers (``finish_reason`` abort) are looked at: one whose message says a worker process
+  died fails the leg as the worker's fault (retried when nothing reached the client yet, worker
+  ejected); one without a message (OpenAI routes) makes the router probe the worker at once: if it
+  fails its health check the same happens, else the abort is passed through (a client's abort).
 Invariant: when ``close`` returns, every leg is finished (slot released) or owned by a background
 task that will finish it.
 """
@@ -26,7 +32,7 @@ import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from router import sse
+from router import faults, sse
 from router.errors import error_body
 from router.h1_client import Response
 from router.jobs import Encoded, Job
@@ -34,15 +40,17 @@ from router.logprob_merge import PromptLogprobPatcher, merge_generate
 from router.state import RouterState
 from router.upstream import (
     NET_ERRORS,
-    RETRYABLE_STATUS,
     LegError,
+    died_error,
+    envelope_error,
     status_error,
     transport_error,
 )
-from router.worker import Worker
+from router.worker import Health, Worker
 
 logger = logging.getLogger(__name__)
 _UNPARSED = object()  # PairCall.p_answer before P's answer was needed
+_ABORT = b'"abort"'  # cheap pre-check before an answer is parsed for abort finishes
 
 
 class Leg:
@@ -54,16 +62,22 @@ class Leg:
         worker.acquire()
 
     def finish(self, error: LegError | None) -> None:
-        """The call ended: ok (None) or failed. Idempotent."""
+        """The call ended: ok (None) or failed. Idempotent. A request's fault touches no breaker."""
         if self.done:
             return
         self.done = True
         self.worker.release()
-        if error is None or not error.worker_fault:
+        if error is None:
             self.worker.breaker.record_success()
             return
-        self.worker.breaker.record_failure()
-        if error.transport:
+        if not error.worker_fault:
+            return
+        opened = self.worker.breaker.record_failure(error.transport)
+        if opened:
+            logger.warning("circuit of %s worker %s opened: %s", self.worker.role, self.worker.url, error.message)
+        if error.fatal:
+            self.state.health.eject(self.worker, error.message)
+        elif error.transport or opened:  # probe it now (and fast while suspect): health checks may end the circuit
             self.state.health.poke(self.worker.url)
 
     def abort(self, reason: str) -> None:
@@ -113,6 +127,8 @@ class PairCall:
             raise status_error(worker, resp.status, raw)
         if resp.content_type == "text/event-stream":
             answer_of(worker, raw, resp.content_type)  # an error event is a failed call
+        if _ABORT in raw:
+            await self._judge_aborts(worker, _payloads(raw, resp.content_type), raising=True)
         return raw, resp.content_type
 
     def _prefill_done(self, task: asyncio.Task[Any]) -> None:
@@ -188,7 +204,11 @@ class PairCall:
                     continue
                 if first:
                     first_error(self.d.worker, blob)
+                    if _ABORT in blob:  # nothing reached the client yet: a dead worker's abort is retried
+                        await self._judge_aborts(self.d.worker, sse.payloads(blob), raising=True)
                     first = False
+                elif _ABORT in blob:
+                    await self._judge_aborts(self.d.worker, sse.payloads(blob), raising=False)
                 self._watch_errors(blob)
                 yield await merge(blob) if merge else blob
             tail = splitter.rest()
@@ -223,8 +243,21 @@ class PairCall:
         for payload in sse.payloads(blob):
             err = sse.error_of(payload)
             if err is not None:
-                self.d.finish(LegError(err[0], err[1], retryable=False, worker=self.d.worker))
+                self.d.finish(envelope_error(self.d.worker, err[0], err[1], faults.envelope(payload), None))
                 return
+
+    async def _judge_aborts(self, worker: Worker, payloads: list[Any], raising: bool) -> None:
+        """Aborted finishes in an answer of ``worker``: is the worker dead? Then fail its leg as its
+        fault (raised when ``raising``: nothing reached the client; else the leg is finished, the
+        answer goes on as is). A worker that is fine leaves the abort to the client."""
+        error = await judge_aborts(self.state, worker, payloads, probe=raising)
+        if error is None:
+            return
+        if raising:
+            raise error
+        for leg in (self.d, self.p):
+            if leg is not None and leg.worker is worker:
+                leg.finish(error)
 
     async def unary(self) -> tuple[bytes, str]:
         """D's whole answer (body, content type), P's prompt logprobs merged in when asked."""
@@ -233,6 +266,10 @@ class PairCall:
         raw = await self._read(resp)
         if self.p_error is not None and self.d.done:  # P failed and aborted D: D's answer is the abort
             raise self.p_error
+        if _ABORT in raw:
+            await self._judge_aborts(self.d.worker, _payloads(raw, resp.content_type), raising=True)
+            if self.p_error is not None and self.d.done:
+                raise self.p_error
         if self.job.merge is not None and self.p_task is not None:
             answer = await self._prefill_answer()
             raw = merge_unary(raw, answer, self.job.merge)
@@ -262,19 +299,53 @@ class PairCall:
             self.p_task.cancel()
 
 
+async def judge_aborts(state: RouterState, worker: Worker, payloads: list[Any], probe: bool = True) -> LegError | None:
+    """A LegError (the worker's fault, retryable) when aborts in ``payloads`` mean ``worker`` is dead:
+    a message saying a process died, or no message and a failed health probe right now (``probe``;
+    else the probe is only scheduled: its verdict ejects the worker for later requests)."""
+    verdict, message = faults.abort_verdict(payloads)
+    if verdict == "died":
+        return died_error(worker, message or "a worker process died")
+    if verdict == "unknown" and state.registry.get(worker.url) is worker:
+        if not probe:
+            state.health.poke(worker.url)
+            return None
+        await state.health.probe_now(worker)
+        if worker.health is Health.UNHEALTHY:
+            return died_error(worker, f"it aborted the request and fails its health check: {worker.last_probe_error}")
+    return None
+
+
+def _payloads(raw: bytes, content_type: str) -> list[Any]:
+    if content_type == "text/event-stream":
+        return sse.payloads(raw)
+    try:
+        return [json.loads(raw)]
+    except (ValueError, RecursionError):
+        return []
+
+
+def _event_error(worker: Worker, payload: Any) -> LegError | None:
+    err = sse.error_of(payload)
+    if err is None:
+        return None
+    envelope = faults.envelope(payload)  # the worker's own envelope is passed on when the request is to blame
+    body = json.dumps({"error": envelope} if envelope else error_body(*err)).encode()
+    return envelope_error(worker, err[0], err[1], envelope, body)
+
+
 def answer_of(worker: Worker, raw: bytes, content_type: str) -> Any:
     """A whole worker answer (JSON, or an SSE stream's last event) -> payload; LegError on an error event."""
     if content_type == "text/event-stream":
         found = sse.payloads(raw)
         for payload in found:
-            err = sse.error_of(payload)
-            if err is not None:
-                raise LegError(err[0], err[1], retryable=err[0] in RETRYABLE_STATUS, worker=worker,
-                               body=json.dumps(error_body(*err)).encode())
+            error = _event_error(worker, payload)
+            if error is not None:
+                raise error
         return found[-1] if found else None
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -283,16 +354,15 @@ def first_error(worker: Worker, blob: bytes) -> None:
     if not blob.startswith(b'data: {"error"'):
         return
     found = sse.payloads(blob)
-    err = sse.error_of(found[0]) if found else None
-    if err is not None:
-        raise LegError(err[0], err[1], retryable=err[0] in RETRYABLE_STATUS, worker=worker,
-                       body=json.dumps(error_body(*err)).encode())
+    error = _event_error(worker, found[0]) if found else None
+    if error is not None:
+        raise error
 
 
 def merge_unary(raw: bytes, prefill: Any, merge: str) -> bytes:
     try:
         payload = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return raw
     if merge == "generate":
         merge_generate(payload, prefill)

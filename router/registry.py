@@ -5,7 +5,8 @@ Invariants:
 - ``drain(url)`` stops new requests to the worker at once; the worker is removed when its last
   in-flight call ends (its ``idle`` event), so in-flight requests finish normally.
 - Registering a URL again with the same role is idempotent (a restarted worker re-registering):
-  it cancels a pending drain and refreshes the bootstrap port / key. Another role is a 409.
+  it cancels a pending drain and refreshes the bootstrap port / key; an ejected worker goes back to
+  pending, so the registration's own probe admits it at once. Another role is a 409.
 - ``on_remove`` callbacks let per-worker state elsewhere (policy trees, metrics) forget a worker.
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterable
 
 from router.config import BreakerConfig, Role, WorkerSpec
 from router.errors import APIError
-from router.worker import Worker
+from router.worker import Health, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class WorkerRegistry:
             old.spec = spec
             self._cancel_drain(spec.url)
             old.draining = False
+            if old.health is Health.UNHEALTHY:  # a restarted worker announcing itself: its next good probe admits
+                old.health = Health.PENDING
             return old, False
         worker = Worker(spec, self.breaker)
         self._workers[spec.url] = worker

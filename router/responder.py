@@ -3,6 +3,10 @@
 A stream's response headers are sent only when the first event is ready, so every failure before
 that is an ordinary HTTP error (the worker's own status and envelope when it gave one). After the
 first byte, a failure becomes a final ``data: {"error": ...}`` event followed by ``data: [DONE]``.
+
+A client that goes away is expected: a write to its closed connection ends the stream quietly (one
+DEBUG line, no traceback); the source is closed, which aborts the worker calls (``dispatch``), and
+the response goes back to aiohttp, which ignores the closed connection.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import AsyncGenerator
 from aiohttp import web
 
 from router import sse
+from router.app_keys import REQUEST_ID
 from router.errors import APIError, sse_error_event
 from router.metrics import RouterMetrics
 from router.upstream import LegError
@@ -31,8 +36,9 @@ class SSEResponse(web.StreamResponse):
 
 
 def leg_error_response(e: LegError, headers: dict[str, str]) -> web.Response:
-    """A failure before anything was sent: the worker's own error body and status when it gave one."""
-    if e.body is not None and e.status < 500:
+    """A failure before anything was sent: the worker's own error body and status when it gave one
+    (a 4xx, or a 5xx that blames the request; other 5xx get the router's own envelope)."""
+    if e.body is not None and (e.status < 500 or not e.worker_fault):
         return web.Response(body=e.body, status=e.status, content_type="application/json", headers=headers)
     retry_after = 1 if e.status in (429, 503) else None
     raise APIError(e.status, e.message, retry_after=retry_after)
@@ -48,33 +54,42 @@ async def send_stream(request: web.Request, events: AsyncGenerator[bytes, None],
         except LegError as e:
             return leg_error_response(e, headers)
         resp = SSEResponse(headers={**SSE_HEADERS, **headers})
-        await resp.prepare(request)
-        if first.endswith(sse.DONE):  # the whole answer at once: one write with the last chunk
-            await resp.write_eof(first)
-            metrics.ttft_for(route).observe(time.perf_counter() - started)
-            await _drain(gen)
-            return resp
-        await resp.write(first)
-        metrics.ttft_for(route).observe(time.perf_counter() - started)
-        error: bytes | None = None
         try:
-            async for blob in gen:
-                if blob.endswith(sse.DONE):  # the worker's last event: send it with the final chunk
-                    await resp.write_eof(blob)
-                    await _drain(gen)
-                    return resp
-                await resp.write(blob)
-        except (LegError, APIError) as e:
-            error = sse_error_event(e.status, e.message)
-            metrics.errors.labels(route, str(e.status)).inc()
-        except (ConnectionResetError, web.HTTPException):
-            raise
-        except Exception:
-            logger.exception("error while streaming %s", route)
-            error = sse_error_event(500, "internal router error")
-            metrics.errors.labels(route, "500").inc()
-        if error is not None:
-            await resp.write(error + sse.DONE)
+            return await _forward(request, resp, first, gen, route, metrics, started)
+        except ConnectionError as e:  # the client went away (a write to its closed connection)
+            logger.debug("client left %s %s while it was streamed: %s", route, request.get(REQUEST_ID, ""), e)
+            return resp
+
+
+async def _forward(request: web.Request, resp: SSEResponse, first: bytes, gen: AsyncGenerator[bytes, None], route: str,
+                   metrics: RouterMetrics, started: float) -> web.StreamResponse:
+    await resp.prepare(request)
+    if first.endswith(sse.DONE):  # the whole answer at once: one write with the last chunk
+        await resp.write_eof(first)
+        metrics.ttft_for(route).observe(time.perf_counter() - started)
+        await _drain(gen)
+        return resp
+    await resp.write(first)
+    metrics.ttft_for(route).observe(time.perf_counter() - started)
+    error: bytes | None = None
+    try:
+        async for blob in gen:
+            if blob.endswith(sse.DONE):  # the worker's last event: send it with the final chunk
+                await resp.write_eof(blob)
+                await _drain(gen)
+                return resp
+            await resp.write(blob)
+    except (LegError, APIError) as e:
+        error = sse_error_event(e.status, e.message)
+        metrics.errors.labels(route, str(e.status)).inc()
+    except (ConnectionError, web.HTTPException):
+        raise
+    except Exception:
+        logger.exception("error while streaming %s", route)
+        error = sse_error_event(500, "internal router error")
+        metrics.errors.labels(route, "500").inc()
+    if error is not None:
+        await resp.write(error + sse.DONE)
     await resp.write_eof()
     return resp
 

@@ -49,7 +49,7 @@ def payloads(events: bytes) -> list[Any]:
             continue
         try:
             out.append(json.loads(raw))
-        except ValueError:
+        except (ValueError, RecursionError):
             out.append(None)
     return out
 
@@ -81,7 +81,7 @@ def map_events(events: bytes, fn: Callable[[Any], Any]) -> bytes:
             continue
         try:
             payload = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             out.append(block + _SEP)
             continue
         mapped = fn(payload)

@@ -9,7 +9,8 @@
   worker, path and API key (method, path, Host, Content-Type, Authorization), plus
   Content-Length and ``x-request-id``.
 - Every failure becomes a ``LegError`` that says what the client should see (status, message, the
-  worker's own error body) and whether another worker may be tried (``retryable``).
+  worker's own error body), whether another worker may be tried (``retryable``) and whether it is
+  the worker's fault (``worker_fault``: counts against its circuit breaker); ``faults`` has the rules.
 - Aborts (``POST /abort_request``) are fire-and-forget tasks, kept in a set until done.
 """
 
@@ -20,16 +21,25 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterable
+from typing import Any
 
+from router import faults
 from router.errors import error_from_body
-from router.h1_client import ConnectTimeout, H1Client, Origin, Response, header_value, request_bytes
+from router.h1_client import (
+    ConnectTimeout,
+    H1Client,
+    Origin,
+    Response,
+    header_value,
+    request_bytes,
+)
 from router.worker import Worker
 
 logger = logging.getLogger(__name__)
 KEEPALIVE_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 ABORT_TIMEOUT_S = 5.0
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+RETRYABLE_STATUS = faults.RETRYABLE_STATUS
 NET_ERRORS = (OSError, TimeoutError)  # what a worker call raises when the network or the worker fails
 
 
@@ -37,7 +47,8 @@ class LegError(Exception):
     """A worker call that did not succeed."""
 
     def __init__(self, status: int, message: str, *, retryable: bool, transport: bool = False,
-                 body: bytes | None = None, worker: Worker | None = None) -> None:
+                 body: bytes | None = None, worker: Worker | None = None, fault: bool | None = None,
+                 fatal: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -45,16 +56,29 @@ class LegError(Exception):
         self.transport = transport  # the connection failed (vs. an answer we did not like)
         self.body = body  # the worker's own error answer, passed through verbatim when final
         self.worker = worker
-
-    @property
-    def worker_fault(self) -> bool:
-        """Does this say the worker is in trouble (counts against its circuit)?"""
-        return self.transport or self.status >= 500
+        self.fatal = fatal  # the worker says a process of it died: eject it at once
+        # does this say the worker is in trouble (counts against its circuit)? default: transport or 5xx
+        self.worker_fault = (transport or fatal or status >= 500) if fault is None else fault
 
 
 def status_error(worker: Worker, status: int, raw: bytes) -> LegError:
+    """A worker's non-200 answer (its own envelope in ``raw``)."""
     message, _ = error_from_body(status, raw)
-    return LegError(status, message, retryable=status in RETRYABLE_STATUS, body=raw, worker=worker)
+    return envelope_error(worker, status, message, faults.envelope(raw), raw)
+
+
+def envelope_error(worker: Worker, status: int, message: str, err: dict[str, Any] | None,
+                   body: bytes | None) -> LegError:
+    """A worker's error (an answer or an SSE error event), classified by ``faults``."""
+    fault = not faults.blames_request(status, err)
+    return LegError(status, message, retryable=fault and status in RETRYABLE_STATUS, body=body, worker=worker,
+                    fault=fault)
+
+
+def died_error(worker: Worker, message: str) -> LegError:
+    """The worker answered, but says a process of it died: its fault, retried elsewhere, worker ejected."""
+    return LegError(503, f"{worker.role} worker {worker.url} failed: {message}", retryable=True, worker=worker,
+                    fatal=True)
 
 
 def transport_error(worker: Worker, e: BaseException) -> LegError:
@@ -147,13 +171,13 @@ class Upstream:
         except NET_ERRORS as e:
             raise transport_error(worker, e) from e
 
-    async def probe(self, worker: Worker, endpoint: str, timeout_s: float) -> str | None:
-        """Health probe: None when the worker answers 200, else why not."""
+    async def probe(self, worker: Worker, endpoint: str, timeout_s: float) -> faults.ProbeFailure | None:
+        """Health probe: None when the worker answers 200, else why not (fatal: a process of it died)."""
         try:
             status, raw, _ = await self.call(worker, "GET", endpoint, timeout_s)
         except LegError as e:
-            return e.message
-        return None if status == 200 else f"{endpoint} answered {status}: {raw[:200].decode('utf-8', 'replace')}"
+            return faults.ProbeFailure(e.message)
+        return None if status == 200 else faults.probe_failure(endpoint, status, raw)
 
     def abort(self, worker: Worker, rids: Iterable[str]) -> None:
         """POST /abort_request for each rid, in the background."""

@@ -13,10 +13,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pd_common.json_body import INT_MAX, INT_MIN
 from router.errors import APIError
 
 Kind = Literal["generate", "completions", "chat"]
-MAX_N = 128  # the worker's bound on OpenAI n
+MAX_N = 128  # the worker's bound on OpenAI n; the router applies it to /generate's sampling_params.n too
 MAX_COMPLETION_LOGPROBS = 5
 MAX_TOP_LOGPROBS = 20
 
@@ -51,6 +52,8 @@ def get_int(body: Mapping[str, Any], name: str, lo: int | None = None, hi: int |
     if not _is_int(v):
         raise bad(name, f"{name} must be an integer, got {v!r}")
     v = int(v)
+    if not INT_MIN <= v <= INT_MAX:
+        raise bad(name, f"{name} is out of range (a 64-bit signed integer is the largest accepted)")
     if lo is not None and v < lo:
         raise bad(name, f"{name} must be at least {lo}, got {v}")
     if hi is not None and v > hi:
@@ -96,7 +99,7 @@ def check_stop(body: Mapping[str, Any], name: str = "stop") -> None:
 
 
 def check_token_ids(v: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(v, list) or not v or not all(_is_int(t) and t >= 0 for t in v):
+    if not isinstance(v, list) or not v or not all(_is_int(t) and 0 <= t <= INT_MAX for t in v):
         raise bad(name, f"{name} must be a non-empty list of token ids (integers >= 0)")
     return tuple(int(t) for t in v)
 
@@ -128,12 +131,12 @@ def check_sampling(sp: Mapping[str, Any]) -> int:
         check = _SAMPLING_CHECKS.get(key)
         if check is not None:
             check(sp, key)
-    return get_int(sp, "n", 1) or 1
+    return get_int(sp, "n", 1, MAX_N) or 1
 
 
 def key_of_ids(ids: tuple[int, ...]) -> str:
     """Token ids as one character each, so the prefix tree handles text and ids alike."""
-    return "".join(chr(t % 0x110000) for t in ids)
+    return "".join(chr(int(t) % 0x110000) for t in ids)  # ids may be integral floats (1.0): JSON numbers
 
 
 # --- /generate ----------------------------------------------------------------------------------
@@ -175,7 +178,7 @@ def _per_item(body: Mapping[str, Any], name: str, count: int, kind: type) -> lis
     if len(values) != count:
         raise bad(name, f"{name} has {len(values)} entries for {count} prompts")
     for x in values:
-        ok = x is None or (_is_int(x) if kind is int else isinstance(x, kind))
+        ok = x is None or (_is_int(x) and INT_MIN <= x <= INT_MAX if kind is int else isinstance(x, kind))
         if not ok or (kind is int and isinstance(x, bool)):
             raise bad(name, f"{name} must be a {kind.__name__} or a list of them, got {x!r}")
     return values

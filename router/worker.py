@@ -5,7 +5,8 @@ Invariants (all mutation happens on the router's event loop, so no locks):
   on D); it never goes negative and returns to 0 when the worker is idle.
 - A worker takes new requests iff ``available``: health ``HEALTHY``, not draining, circuit not open.
 - ``health`` starts ``PENDING`` (never probed); one good probe admits a pending worker, after that
-  ejection and re-admission follow the thresholds (see ``health``).
+  ejection and re-admission follow the thresholds (see ``health``); a worker that says a process of
+  it died is ejected at once.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ class Worker:
 
     @property
     def suspect(self) -> bool:
-        """Worth probing at the fast cadence: not known healthy, or failing lately."""
-        return self.health is not Health.HEALTHY or self.fail_streak > 0
+        """Worth probing at the fast cadence: not known healthy, failing lately, or its circuit open
+        (good probes may end an open circuit early: ``CircuitBreaker.probe_ok``)."""
+        return self.health is not Health.HEALTHY or self.fail_streak > 0 or self.breaker.state is CircuitState.OPEN
 
     def view(self) -> WorkerView:
         return WorkerView(self.url, self.role, self.active, self.health is Health.HEALTHY, self.breaker.state)

@@ -33,6 +33,10 @@ def parse_server_args(argv: Sequence[str] | None, prog: str = "sglang-pd-server"
         args = ServerArgs.from_kwargs(**values)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
+    try:
+        args.cluster_key()  # an unreadable or too short secret fails here, with one line
+    except ValueError as e:
+        parser.error(str(e))
     if args.disaggregation_mode != "null" and args.disaggregation_transfer_backend == "fake":
         parser.error("--disaggregation-transfer-backend fake moves KV inside one process (unit tests); "
                      "separate prefill and decode servers need ucx")

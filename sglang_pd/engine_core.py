@@ -9,13 +9,14 @@ import logging
 import random
 from typing import Any
 
+from sglang_pd.disagg.bootstrap_info import LiveRooms
 from sglang_pd.disagg.factory import build_hooks
 from sglang_pd.generate_request import GenerateItem, request_seed
 from sglang_pd.model_runner import ModelRunner
-from sglang_pd.request_validation import validate_prompt
 from sglang_pd.models.config import ModelConfig
+from sglang_pd.request_validation import validate_prompt
 from sglang_pd.runtime_config import resolve_runtime
-from sglang_pd.scheduler.req import Req
+from sglang_pd.scheduler.req import FinishReason, Req
 from sglang_pd.scheduler.scheduler import Scheduler, SchedulerConfig, StepOutput
 from sglang_pd.scheduler.stop_checker import StopChecker
 from sglang_pd.server_args import ServerArgs
@@ -54,6 +55,8 @@ class EngineCore:
             hooks,
         )
         self._seeds = random.Random(args.random_seed)
+        transfer = getattr(hooks, "transfer", None)  # PD workers: a room is bound to one request at a time
+        self._rooms = LiveRooms(transfer.holds) if transfer is not None else None
 
     @property
     def context_length(self) -> int:
@@ -73,6 +76,14 @@ class EngineCore:
                    bootstrap=item.bootstrap)
 
     def submit(self, req: Req) -> Req | None:
+        """Queue ``req``; returns it finished (abort) at once if it cannot run: it can never fit in the KV pool,
+        or (PD) another live request on this worker holds its ``bootstrap_room`` (that one is left alone)."""
+        if self._rooms is not None:
+            refusal = self._rooms.claim(req)
+            if refusal is not None:
+                logger.warning("request %s refused: %s", req.rid, refusal)
+                req.finish(FinishReason("abort", message=refusal, status_code=409))
+                return req
         return self.scheduler.submit(req)
 
     def step(self) -> StepOutput:

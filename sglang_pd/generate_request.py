@@ -8,8 +8,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from sglang_pd.disagg.bootstrap_info import BootstrapInfo
-from sglang_pd.sampling.params import SamplingParams
+from sglang_pd.sampling.params import INT32_MAX, SamplingParams, short_repr
 from sglang_pd.scheduler.req import LogprobRequest
+
+# Engine requests one HTTP call may create (prompts x n): each costs a tokenization, a queue entry and a
+# task in the server, so one body cannot queue millions of them. The offline Engine has no such bound.
+MAX_REQUESTS_PER_CALL = 4096
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,10 @@ def normalize_generate(
     logprob_start_len: int | Sequence[int] = -1,
     top_logprobs_num: int | Sequence[int] = 0,
     rid: str | Sequence[str] | None = None,
+    max_requests: int | None = None,
 ) -> tuple[list[GenerateItem], bool]:
-    """-> (items, is_batch). Raises ValueError naming the offending field."""
+    """-> (items, is_batch). Raises ValueError naming the offending field, or when the call would make more
+    than ``max_requests`` engine requests (None: no bound)."""
     if (prompt is None) == (input_ids is None):
         raise ValueError("exactly one of 'text'/'prompt' and 'input_ids' must be given")
     if prompt is not None:
@@ -59,6 +65,7 @@ def normalize_generate(
     count = len(ids_list)
     if count == 0:
         raise ValueError("the batch of prompts is empty")
+    check_request_count("the batch of prompts", count, max_requests)
     params = _per_item("sampling_params", sampling_params, count, dict)
     lp_flags = _per_item("return_logprob", return_logprob, count, bool)
     starts = _per_item("logprob_start_len", logprob_start_len, count, int)
@@ -67,14 +74,37 @@ def normalize_generate(
     items: list[GenerateItem] = []
     for i in range(count):
         sp = SamplingParams.from_dict(params[i])
-        if tops[i] is not None and tops[i] < 0:
-            raise ValueError(f"top_logprobs_num must be >= 0, got {tops[i]}")
-        lp = LogprobRequest(bool(lp_flags[i]), int(tops[i] or 0), -1 if starts[i] is None else int(starts[i]))
+        lp = LogprobRequest(bool(lp_flags[i]), _top_logprobs_num(tops[i]), _logprob_start_len(starts[i]))
+        check_request_count("prompts x n", len(items) + sp.n, max_requests)
         base = rids[i] or uuid.uuid4().hex
         for c in range(sp.n):
             rid_c = base if sp.n == 1 else f"{base}-{c}"
             items.append(GenerateItem(rid_c, text_list[i], ids_list[i], sp, lp, c))
     return items, is_batch or any(it.params.n > 1 for it in items)
+
+
+def check_request_count(what: str, count: int, limit: int | None = MAX_REQUESTS_PER_CALL) -> None:
+    """Raise ValueError when one call would create more than ``limit`` engine requests (None: no bound)."""
+    if limit is not None and count > limit:
+        raise ValueError(f"{what} makes {count} requests; one call may make at most {limit}")
+
+
+def _top_logprobs_num(v: int | None) -> int:
+    """0 (none) when absent; more than the vocabulary is clamped to it where the vocabulary is known."""
+    if v is None:
+        return 0
+    if not 0 <= v <= INT32_MAX:
+        raise ValueError(f"top_logprobs_num must be >= 0 and <= {INT32_MAX}, got {v}")
+    return v
+
+
+def _logprob_start_len(v: int | None) -> int:
+    """-1 (output tokens only) when absent; a start at or past the prompt's end asks for no input logprobs."""
+    if v is None:
+        return -1
+    if not -1 <= v <= INT32_MAX:
+        raise ValueError(f"logprob_start_len must be -1 or in [0, {INT32_MAX}], got {v}")
+    return v
 
 
 SEED_MODULUS = 1 << 63
@@ -102,7 +132,7 @@ def _per_item(name: str, value: Any, count: int, kind: type) -> list[Any]:
         raise ValueError(f"{name} has {len(values)} entries for {count} prompts")
     for v in values:
         if v is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
-            raise ValueError(f"{name} must be {_KIND_NAMES[kind]} (or a list of them, one per prompt), got {v!r}")
+            raise ValueError(f"{name} must be {_KIND_NAMES[kind]} (or a list of them, one per prompt), got {short_repr(v)}")
     return values
 
 

@@ -4,6 +4,11 @@ Starts the scheduler and detokenizer processes, waits for the model, then serves
 SIGINT drains: /health turns 503 and new requests get 503, in-flight requests get up to
 ``--shutdown-timeout`` seconds, the rest are aborted (finish_reason abort), children are reaped,
 exit code 0.
+
+A child that dies while serving can never answer again: main fails every in-flight request (abort),
+refuses new ones with 503, answers /health 503 "child process died: ..." for ``DEAD_CHILD_GRACE_S``
+(so a router sees why), logs the cause once, stops the other child and exits with
+``EXIT_CHILD_DIED``, so a supervisor (systemd, Kubernetes) restarts the worker.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from sglang_pd.server_args import ServerArgs
 
 logger = logging.getLogger("sglang_pd.launch_server")
 CHILD_CHECK_S = 0.5
+DEAD_CHILD_GRACE_S = 2.0  # after a child died: time to answer the failed requests and /health 503
+EXIT_CHILD_DIED = 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,14 +51,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     for p in children.values():
         p.start()
+    code = 1  # until serve returns: an exception is a failure too
     try:
-        return asyncio.run(serve(args, paths, children))
+        code = asyncio.run(serve(args, paths, children))
+        return code
     finally:
-        for p in children.values():
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
+        _reap(children, wait_s=5.0 if code == 0 else 0.0)
         tmp.cleanup()
+
+
+def _reap(children: dict[str, mp.process.BaseProcess], wait_s: float) -> None:
+    """Let the children finish (they stop on ShutdownReq) for up to ``wait_s``, then end them (SIGTERM, then
+    SIGKILL). After a failure (a child died: the other never gets ShutdownReq) ``wait_s`` is 0."""
+    for p in children.values():
+        p.join(timeout=wait_s)
+        if p.is_alive():
+            p.terminate()
+    for p in children.values():
+        p.join(timeout=2)
+        if p.is_alive():
+            p.kill()
 
 
 async def serve(args: ServerArgs, paths: IpcPaths, children: dict[str, mp.process.BaseProcess]) -> int:
@@ -82,10 +101,13 @@ async def serve(args: ServerArgs, paths: IpcPaths, children: dict[str, mp.proces
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(_watch_children(srv))
+    watcher = asyncio.create_task(_watch_children(srv, stop))
     registration = asyncio.create_task(register(args)) if args.register_with else None
     await stop.wait()
     watcher.cancel()
+    if srv.child_died is not None:
+        await _exit_after_child_death(srv, runner, registration)
+        return EXIT_CHILD_DIED
     if registration is not None:
         registration.cancel()
         await deregister(args)  # the router stops sending before we drain
@@ -109,14 +131,31 @@ async def _wait_ready(srv: ServerState) -> str | None:
     return None
 
 
-async def _watch_children(srv: ServerState) -> None:
-    """A dead child never answers: fail what is in flight so no client hangs; /health turns 503."""
-    while True:
+async def _watch_children(srv: ServerState, stop: asyncio.Event) -> None:
+    """A dead child never answers: fail what is in flight so no client hangs, then stop serving."""
+    while not srv.dead_children():
         await asyncio.sleep(CHILD_CHECK_S)
-        dead = srv.dead_children()
-        if dead:
-            logger.error("child process died: %s; failing in-flight requests", ", ".join(dead))
-            srv.tm.fail_all(f"worker process died: {', '.join(dead)}")
+    dead = srv.dead_children()
+    cause = ", ".join(f"{name} (exit code {srv.children[name].exitcode})" for name in dead)
+    srv.child_died = cause
+    logger.error("child process died: %s; failing %d in-flight request(s) and exiting with code %d",
+                 cause, len(srv.tm.states), EXIT_CHILD_DIED)
+    srv.tm.mark_dead(f"worker process died: {', '.join(dead)}")
+    stop.set()
+
+
+async def _exit_after_child_death(srv: ServerState, runner: web.AppRunner,
+                                  registration: asyncio.Task | None) -> None:
+    """Keep answering (503s, the failed requests' last bytes) for a moment, then close everything."""
+    withdraw = None
+    if registration is not None:
+        registration.cancel()
+        withdraw = asyncio.create_task(deregister(srv.args))
+    await asyncio.sleep(DEAD_CHILD_GRACE_S)
+    if withdraw is not None:
+        await asyncio.wait({withdraw}, timeout=1.0)
+    await runner.cleanup()
+    await srv.tm.close()
 
 
 async def drain(srv: ServerState, runner: web.AppRunner) -> None:

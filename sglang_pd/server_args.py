@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from pd_common.cluster_auth import ENV_VAR, ClusterKey, load_cluster_key
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -55,6 +59,11 @@ class ServerArgs:
     disaggregation_bootstrap_port: int = _f(8998, "prefill: port of the bootstrap server decode workers ask for KV")
     disaggregation_transfer_backend: str = _f("ucx", "KV transfer engine: ucx, or fake (in-process, tests only)", choices=("ucx", "fake"))
     disaggregation_ib_device: str | None = _f(None, "UCX network device(s) for the KV transfer (sets UCX_NET_DEVICES), e.g. mlx5_0:1")
+    disaggregation_data_host: str | None = _f(None, "address of this host the KV data path uses: UCX only on the network "
+                                                    "device holding it, advertised to peers (default: --host; 0.0.0.0: all "
+                                                    "devices, the host's outward address advertised)")
+    cluster_secret_file: str | None = _f(None, "file with the PD cluster secret (or $SGLANG_DISAGGREGATION_CLUSTER_SECRET): "
+                                               "bootstrap fields, P/D links, routes and registrations are signed")
     num_reserved_decode_tokens: int = _f(512, "decode: KV tokens reserved per admitted request beyond its prompt")
     register_with: str | None = _f(None, "router URL to register this worker with once healthy (deregistered on SIGTERM)")
     # HTTP server
@@ -127,13 +136,34 @@ class ServerArgs:
     def public_dict(self) -> dict[str, Any]:
         """to_dict() without secrets, for /get_server_info and logs."""
         d = self.to_dict()
-        if d.get("api_key"):
-            d["api_key"] = "***"
+        for secret in ("api_key", "cluster_secret_file"):
+            if d.get(secret):
+                d[secret] = "***"
         return d
+
+    def cluster_key(self) -> ClusterKey | None:
+        """The PD cluster secret (--cluster-secret-file, else $SGLANG_DISAGGREGATION_CLUSTER_SECRET); None without
+        one. Read once per (file, env value) per process; ValueError on an unreadable file or a short secret."""
+        return _cluster_key(self.cluster_secret_file, os.environ.get(ENV_VAR, ""))
+
+    def bootstrap_key(self) -> ClusterKey | None:
+        """The key bootstrap fields must be signed with: a PD worker's cluster key (a colocated worker ignores
+        bootstrap fields, so checks none)."""
+        return None if self.disaggregation_mode == "null" else self.cluster_key()
+
+    @property
+    def data_host(self) -> str:
+        """Where the KV data path binds: --disaggregation-data-host, else --host."""
+        return self.disaggregation_data_host or self.host
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model_path
+
+
+@functools.lru_cache(maxsize=8)
+def _cluster_key(secret_file: str | None, env_value: str) -> ClusterKey | None:
+    return load_cluster_key(secret=env_value or None, secret_file=secret_file)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -126,6 +126,11 @@ class PrefillTransfer(ABC):
     @abstractmethod
     def stats(self, room: int) -> TransferStats: ...
 
+    def holds(self, room: int) -> bool:
+        """True while the engine knows the room (from the first ``poll``/``send``/``abort`` until ``release``):
+        a second request with the same room must be refused, never share it."""
+        return False
+
     @abstractmethod
     def release(self, room: int) -> None:
         """Forget the room (the scheduler has released its pages)."""
@@ -148,7 +153,12 @@ class DecodeTransfer(ABC):
     @abstractmethod
     def register(self, room: int, bootstrap_host: str, bootstrap_port: int, page_ids: Sequence[int]) -> None:
         """Ask P (found through its bootstrap server) for the room's KV, to land in ``page_ids`` (D's pages
-        for the whole prompt, in order). Never blocks; progress shows in ``poll``."""
+        for the whole prompt, in order). Never blocks; progress shows in ``poll``. Raises
+        ``transfer.room.RoomInUse`` if the engine still holds ``room`` (``holds``): check first."""
+
+    def holds(self, room: int) -> bool:
+        """True from ``register`` until ``release``: the room belongs to that request."""
+        return False
 
     @abstractmethod
     def poll(self, room: int) -> KVPoll: ...

@@ -14,6 +14,7 @@ import functools
 from typing import Any
 
 _HANDLE_BYTES = 64
+HANDLE_BYTES = _HANDLE_BYTES
 _LAZY_ENABLE_PEER_ACCESS = 0x1  # CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
 
 
@@ -84,6 +85,14 @@ def open_handle(handle: bytes) -> int:
     ctypes.memmove(ctypes.byref(raw), handle, _HANDLE_BYTES)
     _check(fn(ctypes.byref(ptr), raw, _LAZY_ENABLE_PEER_ACCESS), "cuIpcOpenMemHandle")
     return ptr.value
+
+
+def allocation_size(ptr: int) -> int:
+    """Bytes of the allocation (here: the mapped peer allocation) that starts at ``ptr``, from ``ptr`` on."""
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    _check(_fn("cuMemGetAddressRange_v2", "cuMemGetAddressRange")(ctypes.byref(base), ctypes.byref(size),
+                                                                    ctypes.c_uint64(ptr)), "cuMemGetAddressRange")
+    return int(size.value) - (ptr - int(base.value))
 
 
 def close_handle(ptr: int) -> None:

@@ -30,7 +30,7 @@ from transfer.base import (
 )
 from transfer.config import TransferConfig
 from transfer.pack import chunk_nbytes, pack_pages, unpack_pages, wait_ready
-from transfer.room import RecentFailures, RoomState, RoomTable, unknown_room
+from transfer.room import RecentFailures, RoomInUse, RoomState, RoomTable, unknown_room
 
 Addr = tuple[str, int]
 
@@ -171,6 +171,9 @@ class FakePrefillTransfer(PrefillTransfer):
         state = self.rooms.get(room)
         return state.stats() if state is not None else TransferStats()
 
+    def holds(self, room: int) -> bool:
+        return self.rooms.get(room) is not None
+
     def release(self, room: int) -> None:
         with self.hub.lock:
             state = self.rooms.pop(room)
@@ -288,10 +291,13 @@ class FakeDecodeTransfer(DecodeTransfer):
         with self.hub.lock:
             state = _DRoom(room, ids, (bootstrap_host, int(bootstrap_port)),
                            time.monotonic() + self.config.waiting_timeout, self)
-            old = self.rooms.put(room, state)
-            if old is not None and old.alive:
-                self._fail(old, f"room {room} registered again", "aborted by decode: ")
+            _, created = self.rooms.get_or_create(room, lambda: state)
+            if not created:  # as the UCX engine: the holder's state is never touched
+                raise RoomInUse(room)
             self._connect(state)
+
+    def holds(self, room: int) -> bool:
+        return self.rooms.get(room) is not None
 
     def poll(self, room: int) -> KVPoll:
         with self.hub.lock:

@@ -13,6 +13,16 @@ Why push (P writes) rather than pull (D reads): the copy can be launched inside 
 after the forward on the GPU, with no message, wakeup or host wait before it (measured on 2x H200,
 bench/RESULTS.md); and the copy's SM time lands on P (throughput-bound) rather than on D (latency-bound).
 
+What P maps (``open_pool``), since anyone who reaches P's UCX worker can send a Hello (with a cluster
+secret the Hello, offer included, is signed, but the checks hold either way): the offer's fields must have
+their types; ``boot_id`` must be this host's; the size must be exactly ``num_pages`` pages of P's own
+page geometry. "shm": the descriptor ``pid``/``fd`` is opened once and every check runs on what was
+opened (no race with the peer): a regular file on the shared-memory file system (/dev/shm, or a memfd),
+owned by our uid, the ``file_id`` (st_dev, st_ino) offered, at least ``offset + nbytes`` long, offset
+aligned to the element size. Never a file elsewhere: a forged offer naming a file on disk is refused and
+the link falls back to UCX data messages (one warning). "cuda_ipc": a 64-byte handle, an aligned
+offset, and the mapped allocation must hold ``offset + nbytes``.
+
 Invariants: D's page ids are range-checked (``check``) when D registers them, and P's against P's pool in
 ``write``, before any copy (an id out of range would write past D's pool and kill P's CUDA context). The
 mapping is closed only after every copy queued through it finished (the engine fails or finishes every
@@ -24,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -35,7 +46,14 @@ from transfer import cuda_ipc
 
 
 class PeerPoolError(RuntimeError):
-    pass
+    """The offer cannot be used: the link sends the KV as UCX data messages instead.
+
+    ``benign``: an expected mismatch (another host, a device pair without the means), logged at INFO; the
+    rest (an offer that is not what it claims) are logged as warnings."""
+
+    def __init__(self, message: str, benign: bool = False) -> None:
+        super().__init__(message)
+        self.benign = benign
 
 
 def boot_id() -> str:
@@ -63,11 +81,24 @@ class PoolOffer:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PoolOffer:
+    def from_dict(cls, d: Any) -> PoolOffer:
+        """The offer in a Hello; PeerPoolError unless every field has its type (ints are ints, not bools)."""
+        if not isinstance(d, dict):
+            raise PeerPoolError(f"unreadable pool offer: {type(d).__name__}")
         try:
-            return cls(**d)
+            offer = cls(**d)
         except TypeError as e:
             raise PeerPoolError(f"unreadable pool offer: {e}") from e
+        ints = ("num_pages", "nbytes", "offset", "pid", "fd")
+        if not isinstance(offer.kind, str) or not isinstance(offer.boot_id, str) \
+                or any(isinstance(getattr(offer, n), bool) or not isinstance(getattr(offer, n), int) for n in ints) \
+                or not isinstance(offer.handle, bytes) or not isinstance(offer.file_id, list) \
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in offer.file_id):
+            raise PeerPoolError("unreadable pool offer: a field has the wrong type")
+        if offer.offset < 0 or offer.nbytes <= 0 or offer.num_pages <= 0:
+            raise PeerPoolError(f"pool offer out of range (offset {offer.offset}, nbytes {offer.nbytes}, "
+                                f"num_pages {offer.num_pages})")
+        return offer
 
 
 def export_pool(kv: torch.Tensor) -> PoolOffer:
@@ -157,31 +188,99 @@ def upload_ids(ids: Sequence[int], device: torch.device, stream: torch.cuda.Stre
 
 
 def open_pool(offer: PoolOffer, kv: torch.Tensor) -> PeerPool:
-    """P: map D's offered pool for copies out of ``kv`` (same layout, dtype and page shape: the handshake checked)."""
+    """P: map D's offered pool for copies out of ``kv`` (same layout, dtype and page shape: the handshake checked).
+
+    PeerPoolError unless the offer is what it claims (module doc)."""
     if offer.boot_id != boot_id():
-        raise PeerPoolError("decode runs on another host")
+        raise PeerPoolError("decode runs on another host", benign=True)
     want = kv[:, :, :1].numel() * kv.element_size() * offer.num_pages
     if offer.nbytes != want or offer.num_pages <= 0:
         raise PeerPoolError(f"offered pool has {offer.nbytes} bytes; {offer.num_pages} pages need {want}")
+    if offer.offset < 0 or offer.offset % kv.element_size():
+        raise PeerPoolError(f"offered pool offset {offer.offset} is not aligned to {kv.element_size()} bytes")
     shape = (*kv.shape[:2], offer.num_pages, *kv.shape[3:])
     if offer.kind == "cuda_ipc" and kv.is_cuda:
         from pd_kernels.kv_copy import RawPages
 
+        if len(offer.handle) != cuda_ipc.HANDLE_BYTES:
+            raise PeerPoolError(f"a CUDA IPC handle has {cuda_ipc.HANDLE_BYTES} bytes, got {len(offer.handle)}")
         try:
             cuda_ipc.ensure_context(kv.device.index or 0)
             base = cuda_ipc.open_handle(offer.handle)
         except cuda_ipc.CudaIpcError as e:
             raise PeerPoolError(str(e)) from e
+        try:
+            size = cuda_ipc.allocation_size(base)
+        except cuda_ipc.CudaIpcError as e:
+            cuda_ipc.close_handle(base)
+            raise PeerPoolError(str(e)) from e
+        if offer.offset + offer.nbytes > size:
+            cuda_ipc.close_handle(base)
+            raise PeerPoolError(f"offered pool ({offer.offset} + {offer.nbytes} bytes) exceeds the mapped "
+                                f"allocation of {size} bytes")
         return PeerPool(RawPages(base + offer.offset, kv.dtype, offer.num_pages), offer.num_pages, base)
     if offer.kind == "shm" and kv.device.type == "cpu":
-        path = f"/proc/{offer.pid}/fd/{offer.fd}"
-        try:
-            st = os.stat(path)
-            if [st.st_dev, st.st_ino] != list(offer.file_id):
-                raise PeerPoolError(f"{path} is not decode's pool (another pid namespace?)")
-            raw = torch.from_file(path, shared=True, size=offer.offset + offer.nbytes, dtype=torch.uint8)
-        except (OSError, RuntimeError) as e:
-            raise PeerPoolError(f"cannot map decode's pool: {e}") from e
-        target = raw[offer.offset:].view(kv.dtype).view(shape)
+        target = _map_shm(offer, kv.dtype, shape)
         return PeerPool(target, offer.num_pages, None)
-    raise PeerPoolError(f"a {offer.kind} pool cannot be written from a {kv.device.type} pool")
+    if offer.kind not in ("shm", "cuda_ipc"):
+        raise PeerPoolError(f"unknown pool kind {offer.kind[:32]!r}")
+    raise PeerPoolError(f"a {offer.kind} pool cannot be written from a {kv.device.type} pool", benign=True)
+
+
+SHM_DIR = "/dev/shm"
+
+
+def _map_shm(offer: PoolOffer, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Open D's pool file through /proc/<pid>/fd/<fd> once, check what was opened, map it (module doc)."""
+    if offer.pid <= 0 or offer.fd < 0 or len(offer.file_id) != 2:
+        raise PeerPoolError(f"shm pool offer names no descriptor (pid {offer.pid}, fd {offer.fd})")
+    path = f"/proc/{offer.pid}/fd/{offer.fd}"
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # never open a device, FIFO or socket (opening may act)
+            raise PeerPoolError(f"{path} is not a regular file: refusing to map it")
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        raise PeerPoolError(f"cannot open decode's pool {path}: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        where = _shm_kind(fd, st)
+        if where is None:
+            raise PeerPoolError(f"{path} is not a shared-memory object (it is {_describe(fd)}): refusing to map it")
+        if st.st_uid != os.getuid():
+            raise PeerPoolError(f"{path} belongs to uid {st.st_uid}, not ours ({os.getuid()})")
+        if [st.st_dev, st.st_ino] != list(offer.file_id):
+            raise PeerPoolError(f"{path} is not decode's pool (file id differs; another pid namespace?)")
+        end = offer.offset + offer.nbytes
+        if st.st_size < end:
+            raise PeerPoolError(f"{path} has {st.st_size} bytes; the offered pool needs {end}")
+        try:
+            raw = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=end, dtype=torch.uint8)
+        except RuntimeError as e:
+            raise PeerPoolError(f"cannot map decode's pool: {e}") from e
+    finally:
+        os.close(fd)  # the mapping keeps the object alive
+    return raw[offer.offset:].view(dtype).view(shape)
+
+
+def _shm_kind(fd: int, st: os.stat_result) -> str | None:
+    """"shm" (a file on /dev/shm's file system) or "memfd", else None (anything else, e.g. a file on disk)."""
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    try:
+        if st.st_dev == os.stat(SHM_DIR).st_dev:
+            return "shm"
+    except OSError:
+        pass
+    try:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"):
+            return "memfd"
+    except OSError:
+        pass
+    return None
+
+
+def _describe(fd: int) -> str:
+    try:
+        return repr(os.readlink(f"/proc/self/fd/{fd}")[:200])
+    except OSError:
+        return "unknown"

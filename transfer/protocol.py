@@ -1,8 +1,14 @@
 """Wire messages between D and P on one UCX link: typed dataclasses, msgpack-encoded, dispatched by type.
 
-Link life (D connects to P's data listener, found through P's bootstrap server):
-  D->P the link id (8 bytes on the UCX stream API: the only untagged message; it names the link's tags)
-  D->P Hello(engine, decode_id, pool)    P->D HelloOk(prefill_id, push, events) | HelloRefused(reason)
+Link life (no listening socket of our own: P's bootstrap route names P's UCX *worker address* and its
+accept id; UCX's transports reach it over the network devices the worker was opened on, ucx_runtime.py):
+  D creates an endpoint to P's worker address and draws a fresh link id (it names the link's tags)
+  D->P Hello(engine, decode_id, pool, link_id, address, token) as ONE message (frame header + payload, at
+       most ``MAX_HELLO_BYTES``) on ``accept_tag(accept_id)``: the only message not on a link's tags.
+       ``address`` is D's worker address; P creates its endpoint back to D from it, and only after the
+       handshake checks passed (with a cluster secret: ``token`` = key.sign("link", hello_payload(hello)),
+       so P never dials an address a stranger sent it).
+  P->D HelloOk(prefill_id, push, events) | HelloRefused(reason)     (on the link's control tag)
   (``pool``: D's pool offer, peer_pool.py, or None. ``push``: P mapped it, a *direct* link; ``events``: the
   link's interprocess CUDA events (IPC handles; empty on CPU), which D opens.)
 Room life (any number of rooms interleave on one link):
@@ -20,6 +26,9 @@ Room life (any number of rooms interleave on one link):
   D->P Done(room) once D holds every page and the aux record
   either way: Fail(room, reason) (engine failure: timeout, injection, bad request) and
               Abort(room, reason) (the scheduler aborted); the receiver fails the room with the reason.
+  either way: Close(reason) right before a side closes the link on purpose (shutdown, a dropped link): the
+              other side ends the link at once (endpoints reached by worker address are independent, so a
+              close is not seen otherwise until the process is gone).
   Direct links: P posts its Fail/Abort only after every copy of the room into D's pages finished, and
   answers D's Fail/Abort with AbortAck(room) once they have; until one of the three comes, D keeps a room
   it failed itself from being terminal (so its scheduler keeps the pages P may still write).
@@ -29,7 +38,9 @@ the same tag, posted right after the first (UCX matches one sender's messages of
 
 Tags are 64-bit and matched per UCX worker (not per endpoint), so every tag names its link:
 ``link_id << 24 | kind << 22 | seq`` with a 40-bit random link id drawn by D, ``kind`` the direction /
-purpose and a 22-bit sequence number (data only; wraps, far beyond the messages ever in flight).
+purpose and a 22-bit sequence number (data only; wraps, far beyond the messages ever in flight). A P
+engine's accept tag is ``accept_id << 24 | 3 << 22`` with its own random 40-bit accept id (several engines
+may share one UCX worker in one process).
 """
 
 from __future__ import annotations
@@ -41,11 +52,11 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]
 
 CTRL_FRAME_BYTES = 4096
+MAX_HELLO_BYTES = 65536  # P's receive buffer for Hellos (engine, pool offer, D's worker address, token)
 FRAME_HEADER = struct.Struct("<I")
-LINK_ID = struct.Struct("<Q")
 LINK_ID_BITS = 40
 _SEQ_BITS = 22
-_KIND_CTRL_TO_PREFILL, _KIND_CTRL_TO_DECODE, _KIND_DATA = 0, 1, 2
+_KIND_CTRL_TO_PREFILL, _KIND_CTRL_TO_DECODE, _KIND_DATA, _KIND_ACCEPT = 0, 1, 2, 3
 
 
 def ctrl_tag(link_id: int, to_prefill: bool) -> int:
@@ -56,6 +67,11 @@ def ctrl_tag(link_id: int, to_prefill: bool) -> int:
 def data_tag(link_id: int, seq: int) -> int:
     """Tag of the ``seq``-th data message (P->D) of link ``link_id``."""
     return _tag(link_id, _KIND_DATA, seq & ((1 << _SEQ_BITS) - 1))
+
+
+def accept_tag(accept_id: int) -> int:
+    """Tag of the Hellos a P engine accepts (its accept id is in its bootstrap route)."""
+    return _tag(accept_id, _KIND_ACCEPT, 0)
 
 
 def _tag(link_id: int, kind: int, seq: int) -> int:
@@ -69,6 +85,24 @@ class Hello:
     engine: dict[str, Any]
     decode_id: str
     pool: dict[str, Any] | None = None  # D's peer_pool.PoolOffer.to_dict(), or None
+    link_id: int = 0  # drawn by D: names the link's tags
+    address: bytes = b""  # D's UCX worker address: P's endpoint back to D
+    token: str = ""  # with a cluster secret: key.sign("link", hello_payload(self))
+
+
+def hello_payload(hello: Hello) -> list[Any]:
+    """What a Hello's token signs: every field but the token, as canonical JSON values (bytes as hex)."""
+    return [_jsonable(getattr(hello, f.name)) for f in fields(hello) if f.name != "token"]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "hex:" + bytes(value).hex()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -149,9 +183,14 @@ class AbortAck:
     room: int
 
 
-Message = Hello | HelloOk | HelloRefused | Register | Registered | Data | Done | Fail | Abort | Pushed | AbortAck
+@dataclass(frozen=True)
+class Close:
+    reason: str
+
+
+Message = Hello | HelloOk | HelloRefused | Register | Registered | Data | Done | Fail | Abort | Pushed | AbortAck | Close
 MESSAGE_TYPES: tuple[type, ...] = (Hello, HelloOk, HelloRefused, Register, Registered, Data, Done, Fail, Abort,
-                                   Pushed, AbortAck)
+                                   Pushed, AbortAck, Close)
 _TYPE_ID = {t: i for i, t in enumerate(MESSAGE_TYPES)}
 
 
@@ -163,7 +202,36 @@ def decode(payload: bytes | memoryview) -> Message:
     items = msgpack.unpackb(payload, raw=False, strict_map_key=False)
     if not isinstance(items, list) or not items or not isinstance(items[0], int) or not 0 <= items[0] < len(MESSAGE_TYPES):
         raise ValueError(f"malformed transfer message: {items!r:.200}")
-    return MESSAGE_TYPES[items[0]](*items[1:])  # type: ignore[no-any-return]
+    try:
+        return MESSAGE_TYPES[items[0]](*items[1:])  # type: ignore[no-any-return]
+    except TypeError as e:  # a peer's wrong field count is its error, not ours
+        raise ValueError(f"malformed {MESSAGE_TYPES[items[0]].__name__} message: {e}") from e
+
+
+def encode_hello(hello: Hello) -> bytes:
+    """A Hello as the one message on an accept tag: frame header + payload (ValueError beyond MAX_HELLO_BYTES)."""
+    payload = encode(hello)
+    if FRAME_HEADER.size + len(payload) > MAX_HELLO_BYTES:
+        raise ValueError(f"Hello of {len(payload)} bytes exceeds {MAX_HELLO_BYTES}")
+    return FRAME_HEADER.pack(len(payload)) + payload
+
+
+def decode_hello(buf: bytes | memoryview) -> Hello:
+    """The Hello in a received accept-tag message; ValueError on anything else."""
+    (length,) = FRAME_HEADER.unpack_from(buf)
+    if FRAME_HEADER.size + length > len(buf):
+        raise ValueError(f"Hello frame claims {length} bytes")
+    msg = decode(bytes(buf[FRAME_HEADER.size:FRAME_HEADER.size + length]))
+    if not isinstance(msg, Hello):
+        raise ValueError(f"expected Hello, got {type(msg).__name__}")  # noqa: TRY004 - a peer's bad input
+    if not isinstance(msg.link_id, int) or not 0 <= msg.link_id < 1 << LINK_ID_BITS:
+        raise ValueError(f"bad link id {msg.link_id!r}")
+    if not isinstance(msg.address, bytes) or not msg.address:
+        raise ValueError("Hello carries no worker address")
+    if not isinstance(msg.engine, dict) or not isinstance(msg.decode_id, str) or not isinstance(msg.token, str) \
+            or not (msg.pool is None or isinstance(msg.pool, dict)):
+        raise ValueError("malformed Hello fields")
+    return msg
 
 
 def frame(payload: bytes) -> tuple[bytes, bytes | None]:

@@ -162,5 +162,13 @@ class RecentFailures:
             return self._reasons.get(room)
 
 
+class RoomInUse(ValueError):
+    """``register`` of a room this engine still holds (another request's): refused, the holder untouched."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__(f"room {room} is already in use by another request on this decode worker")
+        self.room = room
+
+
 def unknown_room(room: int) -> str:
     return f"room {room} is unknown to this transfer engine (never registered, or already released)"

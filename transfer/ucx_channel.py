@@ -22,20 +22,24 @@ import torch
 from transfer.protocol import (
     CTRL_FRAME_BYTES,
     FRAME_HEADER,
-    LINK_ID,
     LINK_ID_BITS,
+    Close,
+    Hello,
     Message,
+    accept_tag,
     ctrl_tag,
     data_tag,
     decode,
     encode,
+    encode_hello,
     frame,
 )
 from transfer.ucx_runtime import UcxRuntime
 
 logger = logging.getLogger(__name__)
 
-CLOSE_TIMEOUT_S = 0.1  # a live peer answers within a round trip; a dead one is not waited for longer
+CLOSE_TIMEOUT_S = 0.1
+MAX_CTRL_PAYLOAD = 64 << 20  # a control payload beyond this is a broken or hostile peer (no buffer for it)  # a live peer answers within a round trip; a dead one is not waited for longer
 
 
 def ucx_array(buf: torch.Tensor | np.ndarray) -> Any:
@@ -87,6 +91,11 @@ class Channel:
     async def send(self, msg: Message) -> None:
         await self.post(msg)
 
+    def post_hello(self, accept_id: int, hello: Hello) -> asyncio.Future[None]:
+        """D: the link's first message, on P's accept tag (one message: P receives Hellos from any sender)."""
+        buf = np.frombuffer(encode_hello(hello), dtype=np.uint8)
+        return self._send(buf, self._tag_of(accept_tag(accept_id)))
+
     def post_data(self, seq: int, buf: torch.Tensor) -> asyncio.Future[None]:
         """The data announced by Data(seq=seq): one message on its own tag."""
         return self._send(buf, self._tag_of(data_tag(self.link_id, seq)))
@@ -99,10 +108,16 @@ class Channel:
         await self._recv_frame(self._frame)
         (length,) = FRAME_HEADER.unpack_from(self._frame.data)
         if FRAME_HEADER.size + length <= CTRL_FRAME_BYTES:
-            return decode(self._frame[FRAME_HEADER.size:FRAME_HEADER.size + length].tobytes())
-        payload = np.empty(length, dtype=np.uint8)
-        await self._recv_frame(payload)
-        return decode(payload.tobytes())
+            msg = decode(self._frame[FRAME_HEADER.size:FRAME_HEADER.size + length].tobytes())
+        else:
+            if length > MAX_CTRL_PAYLOAD:
+                raise ValueError(f"control frame of {length} bytes exceeds {MAX_CTRL_PAYLOAD}")
+            payload = np.empty(length, dtype=np.uint8)
+            await self._recv_frame(payload)
+            msg = decode(payload.tobytes())
+        if isinstance(msg, Close):  # the peer is gone: nothing more goes to it (not even our Close)
+            self._break(f"peer closed the link: {msg.reason[:200]}")
+        return msg
 
     def _send(self, buf: torch.Tensor | np.ndarray, tag: Any) -> asyncio.Future[None]:
         self._check()
@@ -134,10 +149,16 @@ class Channel:
         for fut in list(self._futs):
             self.rt.fail(fut, ConnectionError(reason))
 
-    async def close(self) -> None:
+    async def close(self, reason: str = "link closed") -> None:
+        """Tell the peer (Close, best effort, briefly), then fail every request of the channel and close the endpoint."""
         if self._closed:
             return
         self._closed = True
+        if self.broken is None:
+            try:
+                await asyncio.wait_for(self.post(Close(reason)), CLOSE_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - a peer that cannot hear it learns from the endpoint
+                logger.debug("could not send Close: %s", e)
         self._break("channel closed")
         await asyncio.sleep(0)  # let the failed requests' waiters see it before the endpoint goes
         try:
@@ -148,34 +169,19 @@ class Channel:
             self.ep.remove_close_callback()
 
 
-async def connect(runtime: UcxRuntime, host: str, port: int, taken: set[int], timeout: float) -> Channel:
-    """D's side of a new link: endpoint to P's listener, then the link id (not in ``taken``) on the stream API."""
+def connect(runtime: UcxRuntime, address: bytes, taken: set[int]) -> Channel:
+    """D's side of a new link: an endpoint to P's worker address and a fresh link id (not in ``taken``).
+
+    Nothing is sent yet: D's Hello (``post_hello``) is the link's first message."""
     link_id = secrets.randbits(LINK_ID_BITS)
     while link_id in taken:
         link_id = secrets.randbits(LINK_ID_BITS)
-    ep = runtime.connect(host, port)
-    channel = Channel(runtime, ep, link_id, prefill_side=False)
-    ident = np.frombuffer(LINK_ID.pack(link_id), dtype=np.uint8)
-    try:
-        await asyncio.wait_for(channel._track(ep.stream_send(ucx_array(ident)), ident, True), timeout)
-    except BaseException:
-        await channel.close()
-        raise
-    return channel
+    return Channel(runtime, runtime.connect_address(address), link_id, prefill_side=False)
 
 
-async def accept(runtime: UcxRuntime, ep: Any, timeout: float) -> Channel:
-    """P's side of a new link: read the link id D chose."""
-    ident = np.empty(LINK_ID.size, dtype=np.uint8)
-    try:
-        await asyncio.wait_for(runtime.track(ep.stream_recv(ucx_array(ident)), ident), timeout)
-        (link_id,) = LINK_ID.unpack(ident.tobytes())
-        if not 0 <= link_id < 1 << LINK_ID_BITS:
-            raise ValueError(f"bad link id {link_id:#x} from a decode worker")
-    except BaseException:
-        ep.close_blocking(period=int(CLOSE_TIMEOUT_S * 1e9), max_attempts=1)
-        raise
-    return Channel(runtime, ep, link_id, prefill_side=True)
+def accept(runtime: UcxRuntime, hello: Hello) -> Channel:
+    """P's side of a new link: an endpoint back to the D that sent ``hello`` (checked by the caller first)."""
+    return Channel(runtime, runtime.connect_address(hello.address), hello.link_id, prefill_side=True)
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:

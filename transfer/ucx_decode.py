@@ -2,7 +2,11 @@
 
 Room clock: ``waiting_timeout`` runs from ``register`` until Success, whatever the stage.
 Link to a P (keyed by its bootstrap host:port, loop-only): connect = GET /route, create the UCX
-endpoint, send a fresh link id (it names the link's tags), Hello -> HelloOk | HelloRefused. Then every room of that P is registered on the one endpoint
+endpoint to P's worker address, Hello with a fresh link id (it names the link's tags), our worker address
+and, with a cluster secret, a ``link`` token over all of it -> HelloOk | HelloRefused. A P whose route
+says ``auth`` refuses unsigned links, so a D without the secret fails such rooms at once, naming the cause.
+A room is registered once per engine: ``register`` of a room this engine still holds raises RoomInUse
+(the scheduler refuses such a request before it gets here). Then every room of that P is registered on the one endpoint
 and a receive loop dispatches P's messages. Connection attempts and heartbeats (GET /health every
 ``heartbeat_interval`` while the link has live rooms) share one miss counter; at
 ``heartbeat_max_failure`` consecutive misses, an endpoint error, or a refused handshake, every room of
@@ -21,10 +25,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from pd_common.cluster_auth import ClusterKey
 from transfer.base import (
     AuxRecord,
     DecodeTransfer,
@@ -40,6 +46,7 @@ from transfer.peer_pool import PeerPoolError, export_pool
 from transfer.protocol import (
     Abort,
     AbortAck,
+    Close,
     Data,
     Fail,
     Hello,
@@ -49,8 +56,9 @@ from transfer.protocol import (
     Pushed,
     Register,
     Registered,
+    hello_payload,
 )
-from transfer.room import unknown_room
+from transfer.room import RoomInUse, unknown_room
 from transfer.ucx_channel import Channel, connect
 from transfer.ucx_decode_state import Addr, DecodeRoom, HandshakeRefused, PrefillLink
 from transfer.ucx_engine import CONNECT_TIMEOUT_S
@@ -61,8 +69,10 @@ logger = logging.getLogger(__name__)
 class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
     role = "decode"
 
-    def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig) -> None:
-        super().__init__(kv_buffer, desc, config)
+    def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig,
+                 data_host: str | None = None, cluster_key: ClusterKey | None = None) -> None:
+        super().__init__(kv_buffer, desc, config, data_host)
+        self._key = cluster_key
         self._links: dict[Addr, PrefillLink] = {}
         self._client = BootstrapClient()
         self._offer: dict[str, Any] | None = None  # our pool, offered to P for direct copies (peer_pool.py)
@@ -86,10 +96,13 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
         ids = page_ids.tolist() if isinstance(page_ids, torch.Tensor) else list(page_ids)
         state = DecodeRoom(room, ids, (bootstrap_host, int(bootstrap_port)),
                            time.monotonic() + self.config.waiting_timeout, self._notify)
-        old = self.rooms.put(room, state)
-        if old is not None and old.alive:
-            self._fail_room(old, f"room {room} registered again", Abort)
+        _, created = self.rooms.get_or_create(room, lambda: state)
+        if not created:  # never touch the holder's state: its pages and data are its own
+            raise RoomInUse(room)
         self.call_soon(self._attach, state)
+
+    def holds(self, room: int) -> bool:
+        return self.rooms.get(room) is not None
 
     def poll(self, room: int) -> KVPoll:
         state = self.rooms.get(room)
@@ -265,6 +278,8 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
                     await self._on_data(link, msg)
                 elif isinstance(msg, Pushed):
                     self._on_pushed(link, msg)
+                elif isinstance(msg, Close):
+                    raise ConnectionError(f"prefill closed the link: {msg.reason[:200]}")
                 else:
                     self._on_control(link, msg)
         except asyncio.CancelledError:
@@ -275,11 +290,25 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
     async def _connect(self, link: PrefillLink) -> Channel:
         """The handshaken channel to P; sets ``link.push`` (and its events) if P mapped our pool."""
         route = await self._client.get_route(*link.addr, timeout=CONNECT_TIMEOUT_S)
+        if route.auth and self._key is None:
+            raise HandshakeRefused(f"prefill {link.name} requires a cluster secret and this decode worker has none "
+                                   "(--cluster-secret-file or $SGLANG_DISAGGREGATION_CLUSTER_SECRET)")
         taken = {lk.channel.link_id for lk in self._links.values() if lk.channel is not None}
-        channel = await connect(self.runtime, route.host, route.port, taken, 2 * CONNECT_TIMEOUT_S)
         try:
-            await channel.send(Hello(self.desc.to_dict(), self.engine_id, self._offer if link.offer_pool else None))
-            reply = await asyncio.wait_for(channel.recv(), CONNECT_TIMEOUT_S)
+            channel = connect(self.runtime, route.worker_address, taken)
+        except ValueError as e:
+            raise ConnectionError(f"prefill {link.name}'s route: {e}") from e
+        try:
+            hello = Hello(self.desc.to_dict(), self.engine_id, self._offer if link.offer_pool else None,
+                          channel.link_id, self.runtime.worker_address)
+            if self._key is not None:
+                hello = replace(hello, token=self._key.sign("link", hello_payload(hello)))
+            await asyncio.wait_for(channel.post_hello(route.accept_id, hello), 2 * CONNECT_TIMEOUT_S)
+            try:
+                reply = await asyncio.wait_for(channel.recv(), CONNECT_TIMEOUT_S)
+            except TimeoutError as e:
+                raise ConnectionError(f"prefill {link.name} did not answer our Hello within {CONNECT_TIMEOUT_S:g}s "
+                                      "(prefill drops links whose cluster secret differs without answering)") from e
             if isinstance(reply, HelloOk) and reply.push and self._stream is not None:
                 try:
                     link.events = open_events(reply.events, self.kv.device)

@@ -28,6 +28,7 @@ import torch
 
 from transfer.base import EngineDescription, TransferStats
 from transfer.config import TransferConfig
+from transfer.hosts import net_devices_for
 from transfer.pack import PageIds, pack_pages, unpack_pages, wait_ready
 from transfer.room import RoomState, RoomTable
 from transfer.staging import StagingPool
@@ -52,8 +53,11 @@ def sweep_period(config: TransferConfig) -> float:
 class UcxEngineBase(Generic[R]):
     role = "?"
 
-    def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig) -> None:
+    def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig,
+                 data_host: str | None = None) -> None:
         self.kv = kv_buffer
+        # UCX's network devices: the one(s) holding ``data_host`` (None or a wildcard: every device; hosts.py)
+        self.net_devices = net_devices_for(data_host) if data_host is not None else None
         self.desc = desc
         self.config = config
         self.engine_id = f"{self.role}-{uuid.uuid4().hex[:12]}"
@@ -72,7 +76,7 @@ class UcxEngineBase(Generic[R]):
                        aclose: Callable[[], Coroutine[Any, Any, None]]) -> None:
         if self._runtime is not None:
             raise RuntimeError(f"{self.engine_id} already started")
-        self._runtime = UcxRuntime.acquire(self.kv.device)
+        self._runtime = UcxRuntime.acquire(self.kv.device, self.net_devices)
         self._executor = ThreadPoolExecutor(self.config.thread_pool_size, thread_name_prefix=f"transfer-{self.role}",
                                             initializer=self._bind_device)
         try:

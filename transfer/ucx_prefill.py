@@ -6,6 +6,12 @@ the room fails. A registration that arrives before P sees the room (router sends
 concurrently) waits in ``_pending`` (D is told Registered at once) and is taken over when P sees the
 room; if P never sees it within ``bootstrap_timeout`` of its arrival, D is told Fail.
 
+Links: P opens no listening socket of its own. Its bootstrap route names its UCX worker address and this
+engine's accept id; ``_accept_loop`` receives D's Hellos on the accept tag (protocol.py) and only after a
+Hello passed its checks (with a cluster secret: its ``link`` token) creates the endpoint back to D.
+A room belongs to the link that registered it first: a second registration of a live room (any link)
+is refused with Fail on the registering link only, so the first request's data never go elsewhere.
+
 Sending: ``send`` hands the pages to the piece pipeline (ucx_pieces.py): UCX data messages; or, on a direct
 link (we mapped the pool D offered in Hello, peer_pool.py), a copy into D's pages launched right in ``send``
 plus a Pushed message (ucx_push.py). Success comes when D answers Done.
@@ -16,14 +22,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from pd_common.cluster_auth import ClusterAuthError, ClusterKey
 from transfer.base import (
     AuxRecord,
     EngineDescription,
@@ -31,13 +40,17 @@ from transfer.base import (
     PrefillTransfer,
     TransferStats,
 )
-from transfer.bootstrap import BootstrapServer, Route, advertised_host
+from transfer.bootstrap import BootstrapServer, Route
 from transfer.config import TransferConfig
+from transfer.hosts import advertised_host
 from transfer.ipc_events import EventRing
 from transfer.peer_pool import PeerPool, PeerPoolError, PoolOffer, open_pool
 from transfer.protocol import (
+    LINK_ID_BITS,
+    MAX_HELLO_BYTES,
     Abort,
     AbortAck,
+    Close,
     Done,
     Fail,
     Hello,
@@ -46,9 +59,12 @@ from transfer.protocol import (
     Message,
     Register,
     Registered,
+    accept_tag,
+    decode_hello,
+    hello_payload,
 )
 from transfer.room import RecentFailures
-from transfer.ucx_channel import Channel, accept
+from transfer.ucx_channel import Channel, accept, ucx_array
 from transfer.ucx_engine import CONNECT_TIMEOUT_S
 from transfer.ucx_pieces import SendingRoom
 from transfer.ucx_push import PushSender
@@ -88,25 +104,31 @@ class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
     role = "prefill"
 
     def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig,
-                 bootstrap_host: str, bootstrap_port: int) -> None:
-        super().__init__(kv_buffer, desc, config)
+                 bootstrap_host: str, bootstrap_port: int, data_host: str | None = None,
+                 cluster_key: ClusterKey | None = None) -> None:
+        super().__init__(kv_buffer, desc, config, data_host)
         self.bootstrap_host = bootstrap_host
         self.bootstrap_port = bootstrap_port  # the real port once started (0 = pick a free one)
+        self.data_host = data_host if data_host is not None else bootstrap_host
+        self._key = cluster_key
+        self._accept_id = secrets.randbits(LINK_ID_BITS)
         self._lock = threading.Lock()  # room creation vs. pending registrations
         self._pending: dict[int, PendingRegistration] = {}
         self._recent = RecentFailures()
         self._peers: set[DecodePeer] = set()
-        self._listener: Any = None
         self._bootstrap: BootstrapServer | None = None
         self._rng = random.Random()
+        self._refusals = 0  # Hellos refused before a link existed (logged sparsely)
 
     # --- scheduler thread -------------------------------------------------------------------------
 
     def start(self) -> None:
         self._start_runtime(self._astart, self._aclose)
-        logger.info("%s: bootstrap server on %s:%d, UCX data listener on port %d, direct copies to decode "
-                    "pools on this host: %s", self.engine_id, self.bootstrap_host, self.bootstrap_port,
-                    self._listener.port, "on" if self.config.direct_copy else "off")
+        logger.info("%s: bootstrap server on %s:%d, KV data over UCX (advertised host %s, network devices %s), "
+                    "links %s, direct copies to decode pools on this host: %s", self.engine_id,
+                    self.bootstrap_host, self.bootstrap_port, advertised_host(self.data_host),
+                    self.runtime.net_devices or "all", "signed" if self._key is not None else "UNSIGNED",
+                    "on" if self.config.direct_copy else "off")
 
     def poll(self, room: int) -> KVPoll:
         state = self._room(room)
@@ -139,6 +161,9 @@ class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
 
     def stats(self, room: int) -> TransferStats:
         return self._stats(room)
+
+    def holds(self, room: int) -> bool:
+        return self.rooms.get(room) is not None
 
     def release(self, room: int) -> None:
         state = self.rooms.pop(room)
@@ -230,11 +255,12 @@ class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
     # --- loop: start/stop, connections ------------------------------------------------------------
 
     async def _astart(self) -> None:
-        self._listener = self.runtime.listen(0, lambda ep: self.spawn(self._serve(ep)))
-        self._bootstrap = BootstrapServer(self.bootstrap_host, self.bootstrap_port)
+        self._bootstrap = BootstrapServer(self.bootstrap_host, self.bootstrap_port, self._key)
         self.bootstrap_port = await self._bootstrap.start()
-        self._bootstrap.set_route(Route(host=advertised_host(self.bootstrap_host), port=self._listener.port,
-                                        engine=self.desc.to_dict(), prefill_id=self.engine_id))
+        self._bootstrap.set_route(Route(host=advertised_host(self.data_host), address=self.runtime.worker_address.hex(),
+                                        accept_id=self._accept_id, engine=self.desc.to_dict(),
+                                        prefill_id=self.engine_id, auth=self._key is not None))
+        self.spawn(self._accept_loop())
 
     async def _aclose(self) -> None:
         if self._bootstrap is not None:
@@ -242,31 +268,62 @@ class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
         for peer in list(self._peers):
             await peer.channel.close()
             await self._close_peer_pool(peer)  # every room failed before this runs (shutdown)
-        self._listener = None  # dropping it stops listening
 
-    async def _serve(self, ep: Any) -> None:
-        """One D link: handshake, then its control messages until the endpoint fails."""
+    async def _accept_loop(self) -> None:
+        """Receive D's Hellos (any sender, one message each) on this engine's accept tag, forever."""
+        buf = np.empty(MAX_HELLO_BYTES, dtype=np.uint8)
+        tag = accept_tag(self._accept_id)
+        while True:
+            try:
+                await self.runtime.recv_any(ucx_array(buf), tag, buf)
+                hello = decode_hello(buf.tobytes())
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a garbled or oversized Hello is the sender's problem
+                self._refuse_quietly(f"unreadable Hello ({type(e).__name__}: {e})")
+                continue
+            self.spawn(self._serve(hello))
+
+    def _refuse_quietly(self, why: str) -> None:
+        """A Hello refused before any link exists: nothing is sent back (that would dial the sender)."""
+        self._refusals += 1
+        n = self._refusals
+        if n <= 10 or n % 1000 == 0:
+            logger.warning("%s: refused a decode link (%d so far): %s", self.engine_id, n, why)
+
+    def _check_hello(self, hello: Hello) -> str | None:
+        """Why ``hello`` may not open a link (None: it may); checked before any endpoint to its sender exists."""
+        if self._key is not None:
+            try:
+                self._key.verify("link", hello_payload(hello), hello.token)
+            except ClusterAuthError as e:
+                return f"decode {hello.decode_id[:64]!r}: {e}"
+        if any(p.channel.link_id == hello.link_id for p in self._peers):  # 40 random bits: D retries
+            return f"decode {hello.decode_id[:64]!r}: link id already in use"
+        return None
+
+    async def _serve(self, hello: Hello) -> None:
+        """One D link: checks, the endpoint back to D, handshake answer, then its control messages until it fails."""
+        problem = self._check_hello(hello)
+        if problem is not None:
+            self._refuse_quietly(problem)
+            return
         try:
-            channel = await accept(self.runtime, ep, CONNECT_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - a connection that never said who it is: forget it
-            logger.info("%s: a decode worker's connection failed before its handshake: %s", self.engine_id, e)
+            channel = accept(self.runtime, hello)
+        except ValueError as e:
+            self._refuse_quietly(f"decode {hello.decode_id[:64]!r}: {e}")
             return
         peer = DecodePeer(channel)
-        if any(p.channel.link_id == channel.link_id for p in self._peers):  # 40 random bits: D retries
-            await channel.close()
-            return
         self._peers.add(peer)
         try:
-            hello = await asyncio.wait_for(channel.recv(), CONNECT_TIMEOUT_S)
-            if not isinstance(hello, Hello):
-                raise TypeError(f"expected Hello, got {type(hello).__name__}")
             peer.decode_id = hello.decode_id
             peer.refused = self._check_engine(hello.engine)
             if peer.refused is None and hello.pool is not None and self.config.direct_copy:
                 self._map_decode_pool(peer, hello.pool)
-            await channel.send(HelloOk(self.engine_id, peer.pool is not None,
-                                       peer.events.handles if peer.events is not None else [])
-                               if peer.refused is None else HelloRefused(peer.refused))
+            await asyncio.wait_for(channel.send(HelloOk(self.engine_id, peer.pool is not None,
+                                                        peer.events.handles if peer.events is not None else [])
+                                                if peer.refused is None else HelloRefused(peer.refused)),
+                                   CONNECT_TIMEOUT_S)
             while True:
                 self._dispatch(peer, await channel.recv())
         except asyncio.CancelledError:
@@ -288,8 +345,10 @@ class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
             if peer.pool is not None:
                 peer.pool.close()
             peer.pool = None
-            logger.info("%s: decode %s: KV as UCX data messages, no direct copies (%s)", self.engine_id,
-                        peer.decode_id, e)
+            benign = isinstance(e, PeerPoolError) and e.benign
+            logger.log(logging.INFO if benign else logging.WARNING,
+                       "%s: decode %s: KV as UCX data messages, no direct copies (%s)", self.engine_id,
+                       peer.decode_id, e)
             return
         logger.info("%s: decode %s: direct copies into its KV pool (%s)", self.engine_id, peer.decode_id,
                     offer.get("kind"))
@@ -315,6 +374,8 @@ class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
         peer.rooms.clear()
 
     def _dispatch(self, peer: DecodePeer, msg: Message) -> None:
+        if isinstance(msg, Close):
+            raise ConnectionError(f"decode closed the link: {msg.reason[:200]}")
         if isinstance(msg, Register):
             self._on_register(peer, msg)
         elif isinstance(msg, Done):

@@ -11,13 +11,19 @@ busy core with its ``blocking``/``polling`` modes (their awaits spin the loop). 
 fd: every ``BUSY_TICK_S`` while a request that someone waits on is in flight, every ``IDLE_TICK_S``
 otherwise (50 short wakeups a second when idle).
 
-We use UCXX's low-level bindings (``ucxx._lib.libucxx``: context, worker, listener, endpoint, requests),
+We use UCXX's low-level bindings (``ucxx._lib.libucxx``: context, worker, endpoint, requests),
 not its asyncio layer (global ApplicationContext, progress tasks, notifier thread), so nothing here
 depends on ``ucxx.init``. Invariants: every UCX call happens on the loop thread; a posted request stays
 referenced in ``_pending`` together with the buffer it reads or writes until it completes or is
 cancelled (dropping a UCXX request object cancels the request). Reference-counted: started by the first
 ``acquire``, torn down by the last ``release``; this class-level singleton is the only mutable global
 of the package.
+
+No listener: peers are reached by UCX *worker address* (``worker_address``/``connect_address``), published
+by P's bootstrap server. UCXX's sockaddr listener can only bind every interface (0.0.0.0), so we open none;
+what listens is UCX's own TCP transport, one socket per network device of the worker, and ``acquire``'s
+``net_devices`` (e.g. "lo" for a worker started with ``--host 127.0.0.1``) restricts those devices unless
+the operator set ``UCX_NET_DEVICES`` (or ``--disaggregation-ib-device``) himself.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -65,15 +72,21 @@ class UcxRuntime:
         self._pending: dict[asyncio.Future[None], _Pending] = {}
         self._tick: asyncio.TimerHandle | None = None
         self._tick_busy = False
+        self.net_devices: str | None = None  # what UCX_NET_DEVICES the worker was opened with (None: UCX's default)
+        self._address: bytes | None = None
 
     @classmethod
-    def acquire(cls, device: torch.device) -> UcxRuntime:
-        """The process's runtime; the first caller's ``device`` is the loop thread's CUDA device (UCX's context)."""
+    def acquire(cls, device: torch.device, net_devices: str | None = None) -> UcxRuntime:
+        """The process's runtime; the first caller's ``device`` is the loop thread's CUDA device (UCX's context)
+        and its ``net_devices`` (UCX_NET_DEVICES syntax; None: every device) the network devices UCX may use."""
         with cls._lock:
             if cls._shared is None:
                 runtime = UcxRuntime()
-                runtime._start(device)
+                runtime._start(device, net_devices)
                 cls._shared = runtime
+            elif net_devices != cls._shared.net_devices and cls._shared.net_devices is not None:
+                logger.warning("UCX runtime already open on network devices %s; %s ignored",
+                               cls._shared.net_devices, net_devices)
             cls._shared._users += 1
             return cls._shared
 
@@ -113,17 +126,27 @@ class UcxRuntime:
     def api(self) -> Any:
         return self._api
 
-    def listen(self, port: int, on_endpoint: Callable[[Any], object]) -> Any:
-        """A UCX listener on ``port`` (0: any); ``on_endpoint(ep)`` runs on the loop for each connection.
-        The listener stops when the returned object is dropped."""
-        def accepted(ep: Any) -> None:  # called from inside UCX: defer the real work to the loop
-            self.loop.call_soon_threadsafe(on_endpoint, ep)
+    @property
+    def worker_address(self) -> bytes:
+        """This process's UCX worker address: what a peer needs to create an endpoint to us (any thread)."""
+        assert self._address is not None
+        return self._address
 
-        return self._api.UCXListener.create(self._worker, port, accepted, deliver_endpoint=True)
+    def connect_address(self, address: bytes) -> Any:
+        """A UCX endpoint (with peer-failure handling) to the worker whose address is ``address``.
 
-    def connect(self, host: str, port: int) -> Any:
-        """A UCX endpoint to a listener (connection setup completes in the background)."""
-        return self._api.UCXEndpoint.create(self._worker, host, port, True)
+        Raises ValueError on an address UCX cannot use."""
+        try:
+            addr = self._api.UCXAddress.create_from_buffer(np.frombuffer(bytes(address), dtype=np.uint8).copy())
+            return self._api.UCXEndpoint.create_from_worker_address(self._worker, addr, True)
+        except Exception as e:  # UCXX raises its own types for a bad address
+            raise ValueError(f"cannot create a UCX endpoint to that worker address: {type(e).__name__}: {e}") from e
+
+    def recv_any(self, buf: Any, tag: int, keep: Any) -> asyncio.Future[None]:
+        """Receive one message with ``tag`` from any endpoint into ``buf`` (a UCXX Array); not urgent."""
+        from ucxx.types import Tag  # type: ignore[import-untyped]
+
+        return self.track(self._worker.tag_recv(buf, Tag(tag)), keep, urgent=False)
 
     def track(self, req: Any, keep: Any, urgent: bool = True) -> asyncio.Future[None]:
         """A future resolved (or failed with UCXX's error) when ``req`` completes; cancelling it cancels ``req``."""
@@ -177,8 +200,11 @@ class UcxRuntime:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def _start(self, device: torch.device) -> None:
+    def _start(self, device: torch.device, net_devices: str | None) -> None:
         os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+        if os.environ.get("UCX_NET_DEVICES"):  # the operator's choice (or --disaggregation-ib-device) wins
+            net_devices = None
+        self.net_devices = net_devices
         self._thread.start()
         try:
             self.run(self._open(device), timeout=30)
@@ -193,15 +219,18 @@ class UcxRuntime:
         if device.type == "cuda":  # UCX's CUDA transports work in this thread's current context
             torch.cuda.set_device(device)
         self._api = api
-        self._context = api.UCXContext({})  # UCXX's default features, as its own asyncio layer uses them
+        options = {"NET_DEVICES": self.net_devices} if self.net_devices else {}
+        self._context = api.UCXContext(options)  # UCXX's default features, as its own asyncio layer uses them
         self._worker = api.UCXWorker(self._context, False, False)  # no delayed submission, no Python futures
+        self._address = api.UCXAddress.create_from_worker(self._worker).tobytes()
         self._worker.init_blocking_progress_mode()
         self._fd = self._worker.epoll_file_descriptor
         self.loop.add_reader(self._fd, self._progress)
         self._progress()
         self._schedule_tick(busy=False)
-        logger.info("UCX worker ready (UCXX %s, UCX %s), event-driven progress on the transfer loop",
-                    ucxx.__version__, ucxx.__ucx_version__)
+        logger.info("UCX worker ready (UCXX %s, UCX %s, network devices: %s), event-driven progress on the "
+                    "transfer loop", ucxx.__version__, ucxx.__ucx_version__,
+                    self.net_devices or os.environ.get("UCX_NET_DEVICES") or "all")
 
     async def _close(self) -> None:
         if self._tick is not None:

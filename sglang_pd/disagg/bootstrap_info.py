@@ -1,13 +1,29 @@
-"""The bootstrap fields a router adds to a request so P and D can find each other (DESIGN §4.1)."""
+"""The bootstrap fields a router adds to a request so P and D can find each other (DESIGN §4.1), and who may.
+
+With a cluster secret (README "Security") a PD worker takes bootstrap fields only together with
+``bootstrap_token`` = key.sign("bootstrap", [bootstrap_host, bootstrap_port, bootstrap_room]) over exactly
+the body's values, which the router adds: a client cannot name a room or make D dial a host of its own
+choosing; the request is refused (403) before anything is dialed or reserved. Without a secret the fields
+are taken as they come (private network only; the worker warns at startup).
+
+A room belongs to one request per worker at a time (``LiveRooms``): a second request naming a room
+this worker still holds is refused at once and never shares the first one's data.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pd_common.cluster_auth import ClusterAuthError, ClusterKey
+
+if TYPE_CHECKING:
+    from sglang_pd.scheduler.req import Req
 
 ROOM_MODULUS = 1 << 63
+TOKEN_FIELD = "bootstrap_token"
 
 
 @dataclass(frozen=True)
@@ -17,8 +33,20 @@ class BootstrapInfo:
     room: int  # in [0, 2^63): names this request's handoff on both sides
 
 
-def parse_bootstrap(body: dict[str, Any], count: int) -> list[BootstrapInfo | None]:
-    """One BootstrapInfo per item (None when the body carries none). Raises ValueError on bad fields.
+class BootstrapAuthError(ValueError):
+    """Bootstrap fields without a valid ``bootstrap_token`` on a worker with a cluster secret (HTTP 403)."""
+
+    status = 403
+
+
+def bootstrap_payload(body: dict[str, Any]) -> list[Any]:
+    """What ``bootstrap_token`` signs: the body's own three values, as they are."""
+    return [body.get("bootstrap_host"), body.get("bootstrap_port"), body.get("bootstrap_room")]
+
+
+def parse_bootstrap(body: dict[str, Any], count: int, key: ClusterKey | None = None) -> list[BootstrapInfo | None]:
+    """One BootstrapInfo per item (None when the body carries none). Raises ValueError on bad fields, and
+    BootstrapAuthError when ``key`` is given and the body's ``bootstrap_token`` does not sign its fields.
 
     ``bootstrap_room`` is an int or a list with one room per item. With a single int and several
     items (n > 1 choices or a batch), item k uses ``(room + k) mod 2^63``: P and D derive the same rooms.
@@ -31,6 +59,13 @@ def parse_bootstrap(body: dict[str, Any], count: int) -> list[BootstrapInfo | No
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValueError("bootstrap_port must be an integer port number")
     rooms = _rooms(room, count)
+    if key is not None:
+        try:
+            key.verify("bootstrap", bootstrap_payload(body), body.get(TOKEN_FIELD))
+        except ClusterAuthError as e:
+            raise BootstrapAuthError(f"bootstrap fields refused: {e} ({TOKEN_FIELD} must sign bootstrap_host, "
+                                     "bootstrap_port and bootstrap_room with the cluster secret; send requests "
+                                     "through the router)") from e
     return [BootstrapInfo(host, port, r) for r in rooms]
 
 
@@ -49,7 +84,44 @@ def _room(value: Any) -> int:
     return value
 
 
-def attach_bootstrap(items: Sequence[Any], body: dict[str, Any]) -> list[Any]:
-    """Copies of ``items`` (GenerateItems) carrying the body's bootstrap fields."""
-    infos = parse_bootstrap(body, len(items))
+def attach_bootstrap(items: Sequence[Any], body: dict[str, Any], key: ClusterKey | None = None) -> list[Any]:
+    """Copies of ``items`` (GenerateItems) carrying the body's bootstrap fields.
+
+    ``key``: the worker's ``ServerArgs.bootstrap_key()``; with one, unsigned or wrongly signed fields raise
+    an HTTP 403 (APIError) naming the problem. Other bad fields raise ValueError (the caller's 400)."""
+    try:
+        infos = parse_bootstrap(body, len(items), key)
+    except BootstrapAuthError as e:
+        from sglang_pd.server.errors import APIError
+
+        raise APIError(e.status, str(e), TOKEN_FIELD) from e
     return [dataclasses.replace(it, bootstrap=info) for it, info in zip(items, infos)]
+
+
+class LiveRooms:
+    """Which request holds which room on this worker: a second live request with the same room is refused.
+
+    A room stays taken while its request is unfinished or while the transfer engine still holds the room
+    (``holds``: e.g. D's pages of an aborted request that P may still write)."""
+
+    def __init__(self, holds: Callable[[int], bool], sweep_at: int = 4096) -> None:
+        self._holds = holds
+        self._rooms: dict[int, Req] = {}
+        self._sweep_at = sweep_at
+
+    def claim(self, req: Req) -> str | None:
+        """Record ``req`` as its room's holder; the refusal text if another live request holds the room."""
+        boot = req.bootstrap
+        if boot is None:
+            return None
+        old = self._rooms.get(boot.room)
+        if old is not None and old is not req and (not old.finished or self._holds(boot.room)):
+            return (f"bootstrap_room {boot.room} is already in use by another request on this worker "
+                    "(rooms are single-use; the router draws a fresh one per request)")
+        if old is None and self._holds(boot.room):  # e.g. a request before this table existed
+            return f"bootstrap_room {boot.room} is already in use on this worker"
+        self._rooms[boot.room] = req
+        if len(self._rooms) > self._sweep_at:
+            self._rooms = {r: q for r, q in self._rooms.items() if not q.finished or self._holds(r)}
+            self._sweep_at = max(self._sweep_at, 2 * len(self._rooms))
+        return None

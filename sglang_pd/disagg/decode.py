@@ -6,14 +6,15 @@ tokens of growth, so D does not run dry for what it admitted. Then D takes pages
 registers the room with P. When the room is Success the prompt's KV sits in those pages and the aux
 record carries P's first token: the request joins the running batch as if it had prefilled here.
 An aborted request in the transfer queue answers at once, but its pages wait in ``draining`` until the
-room is terminal: on a direct link P may still be writing them.
+room is terminal: on a direct link P may still be writing them. A local request (no bootstrap fields:
+the health probe, see ``hooks``) skips these queues and prefills here like a colocated request.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sglang_pd.disagg.hooks import SchedulerHooks
+from sglang_pd.disagg.hooks import SchedulerHooks, bootstrap_of, is_local, room_of
 from sglang_pd.disagg.transfer_meta import transfer_meta
 from sglang_pd.scheduler.req import FinishReason, Req, ReqStatus
 from sglang_pd.scheduler.scheduler import StepOutput
@@ -31,16 +32,17 @@ class DecodeHooks(SchedulerHooks):
         self.num_transfer_failed = 0
 
     def on_submit(self, req: Req) -> bool:
-        assert req.bootstrap is not None, "the server checks that PD requests carry bootstrap fields"
+        if is_local(req):
+            return False  # scheduled as a colocated request
         self.prealloc_queue.append(req)
         return True
 
     def before_step(self, out: StepOutput) -> None:
         for req in list(self.draining):
-            if self.transfer.poll(_room(req)) in (KVPoll.Success, KVPoll.Failed):
+            if self.transfer.poll(room_of(req)) in (KVPoll.Success, KVPoll.Failed):
                 self.draining.remove(req)
                 self.sched.kv.release(req)
-                self.transfer.release(_room(req))
+                self.transfer.release(room_of(req))
         self._poll_transfers(out)
         self._admit()
 
@@ -57,28 +59,29 @@ class DecodeHooks(SchedulerHooks):
             self.prealloc_queue.pop(0)
             req.set_status(ReqStatus.RUNNING)
             req.admitted_once = True
-            boot = req.bootstrap
-            assert boot is not None
+            boot = bootstrap_of(req)
             self.transfer.register(boot.room, boot.host, boot.port, list(req.pages))
             self.transfer_queue.append(req)
 
     def _poll_transfers(self, out: StepOutput) -> None:
         for req in list(self.transfer_queue):
-            state = self.transfer.poll(_room(req))
-            if state == KVPoll.Success:
+            state = self.transfer.poll(room_of(req))
+            aux = self.transfer.aux(room_of(req)) if state == KVPoll.Success else None
+            if aux is not None:
                 self.transfer_queue.remove(req)
-                self._activate(req, self.transfer.aux(_room(req)), out)
-            elif state == KVPoll.Failed:
+                self._activate(req, aux, out)
+            elif state in (KVPoll.Success, KVPoll.Failed):  # Success without P's first token fails it too
                 self.transfer_queue.remove(req)
                 self.num_transfer_failed += 1
                 self.sched.kv.release(req)
-                req.finish(FinishReason("abort", message=self.transfer.failure(_room(req)) or "KV transfer failed"))
+                message = self.transfer.failure(room_of(req)) or (
+                    "KV transfer failed" if state == KVPoll.Failed else "KV arrived without the first token")
+                req.finish(FinishReason("abort", message=message))
                 self._close(req)
                 out.finished.append(req)
 
-    def _activate(self, req: Req, aux: AuxRecord | None, out: StepOutput) -> None:
+    def _activate(self, req: Req, aux: AuxRecord, out: StepOutput) -> None:
         """The prompt's KV is in place: continue exactly as after a local prefill."""
-        assert aux is not None
         req.num_computed_tokens = len(req.prompt_ids)
         req.cached_tokens = aux.cached_tokens
         req.output_ids.append(aux.first_token_id)
@@ -111,8 +114,8 @@ class DecodeHooks(SchedulerHooks):
                     queue.remove(req)
                     req.finish(FinishReason("abort", message=message))
                     if queue is self.transfer_queue:
-                        self.transfer.abort(_room(req), message)
-                        if self.transfer.poll(_room(req)) not in (KVPoll.Success, KVPoll.Failed):
+                        self.transfer.abort(room_of(req), message)
+                        if self.transfer.poll(room_of(req)) not in (KVPoll.Success, KVPoll.Failed):
                             self.finished_meta[req.rid] = transfer_meta(self.transfer, req)
                             self.draining.append(req)  # P may still write the pages: before_step releases them
                             return req
@@ -120,6 +123,9 @@ class DecodeHooks(SchedulerHooks):
                     self._close(req)
                     return req
         return None
+
+    def held_rids(self) -> list[str]:
+        return [r.rid for r in self.prealloc_queue + self.transfer_queue]  # not draining: already answered
 
     def has_work(self) -> bool:
         return bool(self.prealloc_queue or self.transfer_queue or self.draining)
@@ -132,7 +138,7 @@ class DecodeHooks(SchedulerHooks):
             "num_decode_prealloc_queue_reqs": len(self.prealloc_queue),
             "num_decode_transfer_queue_reqs": len(self.transfer_queue),
             # of those, how many P has acknowledged (registered; waiting for or receiving KV)
-            "num_decode_registered_reqs": sum(self.transfer.poll(_room(r)) >= KVPoll.WaitingForInput
+            "num_decode_registered_reqs": sum(self.transfer.poll(room_of(r)) >= KVPoll.WaitingForInput
                                               for r in self.transfer_queue),
             "num_transfer_failed_reqs": self.num_transfer_failed,
         }
@@ -146,9 +152,4 @@ class DecodeHooks(SchedulerHooks):
     def _close(self, req: Req) -> None:
         if req.rid not in self.finished_meta:
             self.finished_meta[req.rid] = transfer_meta(self.transfer, req)
-            self.transfer.release(_room(req))
-
-
-def _room(req: Req) -> int:
-    assert req.bootstrap is not None
-    return req.bootstrap.room
+            self.transfer.release(room_of(req))

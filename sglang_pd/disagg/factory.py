@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from pd_common.cluster_auth import UNSIGNED_WARNING
 from sglang_pd.disagg.hooks import NullHooks, SchedulerHooks
 from sglang_pd.models.config import ModelConfig
 from sglang_pd.server_args import ServerArgs
@@ -32,6 +33,9 @@ def build_hooks(args: ServerArgs, model_config: ModelConfig, dtype: torch.dtype,
                 kv_buffer: torch.Tensor, hub: object | None = None) -> SchedulerHooks:
     """NullHooks for a colocated worker; prefill/decode hooks with a started transfer engine otherwise.
 
+    The engine gets the cluster key (``UNSIGNED_WARNING`` is logged once here when there is none) and the
+    data host (``--disaggregation-data-host``, else ``--host``): UCX uses only the network device(s) holding it.
+
     ``hub`` is the in-process FakeTransferHub shared by a P and a D built in one process (tests).
     """
     mode = args.disaggregation_mode
@@ -45,11 +49,16 @@ def build_hooks(args: ServerArgs, model_config: ModelConfig, dtype: torch.dtype,
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     desc = engine_description(model_config, dtype, args.page_size)
     extra = {"hub": hub} if args.disaggregation_transfer_backend == "fake" else {}
+    key = args.cluster_key()
+    if key is None:
+        logger.warning(UNSIGNED_WARNING)
     transfer = create_transfer(mode, args.disaggregation_transfer_backend, kv_buffer, desc, TransferConfig.from_env(),
-                               args.host, args.disaggregation_bootstrap_port, **extra)
+                               args.host, args.disaggregation_bootstrap_port, data_host=args.data_host,
+                               cluster_key=key, **extra)
     transfer.start()
-    logger.info("%s worker: %s transfer engine started (bootstrap port %s)", mode,
-                args.disaggregation_transfer_backend, args.disaggregation_bootstrap_port)
+    logger.info("%s worker: %s transfer engine started (bootstrap port %s, data host %s, %s)", mode,
+                args.disaggregation_transfer_backend, args.disaggregation_bootstrap_port, args.data_host,
+                "signed control plane" if key is not None else "UNSIGNED control plane")
     if mode == "prefill":
         from sglang_pd.disagg.prefill import PrefillHooks
 

@@ -3,12 +3,17 @@
 The colocated server uses ``NullHooks``; ``disagg.prefill.PrefillHooks`` and
 ``disagg.decode.DecodeHooks`` add their queues around the same continuous-batching loop, so P and D
 share every other line of the engine (DESIGN §2).
+
+A request without bootstrap fields on a PD worker is *local*: the worker's own ``/health_generate``
+probe (the HTTP edge refuses such requests from clients). The PD hooks leave local requests alone, so
+they run exactly as on a colocated worker, with no peer.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sglang_pd.disagg.bootstrap_info import BootstrapInfo
 from sglang_pd.scheduler.req import FinishReason, Req
 
 if TYPE_CHECKING:
@@ -47,6 +52,11 @@ class SchedulerHooks:
         """Abort a request held in the hook's queues (None if not there)."""
         return None
 
+    def held_rids(self) -> list[str]:
+        """Requests parked in the hook's queues that still await an answer (what ``abort`` can end); requests
+        that were answered but keep resources until a transfer is terminal are not among them."""
+        return []
+
     def has_work(self) -> bool:
         return False
 
@@ -67,3 +77,19 @@ class SchedulerHooks:
 
 
 NullHooks = SchedulerHooks
+
+
+def is_local(req: Req) -> bool:
+    """A request with no peer (see module docstring): the PD hooks schedule it as a colocated one."""
+    return req.bootstrap is None
+
+
+def bootstrap_of(req: Req) -> BootstrapInfo:
+    """The bootstrap fields of a PD request. Only called for requests the hooks queued, which all carry them."""
+    if req.bootstrap is None:
+        raise RuntimeError(f"request {req.rid} has no bootstrap fields (a local request reached a PD-only path)")
+    return req.bootstrap
+
+
+def room_of(req: Req) -> int:
+    return bootstrap_of(req).room

@@ -6,7 +6,8 @@ page and the aux record carrying the first sampled token) are queued to the tran
 first token exists the request leaves the running batch but keeps its pages (the engine reads them in
 the background) until the room is Success or Failed; then its pages go to the radix cache and it
 finishes with that one token (its HTTP answer). An aborted request answers and frees its pages at once:
-the room is Failed when ``abort`` returns (P's own reads of them no longer matter).
+the room is Failed when ``abort`` returns (P's own reads of them no longer matter). A local request
+(no bootstrap fields: the health probe, see ``hooks``) is never queued, sent or taken over here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sglang_pd.disagg.hooks import SchedulerHooks
+from sglang_pd.disagg.hooks import SchedulerHooks, is_local, room_of
 from sglang_pd.disagg.transfer_meta import transfer_meta
 from sglang_pd.scheduler.req import FinishReason, Req
 from sglang_pd.scheduler.scheduler import StepOutput
@@ -38,14 +39,15 @@ class PrefillHooks(SchedulerHooks):
         self.num_transfer_failed = 0
 
     def on_submit(self, req: Req) -> bool:
-        assert req.bootstrap is not None, "the server checks that PD requests carry bootstrap fields"
+        if is_local(req):
+            return False  # scheduled as a colocated request
+        self.transfer.poll(room_of(req))  # starts the room's bootstrap clock
         self.bootstrap_queue.append(req)
-        self.transfer.poll(req.bootstrap.room)  # starts the room's bootstrap clock
         return True
 
     def before_step(self, out: StepOutput) -> None:
         for req in list(self.bootstrap_queue):
-            state = self.transfer.poll(_room(req))
+            state = self.transfer.poll(room_of(req))
             if state == KVPoll.Failed:
                 self.bootstrap_queue.remove(req)
                 self.num_bootstrap_failed += 1
@@ -54,7 +56,7 @@ class PrefillHooks(SchedulerHooks):
                 self.bootstrap_queue.remove(req)
                 self.sched.waiting.append(req)
         for req in list(self.inflight):
-            state = self.transfer.poll(_room(req))
+            state = self.transfer.poll(room_of(req))
             if state in (KVPoll.Success, KVPoll.Failed):
                 self.inflight.remove(req)
                 self.sched.kv.release(req)
@@ -68,6 +70,8 @@ class PrefillHooks(SchedulerHooks):
 
     def after_compute(self, req: Req, start: int, n: int) -> None:
         """Queue the pages this forward completed (all remaining ones once the prompt is done)."""
+        if is_local(req):
+            return
         ps = self.sched.kv.page_size
         done = req.num_computed_tokens >= len(req.prompt_ids)
         upto = self.sched.kv.pages_for(len(req.prompt_ids)) if done else req.num_computed_tokens // ps
@@ -79,11 +83,13 @@ class PrefillHooks(SchedulerHooks):
             event = torch.cuda.Event()
             event.record()
         aux = _aux(req) if done else None
-        self.transfer.send(_room(req), req.pages[sent:upto], sent, done, aux, event)
+        self.transfer.send(room_of(req), req.pages[sent:upto], sent, done, aux, event)
         self.sent_pages[req.rid] = upto
 
     def take_over(self, req: Req) -> bool:
         """P's job ends with the first token: park the request (pages held) until its KV is delivered."""
+        if is_local(req):
+            return False
         self.sched.running.remove(req)
         self.inflight.append(req)
         self.sent_pages.pop(req.rid, None)
@@ -91,7 +97,9 @@ class PrefillHooks(SchedulerHooks):
 
     def on_retract(self, req: Req) -> FinishReason | None:
         """Pages already queued for sending may be read in the background: fail the room instead."""
-        self.transfer.abort(_room(req), "prefill KV pool exhausted; retry the request")
+        if is_local(req):
+            return None  # retracted and requeued like any colocated request
+        self.transfer.abort(room_of(req), "prefill KV pool exhausted; retry the request")
         self.sent_pages.pop(req.rid, None)
         self.num_transfer_failed += 1
         return FinishReason("abort", message="prefill KV pool exhausted; retry the request")
@@ -101,17 +109,20 @@ class PrefillHooks(SchedulerHooks):
             for req in queue:
                 if req.rid == rid:
                     queue.remove(req)
-                    self.transfer.abort(_room(req), message)
+                    self.transfer.abort(room_of(req), message)
                     req.finish(FinishReason("abort", message=message))
                     if req.pages:
                         self.sched.kv.release(req)
                     self._close(req)
                     return req
         for req in self.sched.running + list(self.sched.waiting):
-            if req.rid == rid:
-                self.transfer.abort(_room(req), message)
+            if req.rid == rid and not is_local(req):
+                self.transfer.abort(room_of(req), message)
                 self.sent_pages.pop(rid, None)
         return None  # the scheduler aborts it from its own queues
+
+    def held_rids(self) -> list[str]:
+        return [r.rid for r in self.bootstrap_queue + self.inflight]
 
     def has_work(self) -> bool:
         return bool(self.bootstrap_queue or self.inflight)
@@ -141,15 +152,10 @@ class PrefillHooks(SchedulerHooks):
     def _close(self, req: Req) -> None:
         """Keep the finished room's stats for the answer, then let the engine forget the room."""
         self.finished_meta[req.rid] = transfer_meta(self.transfer, req)
-        self.transfer.release(_room(req))
+        self.transfer.release(room_of(req))
 
     def _failure(self, req: Req) -> str:
-        return self.transfer.failure(_room(req)) or "KV transfer failed"
-
-
-def _room(req: Req) -> int:
-    assert req.bootstrap is not None
-    return req.bootstrap.room
+        return self.transfer.failure(room_of(req)) or "KV transfer failed"
 
 
 def _aux(req: Req) -> AuxRecord:

@@ -4,6 +4,7 @@ config.ModelConfig      config.json (+ generation_config.json) -> frozen archite
                         (Llama, Mistral, Qwen2, Qwen3; rope from rope_parameters or rope_scaling)
 rope                    RopeConfig, inverse frequencies per rope type (as transformers computes them),
                         RotaryEmbedding (float32 cos/sin cache, rotate-half)
+ops                     the pointwise ops of a layer: TorchOps (reference) or TritonOps (fused)
 layers                  Linear, RMSNorm (+ fused residual add), gated SiLU MLP, embedding, LM head
 decoder                 DecoderForCausalLM: ForwardBatch + AttentionBackend -> hidden rows -> logits
 loader.load_model       build on the target device/dtype, fill from safetensors ("auto") or seeded

@@ -45,6 +45,9 @@ class FinishReason:
     matched: int | str | None = None  # the stop token id or stop string
     length: int | None = None
     message: str | None = None
+    # abort only: the HTTP status when the request itself is at fault (SGLang's FINISH_ABORT status_code);
+    # a 4xx abort before any output token answers the client with that status instead of a 200 + abort
+    status_code: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type}
@@ -54,6 +57,8 @@ class FinishReason:
             out["length"] = self.length
         else:
             out["message"] = self.message
+            if self.status_code is not None:
+                out["status_code"] = self.status_code
         return out
 
 

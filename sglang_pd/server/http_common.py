@@ -1,4 +1,10 @@
-"""Pieces every HTTP handler uses: JSON body reading, SSE writing, and the error/auth middlewares."""
+"""Pieces every HTTP handler uses: JSON body reading, SSE writing, and the error/auth middlewares.
+
+Every request body goes through ``loads_bounded``: integers fit int64, nesting is at most 32 levels,
+no NaN/Infinity; anything else is a 400 before a handler looks at it. A client that goes away
+mid-response is expected (the handler's requests are aborted by their own cleanup): it is logged at
+DEBUG without a traceback, never as a server error.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from pd_common.json_body import JSONBodyError, loads_bounded
 from sglang_pd.server.errors import APIError, error_response, sse_error_event
 
 logger = logging.getLogger(__name__)
@@ -22,9 +29,9 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     except web.HTTPRequestEntityTooLarge as e:
         raise APIError(413, f"request body exceeds the limit of {request.app._client_max_size} bytes") from e
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"malformed JSON body: {e}") from e
+        body = loads_bounded(raw)
+    except JSONBodyError as e:
+        raise APIError(400, str(e)) from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     return body
@@ -63,11 +70,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(APIError(405, f"method {request.method} not allowed on {request.path}"))
     except web.HTTPException as e:
         return error_response(APIError(e.status, e.reason or "HTTP error"))
-    except (ConnectionResetError, web.HTTPClientError):
-        raise
+    except ConnectionResetError as e:  # aiohttp's ClientConnectionResetError too: the client went away
+        logger.debug("client went away during %s %s: %s", request.method, request.path, e)
+        return _client_gone()
     except Exception:
         logger.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(APIError(500, "internal server error"))
+
+
+def _client_gone() -> web.Response:
+    """What a handler whose client disconnected returns: aiohttp's attempt to send it fails quietly (the
+    transport is closed, which aiohttp treats as a premature disconnect). Re-raising instead would make
+    aiohttp log "Error handling request" with a traceback at ERROR."""
+    return web.Response(status=499, text="client closed the connection")
 
 
 def auth_middleware(api_key: str | None) -> Callable:

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from sglang_pd.disagg.bootstrap_info import attach_bootstrap
-from sglang_pd.generate_request import normalize_generate
+from sglang_pd.generate_request import MAX_REQUESTS_PER_CALL, normalize_generate
 from sglang_pd.server.errors import APIError
 from sglang_pd.server.http_common import end_sse, read_json, send_event, start_sse
 from sglang_pd.server.messages import TokenizedGenerateReq
@@ -33,8 +33,9 @@ async def build_requests(srv: ServerState, body: dict[str, Any]) -> tuple[list[T
         items, is_batch = normalize_generate(
             prompt, body.get("input_ids"), body.get("sampling_params"), body.get("return_logprob", False),
             body.get("logprob_start_len", -1), body.get("top_logprobs_num", 0), body.get("rid"),
+            max_requests=MAX_REQUESTS_PER_CALL,
         )
-        items = attach_bootstrap(items, body)
+        items = attach_bootstrap(items, body, srv.args.bootstrap_key())
     except ValueError as e:
         raise APIError(400, str(e)) from e
     srv.tm.check_capacity(len(items))
@@ -82,9 +83,13 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def health_generate(request: web.Request) -> web.Response:
+    """One greedy token from a one-token prompt, run locally. The probe carries no bootstrap fields, so on a
+    PD worker it runs as an ordinary colocated request with no peer (as SGLang's); clients cannot send such
+    a request to a PD worker (make_request refuses it), only this handler builds one."""
     srv: ServerState = request.app["srv"]
-    if srv.health_problem():
-        return web.json_response({"status": "unhealthy", "reason": srv.health_problem()}, status=503)
+    problem = srv.health_problem()
+    if problem:
+        return web.json_response({"status": "unhealthy", "reason": problem}, status=503)
     req = TokenizedGenerateReq(f"health-{time.monotonic_ns()}", [0], {"max_new_tokens": 1, "temperature": 0}, 0)
     try:
         state = (await asyncio.wait_for(collect_all(srv, [req]), HEALTH_GENERATE_TIMEOUT_S))[0]
@@ -98,28 +103,28 @@ async def health_generate(request: web.Request) -> web.Response:
 async def get_model_info(request: web.Request) -> web.Response:
     srv: ServerState = request.app["srv"]
     args = srv.args
-    assert srv.tm.ready is not None
+    ready = srv.tm.require_ready()
     return web.json_response({
         "model_path": args.model_path,
         "tokenizer_path": args.tokenizer_path or args.model_path,
         "served_model_name": args.model_name,
         "is_generation": True,
-        "context_length": srv.tm.ready.context_length,
-        **srv.tm.ready.model_config,
+        "context_length": ready.context_length,
+        **ready.model_config,
     })
 
 
 async def get_server_info(request: web.Request) -> web.Response:
     srv: ServerState = request.app["srv"]
     live = await srv.tm.server_info()
-    assert srv.tm.ready is not None
-    ready = srv.tm.ready
+    ready = srv.tm.require_ready()
     return web.json_response({
         **srv.args.public_dict(),
         "context_length": ready.context_length,
         "max_total_num_tokens": ready.max_total_tokens,
         "effective_max_running_requests": ready.max_running_requests,
         "scheduler": live,
+        "num_in_flight_reqs": len(srv.tm.states),  # requests main still answers (scheduler's view: "scheduler")
         "process_ids": {"main": os.getpid(), **{name: p.pid for name, p in srv.children.items()}},
         "version": srv.version,
     })

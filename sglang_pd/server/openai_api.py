@@ -48,7 +48,7 @@ async def submit(srv: ServerState, items: Sequence[GenerateItem], prompt_param: 
                  body: dict[str, Any]) -> list[TokenizedGenerateReq]:
     """Validate every choice (400s, 503s) before anything runs or any header is sent."""
     try:
-        items = attach_bootstrap(items, body)  # PD: choice k uses room + k
+        items = attach_bootstrap(items, body, srv.args.bootstrap_key())  # PD: choice k uses room + k
     except ValueError as e:
         raise APIError(400, str(e), "bootstrap_room") from e
     srv.tm.check_capacity(len(items))

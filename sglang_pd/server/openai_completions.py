@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sglang_pd.generate_request import GenerateItem
+from sglang_pd.generate_request import GenerateItem, check_request_count
 from sglang_pd.scheduler.req import LogprobRequest
 from sglang_pd.server.openai_protocol import (
     CommonOptions,
@@ -64,6 +64,10 @@ def parse_completion(body: dict[str, Any], served_model: str) -> CompletionReque
     best_of = get_int(body, "best_of", 1)
     if best_of is not None and best_of != opts.n:
         raise bad("best_of", f"best_of must equal n ({opts.n}) on this server, got {best_of}")
+    try:
+        check_request_count("prompts x n", len(prompts) * opts.n)
+    except ValueError as e:
+        raise bad("prompt", str(e)) from e
     return CompletionRequest(opts, prompts, echo, logprobs)
 
 

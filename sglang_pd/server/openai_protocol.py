@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sglang_pd.sampling.params import SamplingParams
+# MAX_N: n is bounded by the same constant here and on /generate (SamplingParams checks it).
+from sglang_pd.sampling.params import MAX_N, SamplingParams, short_repr
 from sglang_pd.server.errors import APIError
 from sglang_pd.server.req_state import ReqState
 
-MAX_N = 128
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 _SGLANG_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
@@ -48,7 +48,7 @@ def get_int(body: Mapping[str, Any], name: str, lo: int | None = None, hi: int |
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
-        raise bad(name, f"{name} must be an integer, got {v!r}")
+        raise bad(name, f"{name} must be an integer, got {short_repr(v)}")
     v = int(v)
     if lo is not None and v < lo:
         raise bad(name, f"{name} must be at least {lo}, got {v}")
@@ -66,7 +66,7 @@ def get_float(body: Mapping[str, Any], name: str, lo: float, hi: float, lo_open:
     except OverflowError:  # an integer too large for a float
         finite = False
     if not finite:
-        raise bad(name, f"{name} must be a finite number, got {v!r}")
+        raise bad(name, f"{name} must be a finite number, got {short_repr(v)}")
     if v < lo or (lo_open and v == lo) or v > hi:
         raise bad(name, f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v}")
     return float(v)
@@ -77,14 +77,14 @@ def get_bool(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise bad(name, f"{name} must be a boolean, got {v!r}")
+        raise bad(name, f"{name} must be a boolean, got {short_repr(v)}")
     return v
 
 
 def get_str(body: Mapping[str, Any], name: str) -> str | None:
     v = body.get(name)
     if v is not None and not isinstance(v, str):
-        raise bad(name, f"{name} must be a string, got {v!r}")
+        raise bad(name, f"{name} must be a string, got {short_repr(v)}")
     return v
 
 
@@ -93,7 +93,7 @@ def get_stop(body: Mapping[str, Any]) -> list[str] | None:
     if v is None or isinstance(v, str):
         return None if v is None else [v]
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-        raise bad("stop", f"stop must be a string or a list of strings, got {v!r}")
+        raise bad("stop", f"stop must be a string or a list of strings, got {short_repr(v)}")
     return v
 
 

@@ -2,6 +2,11 @@
 
 Owns all device state. Receives typed requests from main, sends each step's new tokens to the
 detokenizer and control replies / periodic stats straight to main.
+
+Failure isolation: a message that cannot be handled fails its own request (an abort answer) and the
+loop goes on; a failed step aborts every request the scheduler holds, its PD queues included, so no
+request is left without an answer. Only a failure outside any one request ends the process (main then
+exits non-zero, see launch_server).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import zmq
 
 from sglang_pd.engine_core import EngineCore
 from sglang_pd.scheduler.req import FinishReason, Req
-from sglang_pd.server import ipc
+from sglang_pd.server import ipc, messages
 from sglang_pd.server.child_process import setup_child
 from sglang_pd.server.messages import (
     AbortReq, BatchTokenOut, ControlReply, FlushCacheReq, SchedulerReady, SchedulerStats, ServerInfoReq,
@@ -83,20 +88,32 @@ class SchedulerLoop:
             else:
                 timeout = WAITING_POLL_MS if self.core.scheduler.has_work() else IDLE_POLL_MS
             for msg in ipc.recv_all(self.inbox, timeout, self.wakeup_fd):
-                self.handle(msg)
-            ran_batch = False
-            if self.core.scheduler.has_work():
-                try:
-                    out = self.core.step()
-                except Exception:  # a bug in one step must not kill the worker silently
-                    logger.error("step failed; aborting the running batch\n%s", traceback.format_exc())
-                    self._abort_all("internal error in the scheduler step")
-                    continue
-                ran_batch = out.ran_batch
-                self._send_tokens(out.updated + [r for r in out.finished if r not in out.updated])
+                self.handle_isolated(msg)
+            ran_batch = self.step() if self.core.scheduler.has_work() else False
             self._maybe_send_stats()
 
+    def step(self) -> bool:
+        """One engine step, its outputs sent; True if a batch ran. A failed step (a bug) aborts every request
+        the scheduler holds rather than killing the worker."""
+        try:
+            out = self.core.step()
+        except Exception:
+            logger.error("step failed; aborting every request\n%s", traceback.format_exc())
+            self._abort_all("internal error in the scheduler step")
+            return False
+        self._send_tokens(out.updated + [r for r in out.finished if r not in out.updated])
+        return out.ran_batch
+
     # --- messages --------------------------------------------------------------------------------
+    def handle_isolated(self, msg: Any) -> None:
+        """``handle``; a generate request that fails on its way in is answered with an abort, alone."""
+        try:
+            self.handle(msg)
+        except Exception:
+            logger.error("cannot handle %s\n%s", type(msg).__name__, traceback.format_exc())
+            if isinstance(msg, TokenizedGenerateReq):
+                self._fail_one(msg.rid, "internal error while submitting the request")
+
     def handle(self, msg: Any) -> None:
         if isinstance(msg, TokenizedGenerateReq):
             req = Req(rid=msg.rid, prompt_ids=list(msg.input_ids), params=msg.params, seed=msg.seed,
@@ -115,20 +132,53 @@ class SchedulerLoop:
         elif isinstance(msg, ServerInfoReq):
             ipc.send(self.to_main, ControlReply(msg.request_id, True, self._stats_payload()))
         elif isinstance(msg, ShutdownReq):
+            self.running = False  # even if what follows fails
             self._abort_all("server is shutting down")
             ipc.send(self.to_detok, msg)  # the detokenizer stops after the last outputs
             self.core.shutdown()
-            self.running = False
 
     def _abort_all(self, message: str) -> None:
+        """Abort every request that awaits an answer: running, waiting, and parked in the PD hooks' queues
+        (those still draining were answered already and keep their pages until their room is terminal)."""
         sched = self.core.scheduler
-        victims = [r.rid for r in list(sched.running) + list(sched.waiting)]
+        victims = sched.hooks.held_rids() + [r.rid for r in list(sched.running) + list(sched.waiting)]
         self._send_tokens([r for rid in victims if (r := sched.abort(rid, message)) is not None])
 
     # --- outputs ---------------------------------------------------------------------------------
     def _send_tokens(self, reqs: list[Req]) -> None:
-        if reqs:
-            ipc.send(self.to_detok, BatchTokenOut([self._token_out(r) for r in reqs]))
+        if not reqs:
+            return
+        outs = [self._token_out(r) for r in reqs]
+        try:
+            data = messages.encode(BatchTokenOut(outs))
+        except (OverflowError, TypeError, ValueError):  # one output that cannot be carried: fail it alone
+            data = self._encode_each(outs)
+        self.to_detok.send(data)
+
+    def _encode_each(self, outs: list[TokenOut]) -> bytes:
+        """The batch without the outputs msgpack refuses; each of those becomes an abort of its request."""
+        kept = []
+        for out in outs:
+            try:
+                messages.encode(BatchTokenOut([out]))
+                kept.append(out)
+            except (OverflowError, TypeError, ValueError) as e:
+                logger.error("cannot send the output of %s (%s); aborting it", out.rid, e)
+                kept.append(_abort_out(out.rid, "internal error: the output could not be sent"))
+        return messages.encode(BatchTokenOut(kept))
+
+    def _fail_one(self, rid: str, message: str) -> None:
+        """Abort ``rid`` wherever it got to (nowhere, if its submission failed early) and answer it."""
+        try:
+            req = self.core.scheduler.abort(rid, message)
+        except Exception:
+            logger.error("cannot abort %s\n%s", rid, traceback.format_exc())
+            req = None
+        if req is not None:
+            self._send_tokens([req])
+            return
+        self.sent.pop(rid, None)
+        ipc.send(self.to_detok, BatchTokenOut([_abort_out(rid, message)]))
 
     def _token_out(self, req: Req) -> TokenOut:
         sent = self.sent.get(req.rid, 0)
@@ -181,6 +231,11 @@ class SchedulerLoop:
         if now - self.last_stats >= STATS_INTERVAL_S:
             self.last_stats = now
             ipc.send(self.to_main, SchedulerStats(**self._stats_payload()))
+
+
+def _abort_out(rid: str, message: str) -> TokenOut:
+    return TokenOut(rid=rid, new_token_ids=[], prompt_tokens=0, completion_tokens=0, cached_tokens=0,
+                    finish_reason=FinishReason("abort", message=message).to_dict())
 
 
 def _finish_dict(reason: FinishReason | None) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ class ServerState:
     metrics: ServerMetrics
     children: dict[str, BaseProcess] = field(default_factory=dict)
     version: str = "0.1.0"
+    child_died: str | None = None  # set once by launch_server's watcher: which child died, with its exit code
 
     def dead_children(self) -> list[str]:
         return [name for name, p in self.children.items() if not p.is_alive()]

@@ -3,12 +3,17 @@
 Requests go to the scheduler as TokenizedGenerateReq; text comes back from the detokenizer as
 BatchStrOut and is fanned out to per-request queues. A handler that stops listening (client gone,
 task cancelled) aborts its request, so the scheduler frees its pages at once.
+
+Invariant: a request enters ``states`` only once its message is encoded, and leaves it (aborted in the
+scheduler unless it finished) whenever its handler stops listening, whatever stopped it; a request
+that cannot be encoded fails alone with a 400 and leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import random
@@ -26,7 +31,7 @@ from sglang_pd.server.errors import APIError
 from sglang_pd.server.ipc import IpcPaths
 from sglang_pd.server.messages import (
     AbortReq, BatchStrOut, ControlReply, FlushCacheReq, SchedulerReady, SchedulerStats, ServerInfoReq, ShutdownReq,
-    TokenizedGenerateReq,
+    StrOut, TokenizedGenerateReq,
 )
 from sglang_pd.server.metrics import ServerMetrics
 from sglang_pd.server.req_state import GenerateChunk, ReqState
@@ -34,6 +39,7 @@ from sglang_pd.server_args import ServerArgs
 from sglang_pd.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
+CLOSE_SEND_TIMEOUT_S = 2.0
 
 
 class TokenizerManager:
@@ -54,6 +60,7 @@ class TokenizerManager:
         self.ready: SchedulerReady | None = None
         self.stats: SchedulerStats | None = None
         self.draining = False
+        self.dead: str | None = None  # why the worker can no longer serve (a child process died)
         self._replies: dict[int, asyncio.Future] = {}
         self._ids = itertools.count()
         self._seeds = random.Random(args.random_seed)
@@ -74,17 +81,24 @@ class TokenizerManager:
         return self.ready
 
     async def close(self) -> None:
-        await self._send(ShutdownReq())
+        if self.dead is None:  # a dead scheduler never reads it: the send could wait forever
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._send(ShutdownReq()), CLOSE_SEND_TIMEOUT_S)
         for t in self._tasks:
             t.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.ctx.destroy(linger=0)
 
     # --- requests --------------------------------------------------------------------------------
+    def require_ready(self) -> SchedulerReady:
+        """What the scheduler reported at startup; 503 before that (handlers can run only after it)."""
+        if self.ready is None:
+            raise APIError(503, "the server is still starting", retry_after=1)
+        return self.ready
+
     @property
     def context_length(self) -> int:
-        assert self.ready is not None
-        return self.ready.context_length
+        return self.require_ready().context_length
 
     async def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -110,10 +124,10 @@ class TokenizerManager:
 
     async def make_request(self, item: GenerateItem) -> TokenizedGenerateReq:
         """Tokenize + validate one item (APIError 400 on bad input) into the scheduler's message."""
+        ready = self.require_ready()
         ids = list(item.input_ids) if item.input_ids is not None else await self.tokenize(item.text or "")
-        assert self.ready is not None
         try:
-            validate_prompt(ids, item.params, self.ready.context_length, self.ready.vocab_size, self.tokenizer is not None)
+            validate_prompt(ids, item.params, ready.context_length, ready.vocab_size, self.tokenizer is not None)
         except ValueError as e:
             raise APIError(400, str(e), "prompt") from e
         lp, boot = item.logprob, item.bootstrap
@@ -123,14 +137,17 @@ class TokenizerManager:
                                 "bootstrap_room (send them through the router)", "bootstrap_room")
         if mode == "null":
             boot = None  # a colocated server ignores bootstrap fields
+        top_logprobs_num = min(lp.top_logprobs_num, ready.vocab_size)  # more than the vocabulary: all of it
         return TokenizedGenerateReq(
             item.rid, ids, item.params.to_dict(), request_seed(item, self._seeds), lp.return_logprob,
-            lp.top_logprobs_num, lp.start_len,
+            top_logprobs_num, lp.start_len,
             boot.host if boot else None, boot.port if boot else None, boot.room if boot else None,
         )
 
     def check_capacity(self, new: int = 1) -> None:
-        """503 while draining; 503 + Retry-After when the queue beyond the running batch is full."""
+        """503 while draining or dead; 503 + Retry-After when the queue beyond the running batch is full."""
+        if self.dead is not None:
+            raise APIError(503, self.dead)
         if self.draining:
             raise APIError(503, "server is shutting down", retry_after=5)
         limit = self.args.max_queued_requests
@@ -142,12 +159,18 @@ class TokenizerManager:
         """Submit ``req`` and yield its chunks; aborts it when the caller stops early."""
         if req.rid in self.states:
             raise APIError(400, f"request id {req.rid!r} is already in flight", "rid")
+        if self.dead is not None:
+            raise APIError(503, self.dead)
+        wire = encode_request(req)
         state = ReqState(req.rid, len(req.input_ids), req.return_logprob, req.top_logprobs_num)
         self.states[req.rid] = state
-        await self._send(req)
         try:
+            await self.to_scheduler.send(wire)
             while True:
                 chunk: GenerateChunk = await state.queue.get()
+                rejected = _rejection(chunk)
+                if rejected is not None:
+                    raise rejected
                 yield chunk
                 if chunk.finished:
                     return
@@ -157,11 +180,17 @@ class TokenizerManager:
                 await self.abort(req.rid, "client disconnected")
 
     async def abort(self, rid: str, message: str = "aborted") -> None:
-        await self._send(AbortReq(rid, message))
+        if self.dead is None:  # a dead scheduler holds nothing to free
+            await self._send(AbortReq(rid, message))
 
     async def abort_all(self, message: str) -> None:
         for rid in list(self.states):
             await self.abort(rid, message)
+
+    def mark_dead(self, message: str) -> None:
+        """A child process died: fail everything in flight and refuse new requests with 503 ``message``."""
+        self.dead = message
+        self.fail_all(message)
 
     def fail_all(self, message: str) -> None:
         """End every in-flight request here (the scheduler is gone and will never answer)."""
@@ -171,12 +200,17 @@ class TokenizerManager:
                 state.queue.put_nowait(GenerateChunk("", [], [], [], True, state))
 
     async def control(self, msg_cls: type, timeout: float = 10.0) -> ControlReply:
+        """Ask the scheduler and wait for its reply; 503 when it is dead or does not answer in ``timeout``."""
+        if self.dead is not None:
+            raise APIError(503, self.dead)
         rid = next(self._ids)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
-        await self._send(msg_cls(rid))
         try:
+            await asyncio.wait_for(self._send(msg_cls(rid)), timeout)
             return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise APIError(503, f"the scheduler did not answer within {timeout:g}s") from None
         finally:
             self._replies.pop(rid, None)
 
@@ -197,9 +231,18 @@ class TokenizerManager:
             for out in batch.outs:
                 state = self.states.get(out.token.rid)
                 if state is not None:
-                    chunk = state.apply(out)
-                    self._observe(state, out.token.new_token_ids, now, out.token.finish_reason)
-                    state.queue.put_nowait(chunk)
+                    self._deliver(state, out, now)
+
+    def _deliver(self, state: ReqState, out: StrOut, now: float) -> None:
+        """Hand one output to its request; a failure here (a bug) ends that request alone, not the loop."""
+        try:
+            chunk = state.apply(out)
+            self._observe(state, out.token.new_token_ids, now, out.token.finish_reason)
+        except Exception:
+            logger.exception("cannot apply an output of request %s; aborting it", state.rid)
+            state.finish_reason = {"type": "abort", "message": "internal error while handling the output"}
+            chunk = GenerateChunk("", [], [], [], True, state)
+        state.queue.put_nowait(chunk)
 
     def _observe(self, state: ReqState, new_ids: list[int], now: float, finish: dict[str, Any] | None) -> None:
         if new_ids:
@@ -231,6 +274,16 @@ class TokenizerManager:
                     fut.set_result(msg)
 
 
+def encode_request(req: TokenizedGenerateReq) -> bytes:
+    """The request's wire form, or APIError 400: what the edge let through must still fit msgpack (a value
+    that does not is the client's, e.g. an integer beyond 64 bits); this must never become a 500."""
+    try:
+        return messages.encode(req)
+    except (OverflowError, TypeError, ValueError) as e:
+        logger.info("request %s cannot be encoded for the scheduler: %s", req.rid, e)
+        raise APIError(400, f"the request holds a value this server cannot carry ({type(e).__name__}: {e})") from None
+
+
 def _read_template(value: str | None) -> str | None:
     """--chat-template: a file path, or the template itself."""
     if value is None:
@@ -241,3 +294,12 @@ def _read_template(value: str | None) -> str | None:
     if "{%" in value or "{{" in value:
         return value
     raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+
+
+def _rejection(chunk: GenerateChunk) -> APIError | None:
+    """The client error of a request the scheduler refused before producing any token (a 4xx abort), else None."""
+    reason = chunk.state.finish_reason if chunk.finished else None
+    code = reason.get("status_code") if reason else None
+    if isinstance(code, int) and 400 <= code < 500 and not chunk.state.output_ids:
+        return APIError(code, str(reason.get("message") or "request refused"))
+    return None

@@ -113,7 +113,8 @@ def test_client_abort_frees_both_sides(cluster_1p2d):
 def test_decode_worker_registers_at_runtime(cluster_1p2d, tiny_llama, expected):
     from server_process import ServerProcess
 
-    extra = ServerProcess(tiny_llama, *PAGE, "--disaggregation-mode", "decode", "--register-with", cluster_1p2d.url)
+    extra = ServerProcess(tiny_llama, *PAGE, "--disaggregation-mode", "decode", "--register-with", cluster_1p2d.url,
+                          "--cluster-secret-file", cluster_1p2d.info["cluster_secret_file"])
     try:
         deadline = time.monotonic() + 30
         while extra.url not in [w["url"] for w in requests.get(cluster_1p2d.url + "/workers", timeout=5).json()["workers"]]:

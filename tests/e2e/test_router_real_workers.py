@@ -1,7 +1,8 @@
 """The router (a real process) in front of two real tiny-model workers, regular mode.
 
 One module-scoped cluster, exercised in order: the router starts empty; worker A registers itself
-(``launch_server --register-with``) and serves, through the official OpenAI client too; worker B,
+(``launch_server --register-with``, signed with the cluster secret both share) and serves, through the
+official OpenAI client too, and ``/health_generate`` on the router generates a token through it; worker B,
 added with POST /workers, serves new requests; DELETE drains B under load with no failed request;
 SIGTERM on A deregisters and drains it under load with no failed request; a worker killed
 mid-stream gives the client an error within seconds and is marked unhealthy.
@@ -31,13 +32,19 @@ WORKER_FLAGS = ("--enable-metrics", "--page-size", "4", "--max-running-requests"
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_llama):
+def cluster(tiny_llama, tmp_path_factory):
+    # A and the router share a cluster secret: A's registration and withdrawal are signed, and a signature
+    # the router could not verify would be refused (401) even from loopback.
+    secret = tmp_path_factory.mktemp("secret") / "cluster.secret"
+    secret.write_bytes(b"real-workers-cluster-secret-0123")
     router = RouterProcess("--policy", "round_robin", "--health-check-interval-secs", "0.5",
-                           "--health-failure-threshold", "2", "--health-success-threshold", "1", "--log-level", "warning")
+                           "--health-failure-threshold", "2", "--health-success-threshold", "1", "--log-level", "warning",
+                           "--cluster-secret-file", str(secret))
     workers: list[ServerProcess] = []
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(ServerProcess, tiny_llama, *WORKER_FLAGS, "--register-with", router.url),
+            futures = [pool.submit(ServerProcess, tiny_llama, *WORKER_FLAGS, "--register-with", router.url,
+                                   "--cluster-secret-file", str(secret)),
                        pool.submit(ServerProcess, tiny_llama, *WORKER_FLAGS)]
             workers = [f.result() for f in futures]
         yield router, workers
@@ -85,6 +92,13 @@ def test_a_self_registered_worker_serves_through_the_openai_client(cluster):
                            headers={"x-request-id": "e2e-1"}, timeout=30)
     assert native.status_code == 200 and native.headers["x-request-id"] == "e2e-1"
     assert native.json()["meta_info"]["completion_tokens"] == 4
+    for _ in range(3):  # one real one-token generation through the router, not a fan-out to the workers
+        probe = requests.get(router.url + "/health_generate", timeout=60)
+        assert probe.status_code == 200 and probe.json()["worker"] == a.url, probe.text
+    forged = requests.post(router.url + "/generate", json={"text": "hi", "bootstrap_room": 7, "bootstrap_host": "10.0.0.1",
+                                                           "sampling_params": {"max_new_tokens": 2}}, timeout=30)
+    assert forged.status_code == 200  # a client's bootstrap fields never reach a worker
+    assert "Traceback" not in router.logs(tail=None)
 
 
 def test_a_worker_added_at_runtime_serves_new_requests(cluster):

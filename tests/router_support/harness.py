@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -46,13 +47,27 @@ async def wait_until(pred: Callable[[], bool | Awaitable[bool]], timeout: float 
         await asyncio.sleep(0.01)
 
 
+def non_loopback_ip() -> str | None:
+    """This machine's address on its default route (not 127.x), or None: a caller the router sees as remote."""
+    for target in ("10.255.255.255", "192.0.2.1", "8.8.8.8"):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect((target, 9))  # a UDP connect sends nothing: it only picks the source address
+                ip = s.getsockname()[0]
+            except OSError:
+                continue
+        if not ip.startswith("127.") and ip != "0.0.0.0":
+            return ip
+    return None
+
+
 @contextlib.asynccontextmanager
-async def running_router(**overrides: Any) -> AsyncIterator[Router]:
+async def running_router(bind: str = "127.0.0.1", **overrides: Any) -> AsyncIterator[Router]:
     config = RouterConfig(**{**FAST, "port": 0, **overrides})
     app = create_app(config)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, bind, 0)
     await site.start()
     router = Router(f"http://127.0.0.1:{runner.addresses[0][1]}", app[STATE_KEY])
     try:

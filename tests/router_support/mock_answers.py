@@ -19,7 +19,13 @@ def sse(payload: Any) -> bytes:
 
 
 def prompt_ids(prompt: Any) -> list[int]:
-    return [ord(c) % 500 + 1 for c in prompt] if isinstance(prompt, str) else list(prompt)
+    if isinstance(prompt, str):
+        return [ord(c) % 500 + 1 for c in prompt]
+    return [int(t) for t in prompt]  # ids may come as integral floats (1.0): JSON numbers, as the worker takes them
+
+
+def _is_ids(raw: Any) -> bool:
+    return isinstance(raw, list) and bool(raw) and isinstance(raw[0], (int, float))
 
 
 def prompt_logprobs(ids: list[int], role: str) -> list[float | None]:
@@ -30,9 +36,9 @@ def prompt_logprobs(ids: list[int], role: str) -> list[float | None]:
 
 def _items(body: dict[str, Any]) -> tuple[list[Any], bool]:
     raw = body.get("input_ids", body.get("text", body.get("prompt")))
-    if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
+    if isinstance(raw, str) or _is_ids(raw):
         return [raw], False
-    return list(raw), True
+    return list(raw or ()), True
 
 
 def _per(body: dict[str, Any], name: str, i: int) -> Any:
@@ -40,17 +46,19 @@ def _per(body: dict[str, Any], name: str, i: int) -> Any:
     return v[i] if isinstance(v, list) else v
 
 
-def generate_answers(body: dict[str, Any], count: int, name: str, role: str, aborted: bool) -> dict[str, Any]:
+def generate_answers(body: dict[str, Any], count: int, name: str, role: str, aborted: bool,
+                     abort_message: str = "aborted") -> dict[str, Any]:
     items, is_batch = _items(body)
     outs: list[list[dict[str, Any]]] = []  # per choice: its cumulative states
     for i, item in enumerate(items):
         sp = _per(body, "sampling_params", i) or {}
-        n = sp.get("n", 1)
+        n = int(sp.get("n") or 1)
         base = _per(body, "rid", i) or f"mock{i}"
         ids = prompt_ids(item)
         for c in range(n):
             rid = base if n == 1 else f"{base}-{c}"
-            outs.append(_generate_states(rid, ids, count, name, role, aborted, bool(_per(body, "return_logprob", i))))
+            outs.append(_generate_states(rid, ids, count, name, role, aborted, bool(_per(body, "return_logprob", i)),
+                                         abort_message))
     multi = is_batch or len(outs) > 1
     whole = [states[-1] for states in outs]
     events: list[bytes] = []
@@ -61,12 +69,12 @@ def generate_answers(body: dict[str, Any], count: int, name: str, role: str, abo
 
 
 def _generate_states(rid: str, ids: list[int], count: int, name: str, role: str, aborted: bool,
-                     logprob: bool) -> list[dict[str, Any]]:
+                     logprob: bool, abort_message: str = "aborted") -> list[dict[str, Any]]:
     count = 1 if aborted else count
     states = []
     for t in range(1, count + 1):
         done = t == count
-        finish = ({"type": "abort", "message": "aborted"} if aborted else {"type": "length", "length": count}) if done else None
+        finish = ({"type": "abort", "message": abort_message} if aborted else {"type": "length", "length": count}) if done else None
         meta: dict[str, Any] = {"id": rid, "finish_reason": finish, "prompt_tokens": len(ids), "completion_tokens": t,
                                 "cached_tokens": 0, "e2e_latency": 0.0, "served_by": name}
         if logprob:
@@ -85,8 +93,8 @@ def completion_answers(path: str, body: dict[str, Any], count: int, name: str, r
         prompts: list[Any] = ["".join(str(m.get("content", "")) for m in body.get("messages", []))]
     else:
         p = body.get("prompt")
-        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
-    n = body.get("n") or 1
+        prompts = [p] if isinstance(p, str) or _is_ids(p) else list(p or ())
+    n = int(body.get("n") or 1)
     rid = body.get("rid") or "mock"
     total = len(prompts) * n
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "created": int(time.time()), "model": body.get("model") or "mock-model",

@@ -6,11 +6,15 @@ with made-up tokens (``w0 w1 ...``), records every call (path, body, headers) an
   latency_ms       delay before an inference answer's headers (injected failures too)
   token_delay_ms   delay between streamed events
   num_tokens       tokens per answer (a prefill worker answers one)
-  fail_first       the next N inference calls fail with ``fail_status`` (an error envelope)
+  fail_first       the next N inference calls fail with ``fail_status`` (an error envelope; its
+                   ``param`` is ``fail_param``: a 5xx that names a parameter blames the request)
   crash_after      streaming: drop the connection after N events (a worker dying mid-stream)
-  error_after      streaming: send an error event after N events, then [DONE]
+  error_after      streaming: send an error event (status ``fail_status``) after N events, then [DONE]
   hang             inference calls wait until aborted (/abort_request) or the client leaves
   health_status / health_delay_ms   what /health answers, and how slowly
+  health_reason    the ``reason`` of a non-200 /health answer ("child process died: scheduler")
+  abort_message    inference calls end at once with finish_reason abort and this message (native
+                   routes; OpenAI answers carry "abort" only, as the real worker's do)
   api_key          require ``Authorization: Bearer KEY`` (except /health, /metrics)
 Roles ``prefill``/``decode`` check the PD fields the router must add (scalar bootstrap_host/port/
 room, exactly one choice) and answer as the PD contract says: P's answer carries the prompt
@@ -53,16 +57,19 @@ class Knobs:
     num_tokens: int = 4
     fail_first: int = 0
     fail_status: int = 500
+    fail_param: str | None = None
     crash_after: int | None = None
     error_after: int | None = None
     hang: bool = False
     health_status: int = 200
     health_delay_ms: float = 0.0
+    health_reason: str | None = None
+    abort_message: str | None = None
     api_key: str | None = None
 
 
-def envelope(status: int, message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "MockError", "param": None, "code": status}}
+def envelope(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "MockError", "param": param, "code": status}}
 
 
 def lower(headers: Any) -> dict[str, str]:
@@ -142,8 +149,9 @@ class MockWorker:
 
     async def set_knobs(self, request: web.Request) -> web.Response:
         body = await request.json()
+        reset = body.pop("reset_calls", False)
         self.knobs = dataclasses.replace(self.knobs, **body)
-        if body.get("reset_calls"):
+        if reset:
             self.calls.clear()
             self.aborts.clear()
         return web.json_response(dataclasses.asdict(self.knobs))
@@ -154,8 +162,10 @@ class MockWorker:
     async def health(self, request: web.Request) -> web.Response:
         if self.knobs.health_delay_ms:
             await asyncio.sleep(self.knobs.health_delay_ms / 1000)
-        return web.json_response({"status": "ok" if self.knobs.health_status == 200 else "unhealthy"},
-                                 status=self.knobs.health_status)
+        body: dict[str, Any] = {"status": "ok" if self.knobs.health_status == 200 else "unhealthy"}
+        if self.knobs.health_status != 200 and self.knobs.health_reason:
+            body["reason"] = self.knobs.health_reason
+        return web.json_response(body, status=self.knobs.health_status)
 
     async def abort(self, request: web.Request) -> web.Response:
         rid = (await request.json()).get("rid")
@@ -174,7 +184,8 @@ class MockWorker:
             await asyncio.sleep(k.latency_ms / 1000)
         if k.fail_first > 0:
             self.knobs.fail_first -= 1
-            return web.json_response(envelope(k.fail_status, f"{k.name}: injected failure"), status=k.fail_status)
+            return web.json_response(envelope(k.fail_status, f"{k.name}: injected failure", k.fail_param),
+                                     status=k.fail_status)
         problem = self._pd_problem(body)
         if problem:
             return web.json_response(envelope(400, problem), status=400)
@@ -186,6 +197,8 @@ class MockWorker:
         try:
             if k.hang:
                 await aborted.wait()
+            if k.abort_message is not None:
+                aborted.set()
             answers = self._answers(request.path, body, aborted.is_set())
             if not body.get("stream"):
                 return web.json_response(answers["whole"])
@@ -210,8 +223,15 @@ class MockWorker:
         return None
 
     async def _stream(self, request: web.Request, events: list[bytes], aborted: asyncio.Event) -> web.StreamResponse:
-        k = self.knobs
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        try:
+            return await self._write_events(request, resp, events, aborted)
+        except ConnectionError:  # the router went away (it aborts, or its client left): quietly, as a worker should
+            return resp
+
+    async def _write_events(self, request: web.Request, resp: web.StreamResponse, events: list[bytes],
+                            aborted: asyncio.Event) -> web.StreamResponse:
+        k = self.knobs
         await resp.prepare(request)
         for i, event in enumerate(events):
             if k.crash_after is not None and i == k.crash_after:
@@ -219,7 +239,7 @@ class MockWorker:
                 request.transport.abort()  # die mid-stream: no [DONE], no terminating chunk
                 return resp
             if k.error_after is not None and i == k.error_after:
-                await resp.write(sse(envelope(500, f"{k.name}: injected stream error")) + DONE)
+                await resp.write(sse(envelope(k.fail_status, f"{k.name}: injected stream error")) + DONE)
                 return resp
             if i and k.token_delay_ms:
                 await asyncio.sleep(k.token_delay_ms / 1000)
@@ -234,7 +254,7 @@ class MockWorker:
         k = self.knobs
         count = 1 if k.role == "prefill" else k.num_tokens
         if path == "/generate":
-            return generate_answers(body, count, k.name, k.role, aborted)
+            return generate_answers(body, count, k.name, k.role, aborted, k.abort_message or "aborted")
         return completion_answers(path, body, count, k.name, k.role, aborted)
 
 
@@ -248,8 +268,8 @@ def free_port() -> int:
 class MockProcess:
     """The mock in its own process (for the benchmark and subprocess tests)."""
 
-    def __init__(self, *flags: str, timeout: float = 20.0) -> None:
-        self.port = free_port()
+    def __init__(self, *flags: str, timeout: float = 20.0, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         repo = os.path.dirname(tests_dir)
@@ -280,7 +300,8 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     for f in dataclasses.fields(Knobs):
-        kind = str if f.name in ("name", "role", "api_key") else (float if "float" in str(f.type) else int)
+        kind = str if f.name in ("name", "role", "api_key", "health_reason", "abort_message", "fail_param") else (
+            float if "float" in str(f.type) else int)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     args = vars(p.parse_args())
     host, port = args.pop("host"), args.pop("port")

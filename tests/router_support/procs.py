@@ -22,11 +22,14 @@ def free_port() -> int:
 
 
 class RouterProcess:
-    def __init__(self, *flags: str, timeout: float = 30.0, wait_ready: bool = False) -> None:
+    def __init__(self, *flags: str, timeout: float = 30.0, wait_ready: bool = False,
+                 env: dict[str, str] | None = None) -> None:
+        """``flags`` after the defaults (a later ``--host 0.0.0.0`` wins); ``env`` added to the environment."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="sglang-pd-router-", suffix=".log", delete=False)  # noqa: SIM115
-        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, **(env or {}),
+               "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen([sys.executable, "-m", "router.launch_router", "--host", "127.0.0.1",
                                       "--port", str(self.port), *flags], stdout=self.log, stderr=subprocess.STDOUT,
                                      env=env, cwd=REPO, start_new_session=True)
@@ -47,8 +50,9 @@ class RouterProcess:
         self.stop()
         raise TimeoutError(f"router not answering {path} within {timeout}s:\n{self.logs()}")
 
-    def logs(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-5000:]
+    def logs(self, tail: int | None = 5000) -> str:
+        text = Path(self.log.name).read_text(errors="replace")
+        return text if tail is None else text[-tail:]
 
     def terminate(self, timeout: float = 30.0) -> int:
         self.proc.send_signal(signal.SIGTERM)

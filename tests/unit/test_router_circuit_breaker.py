@@ -80,3 +80,41 @@ def test_late_failures_while_open_change_nothing_and_disabled_never_opens():
     for _ in range(10):
         off.record_failure()
     assert off.allows() and off.state is CircuitState.CLOSED
+
+
+def test_readmission_by_health_checks_half_opens_at_once():
+    cb, _ = breaker()
+    for _ in range(3):
+        cb.record_failure()
+    assert cb.state is CircuitState.OPEN
+    assert cb.readmit() and cb.state is CircuitState.HALF_OPEN  # no waiting for timeout_s
+    cb.record_success()
+    cb.record_success()
+    assert cb.state is CircuitState.CLOSED
+    assert not cb.readmit() and cb.state is CircuitState.CLOSED  # nothing to do when not open
+
+
+def test_good_probes_half_open_a_circuit_opened_by_transport_failures_or_after_a_failed_probe():
+    cb, _ = breaker()
+    for transport in (False, True, False):  # one transport failure in the streak is enough
+        cb.record_failure(transport)
+    assert cb.state is CircuitState.OPEN
+    assert not cb.probe_ok(2) and cb.state is CircuitState.OPEN
+    assert cb.probe_ok(2) and cb.state is CircuitState.HALF_OPEN
+    cb.record_failure()  # the trial failed: open again, a fresh start
+    assert cb.state is CircuitState.OPEN and not cb.probe_ok(1)
+    answers, _ = breaker()
+    for _ in range(3):
+        answers.record_failure()  # 5xx answers of a worker whose probes pass: the timeout applies
+    for _ in range(5):
+        assert not answers.probe_ok(2)
+    assert answers.state is CircuitState.OPEN
+    answers.probe_failed()  # it went down ...
+    assert not answers.probe_ok(2) and answers.probe_ok(2)  # ... and came back: half-open
+    assert answers.state is CircuitState.HALF_OPEN
+
+
+def test_disabled_breaker_ignores_health_news():
+    off, _ = breaker(enabled=False)
+    off.probe_failed()
+    assert not off.readmit() and not off.probe_ok(1) and off.state is CircuitState.CLOSED

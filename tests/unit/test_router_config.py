@@ -59,6 +59,8 @@ def test_yaml_config_with_cli_on_top(tmp_path):
     (["--pd-disaggregation", "--prefill", "http://p:1", "notaport"], "bootstrap port"),
     (["--health-failure-threshold", "0"], "health_failure_threshold"),
     (["--no-such-flag"], "--no-such-flag"),
+    (["--cluster-secret-file", "/nonexistent/secret"], "cannot read the cluster secret file"),
+    (["--api-key", "same", "--admin-api-key", "same"], "--admin-api-key must differ"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, needle):
     out = subprocess.run([sys.executable, "-m", "router.launch_router", *flags], capture_output=True, text=True,
@@ -82,3 +84,22 @@ def test_router_imports_nothing_of_the_other_packages():
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_admin_and_cluster_secret_flags(tmp_path, monkeypatch):
+    monkeypatch.delenv("SGLANG_ROUTER_ADMIN_API_KEY", raising=False)
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef0123\n")
+    c = parse_router_args(["--admin-api-key", "adm", "--api-key", "inf", "--allow-remote-admin",
+                           "--cluster-secret-file", str(secret)])
+    assert (c.admin_api_key, c.api_key, c.allow_remote_admin, c.cluster_secret_file) == ("adm", "inf", True, str(secret))
+    assert c.public_dict()["admin_api_key"] == "***" and c.public_dict()["api_key"] == "***"
+    assert parse_router_args([]).admin_api_key is None and not parse_router_args([]).allow_remote_admin
+    monkeypatch.setenv("SGLANG_ROUTER_ADMIN_API_KEY", "from-env")
+    assert parse_router_args([]).admin_api_key == "from-env"
+    assert parse_router_args(["--admin-api-key", "flag"]).admin_api_key == "flag"  # the command line wins
+    short = tmp_path / "short"
+    short.write_text("tiny")
+    with pytest.raises(SystemExit) as e:
+        parse_router_args(["--cluster-secret-file", str(short)])
+    assert e.value.code == 2

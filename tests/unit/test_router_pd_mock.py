@@ -52,7 +52,7 @@ async def test_both_legs_get_the_pairing_fields_and_d_answer_streams():
 
 
 async def test_prefill_failure_aborts_decode_at_once_and_retries_with_a_new_pair():
-    async with mocks({**P, "fail_first": 1}, {**D, "hang": True}) as (p, d), pd([p], [d]) as r, \
+    async with mocks({**P, "fail_first": 1, "fail_status": 503}, {**D, "hang": True}) as (p, d), pd([p], [d]) as r, \
             aiohttp.ClientSession() as s:
         await ready(r)
         task = asyncio.ensure_future(post(s, r.url + "/generate", {**GEN, "rid": "job1"}))

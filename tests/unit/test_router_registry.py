@@ -142,3 +142,33 @@ async def test_admission_hands_slots_over_in_fifo_order_and_survives_cancellatio
     for _ in range(100):
         await unbounded.acquire()
     assert unbounded.running == 100
+
+
+def test_a_died_probe_ejects_at_once_and_readmission_half_opens_the_circuit():
+    from router.circuit_breaker import CircuitState
+    from router.faults import ProbeFailure, probe_failure
+
+    w = healthy(Worker(regular(), BREAKER))
+    died = probe_failure("/health", 503, b'{"status": "unhealthy", "reason": "child process died: scheduler"}')
+    assert died.fatal and "child process died" in str(died)
+    assert not probe_failure("/health", 503, b'{"status": "unhealthy", "reason": "draining"}').fatal
+    assert not ProbeFailure("http://died-host:1 failed: refused").fatal  # only a worker's own answer says "died"
+    assert apply_probe(w, died, HEALTH) == "ejected" and w.health is Health.UNHEALTHY and w.fail_streak == 1
+    w.breaker.record_failure()
+    w.breaker.record_failure()
+    assert w.breaker.state is CircuitState.OPEN
+    assert apply_probe(w, None, HEALTH) is None and w.breaker.state is CircuitState.OPEN
+    assert apply_probe(w, None, HEALTH) == "admitted" and w.breaker.state is CircuitState.HALF_OPEN and w.available
+    pending = Worker(regular("http://w:9"), BREAKER)
+    assert apply_probe(pending, died, HEALTH) is None and pending.health is Health.UNHEALTHY  # never admitted
+    assert apply_probe(pending, None, HEALTH) is None and apply_probe(pending, None, HEALTH) == "admitted"
+
+
+@pytest.mark.asyncio
+async def test_re_registering_an_ejected_worker_makes_it_pending_again():
+    reg = WorkerRegistry(("regular",), BREAKER)
+    w = healthy(reg.add(regular())[0])
+    w.health = Health.UNHEALTHY
+    reg.add(regular())
+    assert w.health is Health.PENDING
+    assert apply_probe(w, None, HEALTH) == "admitted"  # the registration's own probe admits it

@@ -96,7 +96,7 @@ async def test_retries_before_the_first_byte_only():
         a.knobs.crash_after, a.knobs.error_after, a.knobs.token_delay_ms = None, 0, 0  # an error as the very first event is retried
         a.calls.clear()
         status, events, _ = await post(s, r.url + "/generate", {**GEN, "stream": True})
-        assert len(a.inference_calls()) == 4 and status == 500  # 1 + 3 retries, all failed
+        assert len(a.inference_calls()) == 4 and status == 503  # 1 + 3 retries, all failed
         async with s.get(r.url + "/metrics") as resp:
             text = await resp.text()
         assert 'sgl_router_retries_total{route="/generate"} 5.0' in text

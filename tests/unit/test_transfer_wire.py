@@ -13,9 +13,11 @@ from transfer.protocol import (
     CTRL_FRAME_BYTES,
     FRAME_HEADER,
     LINK_ID_BITS,
+    MAX_HELLO_BYTES,
     MESSAGE_TYPES,
     Abort,
     AbortAck,
+    Close,
     Data,
     Done,
     Fail,
@@ -26,11 +28,15 @@ from transfer.protocol import (
     Pushed,
     Register,
     Registered,
+    accept_tag,
     ctrl_tag,
     data_tag,
     decode,
+    decode_hello,
     encode,
+    encode_hello,
     frame,
+    hello_payload,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -46,17 +52,23 @@ def test_bootstrap_server_and_client() -> None:
             assert await client.health("127.0.0.1", port, timeout=5)
             with pytest.raises(BootstrapError, match="404"):
                 await client.get_route("127.0.0.1", port, timeout=5)
-            server.set_route(Route("10.0.0.1", 1234, {"dtype": "bfloat16"}, prefill_id="p0"))
+            server.set_route(Route("10.0.0.1", "ab01", 77, {"dtype": "bfloat16"}, prefill_id="p0"))
             route = await client.get_route("127.0.0.1", port, timeout=5)
-            assert route == Route("10.0.0.1", 1234, {"dtype": "bfloat16"}, 0, "p0")
-            async with aiohttp.ClientSession() as s:  # another rank announces itself
-                async with s.put(f"http://127.0.0.1:{port}/route", json={"rank": 1, "host": "h", "port": 9}) as r:
+            assert route == Route("10.0.0.1", "ab01", 77, {"dtype": "bfloat16"}, 0, "p0")
+            assert route.worker_address == b"\xab\x01" and not route.auth
+            async with aiohttp.ClientSession() as s:  # another rank announces itself (loopback: no secret needed)
+                async with s.put(f"http://127.0.0.1:{port}/route",
+                                 json={"rank": 1, "host": "h", "address": "0909", "accept_id": 9}) as r:
                     assert r.status == 200
                 async with s.put(f"http://127.0.0.1:{port}/route", json={"rank": 2}) as r:
                     assert r.status == 400
+                async with s.put(f"http://127.0.0.1:{port}/route",  # rank 0 is the server's own
+                                 json={"rank": 0, "host": "evil", "address": "00", "accept_id": 1}) as r:
+                    assert r.status == 409
                 async with s.get(f"http://127.0.0.1:{port}/route?rank=x") as r:
                     assert r.status == 400
-            assert (await client.get_route("127.0.0.1", port, timeout=5, rank=1)).port == 9
+            assert (await client.get_route("127.0.0.1", port, timeout=5, rank=1)).accept_id == 9
+            assert (await client.get_route("127.0.0.1", port, timeout=5)).host == "10.0.0.1"
         finally:
             await server.stop()
         assert not await client.health("127.0.0.1", port, timeout=1)  # nothing listens any more
@@ -84,14 +96,34 @@ def test_every_message_round_trips() -> None:
             Abort(5, "client gone"),
             Data(5, 8, 3, 1, 1 << 20, 4, {"first_token_id": 3, "output_top_logprobs": [[[-0.1, 3, None]]]}),
             Data(5, -1, 4, 0, 0, 4, {"first_token_id": 3}),
-            Hello({}, "d2", {"kind": "shm", "boot_id": "b", "num_pages": 9, "nbytes": 1 << 30, "handle": bytes(64)}),
+            Hello({}, "d2", {"kind": "shm", "boot_id": "b", "num_pages": 9, "nbytes": 1 << 30, "handle": bytes(64)},
+                  (1 << LINK_ID_BITS) - 1, b"\x00addr\xff", "123.abc"),
             HelloOk("p2", True, [bytes(64), bytes(range(64))]), Register(6, 3, [7, 2, 9]), Pushed(6, 0, 3, event=5),
-            Pushed(6, 3, 0, 3, {"first_token_id": 1}), AbortAck(6)]
+            Pushed(6, 3, 0, 3, {"first_token_id": 1}), AbortAck(6), Close("bye")]
     assert {type(m) for m in msgs} == set(MESSAGE_TYPES)
     for m in msgs:
         assert decode(encode(m)) == m
     with pytest.raises(ValueError, match="malformed"):
         decode(b"\x93\x63\x01\x02")
+    with pytest.raises(ValueError, match="malformed Done"):  # a peer's wrong field count: ValueError, not TypeError
+        decode(encode(Fail(1, "x")).replace(b"\x93\x07", b"\x93\x06", 1))
+
+
+def test_hello_travels_as_one_bounded_message() -> None:
+    hello = Hello({"dtype": "bf16"}, "d1", None, 5, b"\x01\x02", "tok")
+    assert decode_hello(encode_hello(hello) + bytes(100)) == hello  # P's buffer is larger than the message
+    with pytest.raises(ValueError, match="exceeds"):
+        encode_hello(Hello({}, "d", None, 5, bytes(MAX_HELLO_BYTES)))
+    for bad in (Hello({}, "d", None, 1 << LINK_ID_BITS, b"a"), Hello({}, "d", None, 5, b""), HelloOk("p")):
+        with pytest.raises(ValueError):
+            decode_hello(FRAME_HEADER.pack(len(encode(bad))) + encode(bad))
+    with pytest.raises(ValueError, match="claims"):
+        decode_hello(FRAME_HEADER.pack(10_000) + encode(hello))
+    # the token signs every other field; bytes are signed as hex, so the payload is canonical JSON
+    payload = hello_payload(hello)
+    assert payload == [{"dtype": "bf16"}, "d1", None, 5, "hex:0102"]
+    assert hello_payload(Hello({"dtype": "bf16"}, "d1", None, 5, b"\x01\x03")) != payload
+    assert accept_tag(5) not in {ctrl_tag(5, True), ctrl_tag(5, False), data_tag(5, 0)}
 
 
 def test_frames_inline_small_payloads_and_split_large_ones() -> None:
