@@ -9,7 +9,7 @@ import logging
 import random
 from typing import Any
 
-from sglang_pd.disagg.bootstrap_info import LiveRooms
+from sglang_pd.disagg.live_rooms import LiveRooms
 from sglang_pd.disagg.factory import build_hooks
 from sglang_pd.generate_request import GenerateItem, request_seed
 from sglang_pd.model_runner import ModelRunner

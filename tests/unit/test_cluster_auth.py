@@ -16,10 +16,10 @@ from sglang_pd.cli_args import parse_server_args
 from sglang_pd.disagg.bootstrap_info import (
     BootstrapAuthError,
     BootstrapInfo,
-    LiveRooms,
     attach_bootstrap,
     parse_bootstrap,
 )
+from sglang_pd.disagg.live_rooms import LiveRooms
 from sglang_pd.server.errors import APIError
 from sglang_pd.server_args import ServerArgs
 
