@@ -30,7 +30,6 @@ import time
 
 import torch
 import triton.testing
-
 from model_shapes import write_config
 
 
@@ -48,9 +47,16 @@ def build_runner(path: str, args: argparse.Namespace):  # -> ModelRunner
     from sglang_pd.server_args import ServerArgs
 
     pages_needed = args.batch_size * (-(-(args.context + 1) // 16)) + 16
-    sargs = ServerArgs(model_path=path, load_format="dummy", page_size=16, max_total_tokens=pages_needed * 16,
-                       context_length=args.context_length, disable_cuda_graph=args.disable_cuda_graph,
-                       cuda_graph_max_bs=max(args.batch_size, 1), attention_backend=args.attention_backend)
+    sargs = ServerArgs(
+        model_path=path,
+        load_format="dummy",
+        page_size=16,
+        max_total_tokens=pages_needed * 16,
+        context_length=args.context_length,
+        disable_cuda_graph=args.disable_cuda_graph,
+        cuda_graph_max_bs=max(args.batch_size, 1),
+        attention_backend=args.attention_backend,
+    )
     config = ModelConfig.from_pretrained(path)
     return ModelRunner(sargs, config, resolve_runtime(sargs, config)), config
 
@@ -66,8 +72,12 @@ def decode_plan(runner, bs: int, ctx: int, vocab: int):  # -> BatchPlan
     rng.shuffle(pages)
     greedy = SamplingRow(params=SamplingParams(temperature=0.0, max_new_tokens=16), seed=0, step=0)
     items = tuple(
-        PlanItem(token_ids=(rng.randrange(vocab),), start_pos=ctx, page_ids=tuple(pages[i * per_seq : (i + 1) * per_seq]),
-                 sampling=greedy)
+        PlanItem(
+            token_ids=(rng.randrange(vocab),),
+            start_pos=ctx,
+            page_ids=tuple(pages[i * per_seq : (i + 1) * per_seq]),
+            sampling=greedy,
+        )
         for i in range(bs)
     )
     return BatchPlan(items)
@@ -116,19 +126,34 @@ def main() -> None:
     weight_bytes -= runner.model.model.embed_tokens.weight.numel() * 2  # the embedding reads bs rows only
     kv_bytes = args.batch_size * (args.context + 1) * runner.kv_cache.shape.bytes_per_token(runner.kv_cache.dtype)
     floor_ms = (weight_bytes + kv_bytes) / ceiling / 1e6
-    record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "gpu": torch.cuda.get_device_name(0),
-              "batch_size": args.batch_size, "context": args.context, "cuda_graph": graphs,
-              "attention_backend": runner.attn.name, "copy_gbs": ceiling, "weight_gb": weight_bytes / 1e9,
-              "kv_gb": kv_bytes / 1e9, "roofline_ms": floor_ms, "forward_ms": fwd_ms, "step_ms": step_ms,
-              "pipelined_step_ms": pipelined_ms, "forward_of_roofline": floor_ms / fwd_ms,
-              "step_of_roofline": floor_ms / step_ms, "pipelined_step_of_roofline": floor_ms / pipelined_ms}
+    record = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.node(),
+        "gpu": torch.cuda.get_device_name(0),
+        "batch_size": args.batch_size,
+        "context": args.context,
+        "cuda_graph": graphs,
+        "attention_backend": runner.attn.name,
+        "copy_gbs": ceiling,
+        "weight_gb": weight_bytes / 1e9,
+        "kv_gb": kv_bytes / 1e9,
+        "roofline_ms": floor_ms,
+        "forward_ms": fwd_ms,
+        "step_ms": step_ms,
+        "pipelined_step_ms": pipelined_ms,
+        "forward_of_roofline": floor_ms / fwd_ms,
+        "step_of_roofline": floor_ms / step_ms,
+        "pipelined_step_of_roofline": floor_ms / pipelined_ms,
+    }
     if args.output_file:
         with open(args.output_file, "a") as f:
             f.write(json.dumps(record) + "\n")
     print(json.dumps(record, indent=1))
-    print(f"\nbs {args.batch_size} ctx {args.context} graphs={graphs}: roofline {floor_ms:.2f} ms, forward {fwd_ms:.2f} ms "
-          f"({100 * floor_ms / fwd_ms:.1f}%), full step {step_ms:.2f} ms ({100 * floor_ms / step_ms:.1f}%), "
-          f"pipelined step {pipelined_ms:.2f} ms ({100 * floor_ms / pipelined_ms:.1f}%)")
+    print(
+        f"\nbs {args.batch_size} ctx {args.context} graphs={graphs}: roofline {floor_ms:.2f} ms, forward {fwd_ms:.2f} ms "
+        f"({100 * floor_ms / fwd_ms:.1f}%), full step {step_ms:.2f} ms ({100 * floor_ms / step_ms:.1f}%), "
+        f"pipelined step {pipelined_ms:.2f} ms ({100 * floor_ms / pipelined_ms:.1f}%)"
+    )
 
 
 if __name__ == "__main__":

@@ -95,8 +95,9 @@ def decode_rows(copy_gbs: float, grid: list[tuple[int, int]]) -> list[Row]:
         ms = bench_ms(lambda: decode_attention(q, k, v, table, lens, PAGE, D**-0.5, num_kv_splits=splits))
         nbytes = 2 * bs * ctx * HKV * D * 2 + 2 * q.numel() * 2
         gbs = nbytes / ms / 1e6
-        rows.append(Row("decode attention", f"bs {bs} x ctx {ctx}", ms, gbs, "GB/s", gbs / copy_gbs,
-                        note=f"splits {splits}"))
+        rows.append(
+            Row("decode attention", f"bs {bs} x ctx {ctx}", ms, gbs, "GB/s", gbs / copy_gbs, note=f"splits {splits}")
+        )
     return rows
 
 
@@ -117,8 +118,18 @@ def prefill_rows(mm_tflops: float, shapes: list[tuple[int, int]]) -> list[Row]:
         theirs = bench_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True))
         flops = 4 * bs * H * D * n * n / 2  # causal: half the score matrix
         t_ours, t_torch = flops / ours / 1e9, flops / theirs / 1e9
-        rows.append(Row("prefill attention", f"bs {bs} x {n}", ours, t_ours, "TFLOP/s", t_ours / mm_tflops,
-                        peer=t_torch, note=f"torch sdpa {theirs:.3f} ms"))
+        rows.append(
+            Row(
+                "prefill attention",
+                f"bs {bs} x {n}",
+                ours,
+                t_ours,
+                "TFLOP/s",
+                t_ours / mm_tflops,
+                peer=t_torch,
+                note=f"torch sdpa {theirs:.3f} ms",
+            )
+        )
     return rows
 
 
@@ -150,8 +161,12 @@ def pointwise_rows(copy_gbs: float, tokens: int) -> list[Row]:
     e = 2  # bytes per bf16 element
     cases = [
         ("rmsnorm + residual", f"{tokens} x {hidden}", lambda: rms_norm(x, w, 1e-5, res), 4 * x.numel() * e),
-        ("rotary q,k", f"{tokens} tok, {H}+{HKV} heads", lambda: apply_rotary(q, kk, pos, cos, sin),
-         2 * (q.numel() + kk.numel()) * e),
+        (
+            "rotary q,k",
+            f"{tokens} tok, {H}+{HKV} heads",
+            lambda: apply_rotary(q, kk, pos, cos, sin),
+            2 * (q.numel() + kk.numel()) * e,
+        ),
         ("silu_and_mul", f"{tokens} x {inter}", lambda: silu_and_mul(gu), gu.numel() * e * 3 // 2),
         ("kv store", f"{tokens} tok", lambda: store_kv(kc, vc, slots, kk, vv), 4 * kk.numel() * e),
         ("kv pack", "512 pages x 32 layers", lambda: pack_pages(kv_buf, pages, staging), 2 * staging.numel() * e),
@@ -182,14 +197,24 @@ def main() -> None:
         raise SystemExit("bench/kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
     copy_gbs, mm = copy_ceiling_gbs(), matmul_ceiling_tflops()
-    grid = [(64, 4096), (1, 1024), (128, 1536)] if args.quick else [
-        (1, 1024), (1, 8192), (8, 4096), (32, 1024), (64, 4096), (128, 1536), (256, 1024), (16, 32768)]
+    grid = (
+        [(64, 4096), (1, 1024), (128, 1536)]
+        if args.quick
+        else [(1, 1024), (1, 8192), (8, 4096), (32, 1024), (64, 4096), (128, 1536), (256, 1024), (16, 32768)]
+    )
     shapes = [(1, 2048), (4, 2048)] if args.quick else [(1, 2048), (4, 2048), (1, 8192), (16, 512)]
     rows = decode_rows(copy_gbs, grid) + prefill_rows(mm, shapes) + pointwise_rows(copy_gbs, 8192)
     if args.output_file:
-        record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
-                  "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-                  "copy_gbs": copy_gbs, "matmul_tflops": mm, "rows": [asdict(r) for r in rows]}
+        record = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": platform.node(),
+            "gpu": torch.cuda.get_device_name(0),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "copy_gbs": copy_gbs,
+            "matmul_tflops": mm,
+            "rows": [asdict(r) for r in rows],
+        }
         with open(args.output_file, "a") as f:
             f.write(json.dumps(record) + "\n")
     print_table(copy_gbs, mm, rows)

@@ -58,8 +58,10 @@ def main() -> None:
     one = torch.tensor([5, 7]).to("cuda:1")
     with torch.cuda.stream(stream):
         per_call_us("torch.tensor(256 ids)", lambda: torch.tensor(ids + ids, dtype=torch.int64))
-        per_call_us("+ pin_memory + to(cuda, non_blocking)",
-                    lambda: torch.tensor(ids + ids).pin_memory().to("cuda:1", non_blocking=True))
+        per_call_us(
+            "+ pin_memory + to(cuda, non_blocking)",
+            lambda: torch.tensor(ids + ids).pin_memory().to("cuda:1", non_blocking=True),
+        )
         per_call_us("copy_pages launch, 1 page (host time)", lambda: copy_pages(raw, one[:1], dst, one[1:]))
         per_call_us("torch.cuda.Event() + record", lambda: torch.cuda.Event().record())
         event = torch.cuda.Event()

@@ -35,8 +35,9 @@ def timed_ms(device: int, fn: Callable[[], object], iters: int = 20) -> float:
         return start.elapsed_time(end) / iters
 
 
-def copy_fn(mode: str, src: torch.Tensor, dst: torch.Tensor, sid: torch.Tensor, did: torch.Tensor,
-            block: int, warps: int) -> tuple[int, Callable[[], object]]:
+def copy_fn(
+    mode: str, src: torch.Tensor, dst: torch.Tensor, sid: torch.Tensor, did: torch.Tensor, block: int, warps: int
+) -> tuple[int, Callable[[], object]]:
     """(device that runs it, the launch): pull runs on GPU 1 with GPU 0's pool by address, push the other way."""
     dev = 1 if mode == "pull" else 0
     s_idx, d_idx = sid.to(f"cuda:{dev}"), did.to(f"cuda:{dev}")
@@ -44,8 +45,9 @@ def copy_fn(mode: str, src: torch.Tensor, dst: torch.Tensor, sid: torch.Tensor, 
     d_arg = dst.view(torch.int16) if mode == "pull" else RawPages(dst.data_ptr(), torch.int16, POOL)
     per_page = ELEMS // block
     grid = (sid.numel() * per_page, LAYERS * 2)
-    return dev, lambda: _pages_to_pages_kernel[grid](s_arg, d_arg, s_idx, d_idx, POOL, POOL, ELEMS, per_page,
-                                                     EVEN=True, BLOCK=block, num_warps=warps)
+    return dev, lambda: _pages_to_pages_kernel[grid](
+        s_arg, d_arg, s_idx, d_idx, POOL, POOL, ELEMS, per_page, EVEN=True, BLOCK=block, num_warps=warps
+    )
 
 
 def main() -> None:
@@ -53,7 +55,9 @@ def main() -> None:
     dst = torch.zeros(LAYERS, 2, POOL, PAGE, HEADS, HEAD_DIM, device="cuda:1", dtype=torch.bfloat16)
     for a, b in ((0, 1), (1, 0)):  # cross-device copies make torch enable peer access both ways
         torch.empty(1, device=f"cuda:{a}").copy_(torch.empty(1, device=f"cuda:{b}"))
-    print(f"{'tokens':>6} {'MB':>6} {'ceiling GB/s':>12} {'mode':>5} {'block':>6} {'warps':>5} {'ms':>7} {'GB/s':>7} {'%ceil':>6}")
+    print(
+        f"{'tokens':>6} {'MB':>6} {'ceiling GB/s':>12} {'mode':>5} {'block':>6} {'warps':>5} {'ms':>7} {'GB/s':>7} {'%ceil':>6}"
+    )
     for tokens in (2048, 8192):
         n = tokens // PAGE
         nbytes = n * LAYERS * 2 * ELEMS * 2
@@ -67,8 +71,10 @@ def main() -> None:
                     dev, fn = copy_fn(mode, src, dst, sid, did, block, warps)
                     ms = timed_ms(dev, fn)
                     gbs = nbytes / ms / 1e6
-                    print(f"{tokens:>6} {nbytes / 1e6:>6.0f} {ceiling:>12.1f} {mode:>5} {block:>6} {warps:>5} "
-                          f"{ms:>7.3f} {gbs:>7.1f} {100 * gbs / ceiling:>5.1f}%")
+                    print(
+                        f"{tokens:>6} {nbytes / 1e6:>6.0f} {ceiling:>12.1f} {mode:>5} {block:>6} {warps:>5} "
+                        f"{ms:>7.3f} {gbs:>7.1f} {100 * gbs / ceiling:>5.1f}%"
+                    )
         ok = torch.equal(dst[:, :, did.cuda(1)].cpu(), src[:, :, sid.cuda(0)].cpu())
         print("pages ok:", ok)
 

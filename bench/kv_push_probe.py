@@ -166,8 +166,18 @@ def main() -> None:
                 if variant == "a":
                     ids = torch.tensor([*sid, *did]).pin_memory().to("cuda:0", non_blocking=True)
                     _pages_to_pages_kernel[(n * (ELEMS // block), LAYERS * 2)](
-                        src16, dst16, ids[:n], ids[n:], POOL, POOL, ELEMS, ELEMS // block, EVEN=True, BLOCK=block,
-                        num_warps=8)
+                        src16,
+                        dst16,
+                        ids[:n],
+                        ids[n:],
+                        POOL,
+                        POOL,
+                        ELEMS,
+                        ELEMS // block,
+                        EVEN=True,
+                        BLOCK=block,
+                        num_warps=8,
+                    )
                 else:
                     copier(uploader.upload(sid), did_dev)
                 events[k].record(side)
@@ -230,16 +240,21 @@ def main() -> None:
                 idle(args.idle_ms / 1e3, sleep=variant == "c sleep")
                 st = send(variant, n, sid, did, did_dev, k)
                 t_msg, t_done, got = recv(conn, 60)
-                st.update(handoff=t_done - st["t0"], msg=t_msg - st["t0"],
-                          ok=torch.equal(got, checksums(kv, torch.tensor(sid, device="cuda:0"))))
+                st.update(
+                    handoff=t_done - st["t0"],
+                    msg=t_msg - st["t0"],
+                    ok=torch.equal(got, checksums(kv, torch.tensor(sid, device="cuda:0"))),
+                )
                 if it >= 3:
                     rows.append(st)
     conn.send("stop")
     proc.join(10)
 
     print("\nGPU timeline, variants 'c timeline' and 'c warm' (medians, us from t0; GPU spans from CUDA events):")
-    print(f"{'tokens':>6} {'variant':<10} {'upload':>7} {'launch':>7} {'record':>7} {'put':>6} | {'gpu upload':>10} "
-          f"{'kernel':>7} | {'P sees':>7} {'start lag':>9} | {'D msg':>6} {'D sees':>7} {'D delay':>7}")
+    print(
+        f"{'tokens':>6} {'variant':<10} {'upload':>7} {'launch':>7} {'record':>7} {'put':>6} | {'gpu upload':>10} "
+        f"{'kernel':>7} | {'P sees':>7} {'start lag':>9} | {'D msg':>6} {'D sees':>7} {'D delay':>7}"
+    )
     for tokens in args.tokens:
         for variant in ("c timeline", "c warm"):
             rows = results[(variant, tokens)]
@@ -247,29 +262,39 @@ def main() -> None:
             delay = median([(r["handoff"] - r["p_seen"]) * 1e6 for r in rows])
             keys = ("upload", "launch", "record", "put", "gpu_upload", "gpu_kernel", "p_seen", "msg", "handoff")
             us = {key: median([r[key] * 1e6 for r in rows]) for key in keys}
-            print(f"{tokens:>6} {variant:<10} {us['upload']:>7.1f} {us['launch']:>7.1f} {us['record']:>7.1f} "
-                  f"{us['put']:>6.1f} | {us['gpu_upload']:>10.1f} {us['gpu_kernel']:>7.1f} | {us['p_seen']:>7.1f} "
-                  f"{lag:>9.1f} | {us['msg']:>6.1f} {us['handoff']:>7.1f} {delay:>7.1f}")
-    print("  upload/launch/record/put: host clock after each call; gpu upload: the side stream's event at t0 to the"
-          "\n  kernel's start (the ids' copy, waiting for the host's launch); kernel: the copy kernel; P sees: P spins"
-          "\n  on the IPC event; start lag = P sees - gpu upload - kernel (t0 to the GPU reaching the stream's first"
-          "\n  event, plus P's poll); D delay = D sees - P sees (D polls every ~20 us + the sleep's overshoot)")
+            print(
+                f"{tokens:>6} {variant:<10} {us['upload']:>7.1f} {us['launch']:>7.1f} {us['record']:>7.1f} "
+                f"{us['put']:>6.1f} | {us['gpu_upload']:>10.1f} {us['gpu_kernel']:>7.1f} | {us['p_seen']:>7.1f} "
+                f"{lag:>9.1f} | {us['msg']:>6.1f} {us['handoff']:>7.1f} {delay:>7.1f}"
+            )
+    print(
+        "  upload/launch/record/put: host clock after each call; gpu upload: the side stream's event at t0 to the"
+        "\n  kernel's start (the ids' copy, waiting for the host's launch); kernel: the copy kernel; P sees: P spins"
+        "\n  on the IPC event; start lag = P sees - gpu upload - kernel (t0 to the GPU reaching the stream's first"
+        "\n  event, plus P's poll); D delay = D sees - P sees (D polls every ~20 us + the sleep's overshoot)"
+    )
 
     print("\nCeiling (torch contiguous copy GPU0 -> GPU1 of the same bytes) and the copy kernel alone (CUDA events):")
     for tokens in args.tokens:
         ev, host, kern = ceiling[tokens]
-        print(f"{tokens:>6} tokens {page_bytes(tokens // PAGE) / 1e6:7.1f} MB: copy {ev:.3f} ms events "
-              f"({page_bytes(tokens // PAGE) / ev / 1e6:.0f} GB/s), {host:.3f} ms host clock; kernel {kern:.3f} ms")
-    print(f"\n{'tokens':>6} {'variant':<10} {'handoff ms':>10} {'p10-p90':>12} {'msg at':>7} {'% of ceiling':>12} "
-          "pages ok")
+        print(
+            f"{tokens:>6} tokens {page_bytes(tokens // PAGE) / 1e6:7.1f} MB: copy {ev:.3f} ms events "
+            f"({page_bytes(tokens // PAGE) / ev / 1e6:.0f} GB/s), {host:.3f} ms host clock; kernel {kern:.3f} ms"
+        )
+    print(
+        f"\n{'tokens':>6} {'variant':<10} {'handoff ms':>10} {'p10-p90':>12} {'msg at':>7} {'% of ceiling':>12} "
+        "pages ok"
+    )
     for tokens in args.tokens:
         for variant in VARIANTS:
             rows = results[(variant, tokens)]
             hs = sorted(r["handoff"] * 1e3 for r in rows)
             lo, hi = hs[len(hs) // 10], hs[-1 - len(hs) // 10]
             msg = median([r["msg"] * 1e3 for r in rows])
-            print(f"{tokens:>6} {variant:<10} {median(hs):>10.3f} {lo:>5.3f}-{hi:<6.3f} {msg:>7.3f} "
-                  f"{100 * ceiling[tokens][0] / median(hs):>11.1f}% {all(r['ok'] for r in rows)}")
+            print(
+                f"{tokens:>6} {variant:<10} {median(hs):>10.3f} {lo:>5.3f}-{hi:<6.3f} {msg:>7.3f} "
+                f"{100 * ceiling[tokens][0] / median(hs):>11.1f}% {all(r['ok'] for r in rows)}"
+            )
 
 
 if __name__ == "__main__":

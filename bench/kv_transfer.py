@@ -57,9 +57,12 @@ RESULT_TIMEOUT_S = 120.0
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                    help="auto: cuda when 2 GPUs are visible, else cpu")
-    ap.add_argument("--tokens", default=None, help="prompt lengths, comma-separated (default 256,2048,8192; cpu 1,16,256)")
+    ap.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda when 2 GPUs are visible, else cpu"
+    )
+    ap.add_argument(
+        "--tokens", default=None, help="prompt lengths, comma-separated (default 256,2048,8192; cpu 1,16,256)"
+    )
     ap.add_argument("--layers", type=int, default=None, help="default 32 (2 on cpu)")
     ap.add_argument("--kv-heads", type=int, default=None, help="default 8 (2 on cpu)")
     ap.add_argument("--head-dim", type=int, default=None, help="default 128 (64 on cpu)")
@@ -68,17 +71,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=None, help="handoffs per prompt length (default 8; cpu 50)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--queue-size", type=int, default=4, help="staging slots (SGLANG_DISAGGREGATION_QUEUE_SIZE)")
-    ap.add_argument("--max-message-mb", type=float, default=TransferConfig().max_message_mb,
-                    help="largest data message; longer sends are split and pipelined (SGLANG_DISAGGREGATION_MAX_MESSAGE_MB)")
-    ap.add_argument("--direct", type=int, choices=(0, 1), default=int(TransferConfig().direct_copy),
-                    help="1: P writes the pages into D's mapped pool when it can (SGLANG_DISAGGREGATION_DIRECT_COPY); "
-                         "0: UCX data messages (pack, send, unpack)")
-    ap.add_argument("--torch-threads", type=int, default=None,
-                    help="torch intra-op threads in both processes (default: torch's own; 1 on cpu, where OpenMP "
-                         "threads of a 256 KiB copy fighting over shared cores add milliseconds of noise)")
-    ap.add_argument("--during-forward-ms", type=float, default=0.0,
-                    help="GPU only: call send while a stand-in forward of this many ms still runs on P's stream (as "
-                         "the scheduler does), and time the handoff from that forward's end, not from the send call")
+    ap.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=TransferConfig().max_message_mb,
+        help="largest data message; longer sends are split and pipelined (SGLANG_DISAGGREGATION_MAX_MESSAGE_MB)",
+    )
+    ap.add_argument(
+        "--direct",
+        type=int,
+        choices=(0, 1),
+        default=int(TransferConfig().direct_copy),
+        help="1: P writes the pages into D's mapped pool when it can (SGLANG_DISAGGREGATION_DIRECT_COPY); "
+        "0: UCX data messages (pack, send, unpack)",
+    )
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads in both processes (default: torch's own; 1 on cpu, where OpenMP "
+        "threads of a 256 KiB copy fighting over shared cores add milliseconds of noise)",
+    )
+    ap.add_argument(
+        "--during-forward-ms",
+        type=float,
+        default=0.0,
+        help="GPU only: call send while a stand-in forward of this many ms still runs on P's stream (as "
+        "the scheduler does), and time the handoff from that forward's end, not from the send call",
+    )
     ap.add_argument("--json", default=None, help="append one JSON line with the results to this file")
     args = ap.parse_args(argv)
     if args.device == "auto":
@@ -88,8 +108,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.during_forward_ms and args.device != "cuda":
         ap.error("--during-forward-ms needs the GPUs")
     gpu = args.device == "cuda"
-    for name, on_gpu, on_cpu in (("tokens", "256,2048,8192", "1,16,256"), ("layers", 32, 2), ("kv_heads", 8, 2),
-                                 ("head_dim", 128, 64), ("iters", 8, 50)):
+    for name, on_gpu, on_cpu in (
+        ("tokens", "256,2048,8192", "1,16,256"),
+        ("layers", 32, 2),
+        ("kv_heads", 8, 2),
+        ("head_dim", 128, 64),
+        ("iters", 8, 50),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else on_cpu)
     if args.torch_threads is None and not gpu:
@@ -99,9 +124,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def describe(args: argparse.Namespace) -> EngineDescription:
-    return EngineDescription(model_id=f"bench:L{args.layers}", architecture="LlamaForCausalLM", dtype=args.dtype,
-                             num_layers=args.layers, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
-                             page_size=args.page_size)
+    return EngineDescription(
+        model_id=f"bench:L{args.layers}",
+        architecture="LlamaForCausalLM",
+        dtype=args.dtype,
+        num_layers=args.layers,
+        num_kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        page_size=args.page_size,
+    )
 
 
 def make_kv(args: argparse.Namespace, device: torch.device, fill: bool) -> torch.Tensor:
@@ -149,9 +180,15 @@ def copy_ceiling_gbs(nbytes: int, src: torch.device, dst: torch.device) -> float
 
 
 def config(args: argparse.Namespace) -> TransferConfig:
-    return TransferConfig(queue_size=args.queue_size, bootstrap_timeout=60, waiting_timeout=60,
-                          heartbeat_interval=5, heartbeat_max_failure=3, max_message_mb=args.max_message_mb,
-                          direct_copy=bool(args.direct))
+    return TransferConfig(
+        queue_size=args.queue_size,
+        bootstrap_timeout=60,
+        waiting_timeout=60,
+        heartbeat_interval=5,
+        heartbeat_max_failure=3,
+        max_message_mb=args.max_message_mb,
+        direct_copy=bool(args.direct),
+    )
 
 
 # --- decode process ---------------------------------------------------------------------------------
@@ -181,8 +218,18 @@ def decode_main(args: argparse.Namespace, inbox: Any, outbox: Any) -> None:
                     time.sleep(2e-5)  # releases the GIL for the transfer threads
                 t_done = time.monotonic()
                 ok = d.poll(room) == KVPoll.Success
-                outbox.put(("done", room, int(d.poll(room)), t_done, d.failure(room), d.stats(room).ms,
-                            page_checksums(kv, page_ids) if ok else None, d.stats(room).path))
+                outbox.put(
+                    (
+                        "done",
+                        room,
+                        int(d.poll(room)),
+                        t_done,
+                        d.failure(room),
+                        d.stats(room).ms,
+                        page_checksums(kv, page_ids) if ok else None,
+                        d.stats(room).path,
+                    )
+                )
                 d.release(room)
             elif cmd[0] == "unpack":
                 _, n_pages = cmd
@@ -207,8 +254,9 @@ def gpu_cycles_per_ms() -> float:
     return 10_000_000 / start.elapsed_time(end)
 
 
-def handoff(p: Any, kv: torch.Tensor, inbox: Any, outbox: Any, room: int, n_pages: int,
-            forward_cycles: int = 0) -> dict[str, Any]:
+def handoff(
+    p: Any, kv: torch.Tensor, inbox: Any, outbox: Any, room: int, n_pages: int, forward_cycles: int = 0
+) -> dict[str, Any]:
     p_ids = torch.randperm(kv.shape[2])[:n_pages].tolist()
     d_ids = torch.randperm(kv.shape[2])[:n_pages].tolist()
     p.poll(room)
@@ -235,8 +283,13 @@ def handoff(p: Any, kv: torch.Tensor, inbox: Any, outbox: Any, room: int, n_page
         raise RuntimeError(f"room {room} failed on decode: {msg[4]}")
     while p.poll(room) not in (KVPoll.Success, KVPoll.Failed):
         time.sleep(1e-4)
-    result = {"handoff_ms": (msg[3] - t_send) * 1e3, "p_stats_ms": p.stats(room).ms, "d_stats_ms": msg[5],
-              "verified": torch.equal(msg[6], page_checksums(kv, p_ids)), "path": msg[7]}
+    result = {
+        "handoff_ms": (msg[3] - t_send) * 1e3,
+        "p_stats_ms": p.stats(room).ms,
+        "d_stats_ms": msg[5],
+        "verified": torch.equal(msg[6], page_checksums(kv, p_ids)),
+        "path": msg[7],
+    }
     p.release(room)
     return result
 
@@ -255,7 +308,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     ceilings = {t: copy_ceiling_gbs(pages[t] * page_bytes, p_dev, d_dev) for t in args.token_list}
     packs = {}
     for t in args.token_list:
-        ids = torch.randperm(kv.shape[2], device=p_dev)[:pages[t]]
+        ids = torch.randperm(kv.shape[2], device=p_dev)[: pages[t]]
         out = torch.empty(pages[t] * page_bytes // kv.element_size(), dtype=kv.dtype, device=p_dev)
         packs[t] = time_op(lambda ids=ids, out=out: pack_pages(kv, ids, out), p_dev)
     p = create_transfer("prefill", "ucx", kv, describe(args), config(args), "127.0.0.1", 0)
@@ -282,14 +335,26 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             times = sorted(s["handoff_ms"] for s in samples)
             ms = statistics.median(times)
             gbs = nbytes / (ms * 1e6)
-            rows.append({"tokens": t, "bytes": nbytes, "handoff_ms": ms, "gb_s": gbs, "ceiling_gb_s": ceilings[t],
-                         "pct_of_ceiling": 100 * gbs / ceilings[t], "pack_ms": packs[t], "unpack_ms": unpack_ms,
-                         "over_copy_ms": ms - nbytes / (ceilings[t] * 1e6),
-                         "p10_handoff_ms": times[len(times) // 10], "p90_handoff_ms": times[(len(times) * 9) // 10],
-                         "min_handoff_ms": times[0], "verified": all(s["verified"] for s in samples),
-                         "p_stats_ms": statistics.median(s["p_stats_ms"] for s in samples),
-                         "d_stats_ms": statistics.median(s["d_stats_ms"] for s in samples),
-                         "path": "/".join(sorted({s["path"] for s in samples}))})
+            rows.append(
+                {
+                    "tokens": t,
+                    "bytes": nbytes,
+                    "handoff_ms": ms,
+                    "gb_s": gbs,
+                    "ceiling_gb_s": ceilings[t],
+                    "pct_of_ceiling": 100 * gbs / ceilings[t],
+                    "pack_ms": packs[t],
+                    "unpack_ms": unpack_ms,
+                    "over_copy_ms": ms - nbytes / (ceilings[t] * 1e6),
+                    "p10_handoff_ms": times[len(times) // 10],
+                    "p90_handoff_ms": times[(len(times) * 9) // 10],
+                    "min_handoff_ms": times[0],
+                    "verified": all(s["verified"] for s in samples),
+                    "p_stats_ms": statistics.median(s["p_stats_ms"] for s in samples),
+                    "d_stats_ms": statistics.median(s["d_stats_ms"] for s in samples),
+                    "path": "/".join(sorted({s["path"] for s in samples})),
+                }
+            )
     finally:
         to_d.put(("stop",))
         proc.join(timeout=15)
@@ -303,21 +368,29 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     where = "GPU0 -> GPU1, UCX" if args.device == "cuda" else "CPU -> CPU, UCX (TCP/shm)"
     ceiling = "torch copy_ GPU0->GPU1" if args.device == "cuda" else "host memcpy (torch copy_)"
     ucx = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("UCX_")) or "(UCX_* unset)"
-    print(f"KV handoff, {where}: {args.layers} layers x {args.kv_heads} KV heads x {args.head_dim} dims, "
-          f"{args.dtype}, page {args.page_size}; pieces <= {args.max_message_mb:g} MiB, {args.queue_size} staging "
-          f"slots; median of {args.iters} (after {args.warmup} warm-up); ceiling = {ceiling}")
+    print(
+        f"KV handoff, {where}: {args.layers} layers x {args.kv_heads} KV heads x {args.head_dim} dims, "
+        f"{args.dtype}, page {args.page_size}; pieces <= {args.max_message_mb:g} MiB, {args.queue_size} staging "
+        f"slots; median of {args.iters} (after {args.warmup} warm-up); ceiling = {ceiling}"
+    )
     if args.during_forward_ms:
-        print(f"send called while a {args.during_forward_ms:g} ms forward runs; handoff = the forward's end -> D's Success")
+        print(
+            f"send called while a {args.during_forward_ms:g} ms forward runs; handoff = the forward's end -> D's Success"
+        )
     print(f"env: {ucx}")
-    head = f"{'path':>6} {'tokens':>7} {'bytes':>13} {'handoff ms':>11} {'p10-p90 ms':>13} {'over copy ms':>13} {'GB/s':>8} " \
-           f"{'ceiling GB/s':>13} {'% ceiling':>10} {'pack ms':>8} {'unpack ms':>10} {'pages ok':>8}"
+    head = (
+        f"{'path':>6} {'tokens':>7} {'bytes':>13} {'handoff ms':>11} {'p10-p90 ms':>13} {'over copy ms':>13} {'GB/s':>8} "
+        f"{'ceiling GB/s':>13} {'% ceiling':>10} {'pack ms':>8} {'unpack ms':>10} {'pages ok':>8}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         spread = f"{r['p10_handoff_ms']:.2f}-{r['p90_handoff_ms']:.2f}"
-        print(f"{r['path']:>6} {r['tokens']:>7} {r['bytes']:>13,} {r['handoff_ms']:>11.3f} {spread:>13} {r['over_copy_ms']:>13.3f} "
-              f"{r['gb_s']:>8.2f} {r['ceiling_gb_s']:>13.1f} {r['pct_of_ceiling']:>9.1f}% {r['pack_ms']:>8.3f} "
-              f"{r['unpack_ms']:>10.3f} {'yes' if r['verified'] else 'NO':>8}")
+        print(
+            f"{r['path']:>6} {r['tokens']:>7} {r['bytes']:>13,} {r['handoff_ms']:>11.3f} {spread:>13} {r['over_copy_ms']:>13.3f} "
+            f"{r['gb_s']:>8.2f} {r['ceiling_gb_s']:>13.1f} {r['pct_of_ceiling']:>9.1f}% {r['pack_ms']:>8.3f} "
+            f"{r['unpack_ms']:>10.3f} {'yes' if r['verified'] else 'NO':>8}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,13 +398,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args)
     print_table(args, rows)
     if args.json:
-        record = {"bench": "transfer", "date": date.today().isoformat(), "device": args.device,
-                  "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
-                  "shape": {"layers": args.layers, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-                            "page_size": args.page_size, "dtype": args.dtype},
-                  "iters": args.iters, "queue_size": args.queue_size, "max_message_mb": args.max_message_mb,
-                  "direct": args.direct, "during_forward_ms": args.during_forward_ms,
-                  "ucx_env": {k: v for k, v in os.environ.items() if k.startswith("UCX_")}, "results": rows}
+        record = {
+            "bench": "transfer",
+            "date": date.today().isoformat(),
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+            "shape": {
+                "layers": args.layers,
+                "kv_heads": args.kv_heads,
+                "head_dim": args.head_dim,
+                "page_size": args.page_size,
+                "dtype": args.dtype,
+            },
+            "iters": args.iters,
+            "queue_size": args.queue_size,
+            "max_message_mb": args.max_message_mb,
+            "direct": args.direct,
+            "during_forward_ms": args.during_forward_ms,
+            "ucx_env": {k: v for k, v in os.environ.items() if k.startswith("UCX_")},
+            "results": rows,
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "a") as f:
             f.write(json.dumps(record) + "\n")

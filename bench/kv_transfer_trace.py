@@ -23,8 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kv_transfer as kt
 
 OUT = os.environ.get("OUT", "/tmp")
-STAGES = ["launch_call", "upload_call", "copy_call", "copy_ret", "record_ret", "launch_ret", "post_Pushed",
-          "recv_pushed", "succeed", "post_Done"]
+STAGES = [
+    "launch_call",
+    "upload_call",
+    "copy_call",
+    "copy_ret",
+    "record_ret",
+    "launch_ret",
+    "post_Pushed",
+    "recv_pushed",
+    "succeed",
+    "post_Done",
+]
 _room = [-1]  # P: the room whose copy is being launched (the kernel-level wrappers have no room)
 
 
@@ -61,7 +71,9 @@ def install(role: str) -> None:
         wrap(ucx_prefill.UcxPrefillTransfer, "send", lambda self, room, ids, *a: rec(room, "send", pages=len(ids)))
         wrap(ucx_push.PushSender, "_launch_push", launch_call, lambda self, state, *a: rec(state.room, "launch_ret"))
         wrap(kv_copy.PageIdUploader, "upload", lambda *a: rec(_room[0], "upload_call"))
-        wrap(kv_copy.PageCopier, "__call__", lambda *a: rec(_room[0], "copy_call"), lambda *a: rec(_room[0], "copy_ret"))
+        wrap(
+            kv_copy.PageCopier, "__call__", lambda *a: rec(_room[0], "copy_call"), lambda *a: rec(_room[0], "copy_ret")
+        )
         wrap(ipc_events.EventRing, "record", lambda *a: None, lambda *a: rec(_room[0], "record_ret"))
         return
     wrap(ucx_decode.UcxDecodeTransfer, "_on_pushed", lambda self, link, msg: rec(msg.room, "recv_pushed"))

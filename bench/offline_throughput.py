@@ -91,7 +91,9 @@ def prefill_tok_s(engine: object, vocab: int, prompt_len: int = 2048, n: int = 6
     return n * prompt_len / dt
 
 
-def run_transformers(path: str, load_format: str, dtype: torch.dtype, device: str, work: Workload, batch: int) -> Measurement:
+def run_transformers(
+    path: str, load_format: str, dtype: torch.dtype, device: str, work: Workload, batch: int
+) -> Measurement:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if load_format == "dummy":
@@ -114,8 +116,15 @@ def _hf_batch(model: torch.nn.Module, prompts: list[list[int]], out_len: int, de
     pad = 0
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # left padding
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=out_len, min_new_tokens=out_len,
-                         do_sample=False, pad_token_id=pad, eos_token_id=None)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=out_len,
+        min_new_tokens=out_len,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=None,
+    )
     return int(out.shape[0] * (out.shape[1] - width))
 
 
@@ -128,7 +137,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path")
     ap.add_argument("--tiny", choices=("llama", "mistral", "qwen2", "qwen3"), help="make a tiny checkpoint and use it")
-    ap.add_argument("--shape", choices=("llama-3.1-8b",), help="a config-only checkpoint of this shape (implies dummy weights)")
+    ap.add_argument(
+        "--shape", choices=("llama-3.1-8b",), help="a config-only checkpoint of this shape (implies dummy weights)"
+    )
     ap.add_argument("--itl", action="store_true", help="also measure batch-1 inter-token latency at 1k context")
     ap.add_argument("--prefill", action="store_true", help="also measure prefill tokens/s on 2048-token prompts")
     ap.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
@@ -142,7 +153,9 @@ def main() -> None:
     ap.add_argument("--random-range-ratio", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="extra Engine kwargs (JSON values)")
+    ap.add_argument(
+        "--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="extra Engine kwargs (JSON values)"
+    )
     ap.add_argument("--output-file")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the engine's batch lines
@@ -162,7 +175,9 @@ def main() -> None:
 
     hf_config = AutoConfig.from_pretrained(path)
     vocab = hf_config.vocab_size
-    work = make_workload(vocab, args.num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio, args.seed)
+    work = make_workload(
+        vocab, args.num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio, args.seed
+    )
     extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.engine_arg)}
     kwargs = {"model_path": path, "load_format": args.load_format, "dtype": args.dtype, "device": args.device, **extra}
     from sglang_pd import Engine
@@ -178,8 +193,12 @@ def main() -> None:
         extra_metrics[f"prefill_tok_s_{prompt_len}"] = prefill_tok_s(engine, vocab, prompt_len)
     engine.shutdown()
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = {
+        "auto": torch.bfloat16 if device == "cuda" else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[args.dtype]
     results = [ours]
     if not args.skip_hf:
         hf_work = Workload(work.prompts[: args.hf_num_prompts or len(work.prompts)], work.output_len)
@@ -193,9 +212,15 @@ def main() -> None:
     for name, value in extra_metrics.items():
         print(f"{name}: {value:.2f}")
     if args.output_file:
-        record = {"date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "device": device,
-                  "args": vars(args), "results": [asdict(m) | {"output_tok_s": m.output_tok_s} for m in results],
-                  "ratio": ratio, **extra_metrics}
+        record = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": platform.node(),
+            "device": device,
+            "args": vars(args),
+            "results": [asdict(m) | {"output_tok_s": m.output_tok_s} for m in results],
+            "ratio": ratio,
+            **extra_metrics,
+        }
         with open(args.output_file, "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -52,10 +52,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -76,12 +77,38 @@ class Workload:
 
 
 WORKLOADS: dict[str, Workload] = {
-    "long": Workload(("--dataset-name", "random-ids", "--random-input-len", "8192", "--random-output-len", "512",
-                      "--random-range-ratio", "0.5"), (0.5, 1.0, 2.0, 3.0)),
-    "mixed": Workload(("--dataset-name", "chat-synthetic", "--random-input-len", "1024", "--random-output-len", "1024",
-                       "--chat-long-fraction", "0.2", "--chat-long-input-len", "8192"), (1.0, 2.0, 4.0, 8.0)),
-    "chat": Workload(("--dataset-name", "chat-synthetic", "--random-input-len", "1024", "--random-output-len", "1024"),
-                     (2.0, 4.0, 8.0, 16.0)),
+    "long": Workload(
+        (
+            "--dataset-name",
+            "random-ids",
+            "--random-input-len",
+            "8192",
+            "--random-output-len",
+            "512",
+            "--random-range-ratio",
+            "0.5",
+        ),
+        (0.5, 1.0, 2.0, 3.0),
+    ),
+    "mixed": Workload(
+        (
+            "--dataset-name",
+            "chat-synthetic",
+            "--random-input-len",
+            "1024",
+            "--random-output-len",
+            "1024",
+            "--chat-long-fraction",
+            "0.2",
+            "--chat-long-input-len",
+            "8192",
+        ),
+        (1.0, 2.0, 4.0, 8.0),
+    ),
+    "chat": Workload(
+        ("--dataset-name", "chat-synthetic", "--random-input-len", "1024", "--random-output-len", "1024"),
+        (2.0, 4.0, 8.0, 16.0),
+    ),
 }
 
 
@@ -99,9 +126,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--systems", type=csv, default=list(SYSTEMS), help=f"comma list of {list(SYSTEMS)}")
     ap.add_argument("--workloads", type=csv, default=["long", "mixed"], help=f"comma list of {list(WORKLOADS)}")
-    ap.add_argument("--request-rates", type=lambda s: [float(x) for x in csv(s)],
-                    help="req/s for every workload (default: " +
-                    "; ".join(f"{w} {','.join(f'{r:g}' for r in wl.rates)}" for w, wl in WORKLOADS.items()) + ")")
+    ap.add_argument(
+        "--request-rates",
+        type=lambda s: [float(x) for x in csv(s)],
+        help="req/s for every workload (default: "
+        + "; ".join(f"{w} {','.join(f'{r:g}' for r in wl.rates)}" for w, wl in WORKLOADS.items())
+        + ")",
+    )
     ap.add_argument("--num-prompts", type=int, help="requests per point (default: see --point-seconds)")
     ap.add_argument("--point-seconds", type=float, default=40.0, help="arrivals span about this long per point")
     ap.add_argument("--min-prompts", type=int, default=24)
@@ -110,16 +141,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--goodput", nargs="+", default=list(DEFAULT_SLO), metavar="KEY:MS")
     ap.add_argument("--worker-arg", action="append", default=[], help="extra worker flag, --worker-arg=--flag=value")
     ap.add_argument("--router-arg", action="append", default=[], help="extra router flag, --router-arg=--flag=value")
-    ap.add_argument("--bench-arg", action="append", default=[],
-                    help="extra bench/serving.py flag after the workload's (wins), --bench-arg=--flag=value")
+    ap.add_argument(
+        "--bench-arg",
+        action="append",
+        default=[],
+        help="extra bench/serving.py flag after the workload's (wins), --bench-arg=--flag=value",
+    )
     ap.add_argument("--show-progress", action="store_true", help="let the benchmark draw its progress bar")
     ap.add_argument("--base-port", type=int, default=31000, help="workers B, B+1; bootstrap B+10..; router B+20")
     ap.add_argument("--out-dir", default=str(BENCH / "results" / "pd_vs_colocated"))
     ap.add_argument("--fresh", action="store_true", help="start a new raw.jsonl (default: append; last row wins)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from raw.jsonl")
-    ap.add_argument("--timeout", type=float, default=4 * 3600.0,
-                    help="seconds: no point starts after it and a running one is cut at it; stopping the cluster "
-                         "(seconds, at most ~2 min) and the report follow")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=4 * 3600.0,
+        help="seconds: no point starts after it and a running one is cut at it; stopping the cluster "
+        "(seconds, at most ~2 min) and the report follow",
+    )
     ap.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for a cluster to become healthy")
     ap.add_argument("--point-timeout", type=float, default=900.0, help="seconds for one benchmark point")
     args = ap.parse_args(argv)
@@ -154,14 +193,34 @@ class Cluster:
         prefill, decode = SYSTEMS[system]
         self.log_dir = Path(tempfile.mkdtemp(prefix=f"pd-vs-colocated-{system}-"))
         b = args.base_port
-        cmd = [sys.executable, str(REPO / "deploy" / "local_cluster.py"), "--model-path", model_path,
-               "--prefill", str(prefill), "--decode", str(decode), "--device", args.device,
-               "--port", str(b + 20), "--base-port", str(b), "--bootstrap-base-port", str(b + 10),
-               "--log-dir", str(self.log_dir), "--startup-timeout", str(args.startup_timeout),
-               *[f"--worker-arg={a}" for a in worker_args], *[f"--router-arg={a}" for a in args.router_arg]]
+        cmd = [
+            sys.executable,
+            str(REPO / "deploy" / "local_cluster.py"),
+            "--model-path",
+            model_path,
+            "--prefill",
+            str(prefill),
+            "--decode",
+            str(decode),
+            "--device",
+            args.device,
+            "--port",
+            str(b + 20),
+            "--base-port",
+            str(b),
+            "--bootstrap-base-port",
+            str(b + 10),
+            "--log-dir",
+            str(self.log_dir),
+            "--startup-timeout",
+            str(args.startup_timeout),
+            *[f"--worker-arg={a}" for a in worker_args],
+            *[f"--router-arg={a}" for a in args.router_arg],
+        ]
         log(f"starting {system}: {shlex.join(cmd)}")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True
+        )
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._drain, daemon=True).start()
 
@@ -190,7 +249,9 @@ class Cluster:
             if line.startswith("{"):
                 return json.loads(line)
         logs = self.logs()
-        last = next((x for x in reversed((logs + "".join(seen)).splitlines()) if x.strip() and not x.startswith("---")), "")
+        last = next(
+            (x for x in reversed((logs + "".join(seen)).splitlines()) if x.strip() and not x.startswith("---")), ""
+        )
         what = "did not start in time" if self.proc.poll() is None else f"exited ({self.proc.returncode})"
         raise RuntimeError(f"cluster {what}; last log line: {last.strip()[:300]}\n" + "".join(seen)[-3000:] + logs)
 
@@ -198,7 +259,9 @@ class Cluster:
         return self.proc.poll() is None
 
     def logs(self) -> str:
-        return "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(self.log_dir.glob("*.log")))
+        return "".join(
+            f"\n--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(self.log_dir.glob("*.log"))
+        )
 
     def stop(self, timeout: float = 90.0) -> None:
         """SIGTERM (local_cluster stops its workers and router, killing those that linger), then
@@ -221,16 +284,47 @@ def num_prompts(args: argparse.Namespace, rate: float) -> int:
     return args.num_prompts or max(args.min_prompts, math.ceil(rate * args.point_seconds))
 
 
-def bench_command(args: argparse.Namespace, url: str, system: str, workload: str, rate: float, vocab: int,
-                  raw: Path, run_labels: tuple[str, ...] = ()) -> list[str]:
+def bench_command(
+    args: argparse.Namespace,
+    url: str,
+    system: str,
+    workload: str,
+    rate: float,
+    vocab: int,
+    raw: Path,
+    run_labels: tuple[str, ...] = (),
+) -> list[str]:
     """``run_labels``: ``KEY=VALUE`` labels of this invocation (machine, command) carried by every row."""
     labels = [x for kv in (f"workload={workload}", *run_labels) for x in ("--label", kv)]
-    return [sys.executable, str(BENCH / "serving.py"), "--base-url", url, "--backend", "sglang",
-            *WORKLOADS[workload].bench_args, "--num-prompts", str(num_prompts(args, rate)),
-            "--request-rate", f"{rate:g}", "--seed", str(args.seed), "--random-vocab-size", str(vocab),
-            "--warmup-requests", str(args.warmup_requests), "--flush-cache", "--goodput", *args.goodput,
-            "--tag", system, *labels, "--output-file", str(raw),
-            *([] if args.show_progress else ["--disable-tqdm"]), *[x for a in args.bench_arg for x in a.split("=", 1)]]
+    return [
+        sys.executable,
+        str(BENCH / "serving.py"),
+        "--base-url",
+        url,
+        "--backend",
+        "sglang",
+        *WORKLOADS[workload].bench_args,
+        "--num-prompts",
+        str(num_prompts(args, rate)),
+        "--request-rate",
+        f"{rate:g}",
+        "--seed",
+        str(args.seed),
+        "--random-vocab-size",
+        str(vocab),
+        "--warmup-requests",
+        str(args.warmup_requests),
+        "--flush-cache",
+        "--goodput",
+        *args.goodput,
+        "--tag",
+        system,
+        *labels,
+        "--output-file",
+        str(raw),
+        *([] if args.show_progress else ["--disable-tqdm"]),
+        *[x for a in args.bench_arg for x in a.split("=", 1)],
+    ]
 
 
 def run_point(cmd: list[str], timeout: float, raw: Path) -> bool:
@@ -248,8 +342,14 @@ def run_point(cmd: list[str], timeout: float, raw: Path) -> bool:
     return after > before
 
 
-def run_system(args: argparse.Namespace, system: str, model: tuple[str, list[str], int], raw: Path,
-               deadline: float, run_labels: tuple[str, ...]) -> str | None:
+def run_system(
+    args: argparse.Namespace,
+    system: str,
+    model: tuple[str, list[str], int],
+    raw: Path,
+    deadline: float,
+    run_labels: tuple[str, ...],
+) -> str | None:
     """Every (workload, rate) point of one system on one cluster; returns a failure note or None."""
     path, model_args, vocab = model
     cluster = Cluster(args, system, path, model_args + args.worker_arg)
@@ -275,8 +375,9 @@ def run_system(args: argparse.Namespace, system: str, model: tuple[str, list[str
 
 def machine() -> str:
     try:
-        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=20).stdout.split("\n")
+        gpus = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        ).stdout.split("\n")
         names = [g.strip() for g in gpus if g.strip()]
     except (OSError, subprocess.SubprocessError):
         names = []
@@ -296,16 +397,24 @@ def report(args: argparse.Namespace, raw: Path, out_dir: Path, notes: list[str])
         except RuntimeError as exc:
             notes.append(f"plots not written: {exc}")
     shown = [r for r in rows if (r.get("labels") or {}).get("workload") in args.workloads]
-    facts = [("dates (UTC)", _distinct(str(r.get("date", ""))[:10] for r in shown)),
-             ("machine", _distinct((r.get("labels") or {}).get("machine") for r in shown)),
-             ("commands", _distinct(f"`{c}`" for r in shown if (c := (r.get("labels") or {}).get("command")))),
-             ("model", _distinct(_model_desc(r.get("model")) for r in shown)),
-             ("router", "PD mode for pd, regular mode for colocated; its default policy (cache_aware) unless a "
-              "command sets --router-arg=--policy=..."),
-             ("SLO", _distinct(json.dumps(r.get("goodput_slo")) for r in shown) +
-              " in ms; itl = a request's largest inter-token gap"),
-             ("workloads", "; ".join(f"{w}: {' '.join(WORKLOADS[w].bench_args)}" for w in args.workloads)),
-             ("raw", str(raw))]
+    facts = [
+        ("dates (UTC)", _distinct(str(r.get("date", ""))[:10] for r in shown)),
+        ("machine", _distinct((r.get("labels") or {}).get("machine") for r in shown)),
+        ("commands", _distinct(f"`{c}`" for r in shown if (c := (r.get("labels") or {}).get("command")))),
+        ("model", _distinct(_model_desc(r.get("model")) for r in shown)),
+        (
+            "router",
+            "PD mode for pd, regular mode for colocated; its default policy (cache_aware) unless a "
+            "command sets --router-arg=--policy=...",
+        ),
+        (
+            "SLO",
+            _distinct(json.dumps(r.get("goodput_slo")) for r in shown)
+            + " in ms; itl = a request's largest inter-token gap",
+        ),
+        ("workloads", "; ".join(f"{w}: {' '.join(WORKLOADS[w].bench_args)}" for w in args.workloads)),
+        ("raw", str(raw)),
+    ]
     text = summary_markdown("PD (1P+1D) vs colocated (2 workers) on the same GPUs", facts, tables, notes)
     (out_dir / "summary.md").write_text(text)
     return text
@@ -337,8 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             raw.unlink()
         deadline = time.monotonic() + args.timeout
         model = prepare_model(args)
-        run_labels = (f"machine={machine()}",
-                      f"command=python {shlex.join(['bench/pd_vs_colocated.py', *args.argv])}")
+        run_labels = (f"machine={machine()}", f"command=python {shlex.join(['bench/pd_vs_colocated.py', *args.argv])}")
         signal.signal(signal.SIGTERM, _interrupt)  # so that `finally` stops the cluster on SIGTERM too
         try:
             for system in args.systems:

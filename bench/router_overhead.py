@@ -184,14 +184,16 @@ class Generator:
         data = json.dumps(body).encode()
         if self.kind == "aiohttp":
             if self.session is None:
-                self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                                     timeout=aiohttp.ClientTimeout(total=60))
+                self.session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)
+                )
             session = self.session
 
             async def aiohttp_one() -> float:
                 t0 = time.perf_counter()
-                async with session.post(url + "/generate", data=data,
-                                        headers={"Content-Type": "application/json"}) as r:
+                async with session.post(
+                    url + "/generate", data=data, headers={"Content-Type": "application/json"}
+                ) as r:
                     raw = await r.read()
                 check(url, r.status, raw)
                 return time.perf_counter() - t0
@@ -200,8 +202,10 @@ class Generator:
         host, port = url.split("//", 1)[1].rsplit(":", 1)
         _, conn = await asyncio.get_running_loop().create_connection(LeanConn, host, int(port))
         self.conns.append(conn)
-        request = (f"POST /generate HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                   f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+        request = (
+            f"POST /generate HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        ).encode() + data
 
         async def lean_one() -> float:
             t0 = time.perf_counter()
@@ -227,8 +231,9 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def latency(gen: Generator, direct: tuple[str, dict[str, Any]], other: tuple[str, dict[str, Any]], n: int,
-                  block: int = 20) -> dict[str, Any]:
+async def latency(
+    gen: Generator, direct: tuple[str, dict[str, Any]], other: tuple[str, dict[str, Any]], n: int, block: int = 20
+) -> dict[str, Any]:
     one_d, one_r = await gen.caller(*direct), await gen.caller(*other)
     d: list[float] = []
     r: list[float] = []
@@ -239,15 +244,20 @@ async def latency(gen: Generator, direct: tuple[str, dict[str, Any]], other: tup
         d.extend([await one_d() for _ in range(block)])
         r.extend([await one_r() for _ in range(block)])
     ms = 1000.0
-    out = {"direct_median_ms": statistics.median(d) * ms, "direct_p99_ms": pct(d, 0.99) * ms,
-           "routed_median_ms": statistics.median(r) * ms, "routed_p99_ms": pct(r, 0.99) * ms}
+    out = {
+        "direct_median_ms": statistics.median(d) * ms,
+        "direct_p99_ms": pct(d, 0.99) * ms,
+        "routed_median_ms": statistics.median(r) * ms,
+        "routed_p99_ms": pct(r, 0.99) * ms,
+    }
     out["added_median_ms"] = out["routed_median_ms"] - out["direct_median_ms"]
     out["added_p99_ms"] = out["routed_p99_ms"] - out["direct_p99_ms"]
     return out
 
 
-async def throughput(gen: Generator, target: tuple[str, dict[str, Any]], concurrency: int, seconds: float,
-                     pid: int | None = None) -> tuple[float, float | None]:
+async def throughput(
+    gen: Generator, target: tuple[str, dict[str, Any]], concurrency: int, seconds: float, pid: int | None = None
+) -> tuple[float, float | None]:
     """-> (req/s, CPU µs per request of process ``pid``) for a closed loop of ``concurrency`` streams."""
     callers = [await gen.caller(*target) for _ in range(concurrency)]
     done = 0
@@ -268,8 +278,9 @@ async def throughput(gen: Generator, target: tuple[str, dict[str, Any]], concurr
     return rps, cpu
 
 
-async def run(args: argparse.Namespace, direct: str, routed: str, router_pid: int,
-              floors: dict[str, tuple[str, int]]) -> dict[str, Any]:
+async def run(
+    args: argparse.Namespace, direct: str, routed: str, router_pid: int, floors: dict[str, tuple[str, int]]
+) -> dict[str, Any]:
     gen = Generator(args.client)
     d = (direct, {**BODY, **PD_FIELDS} if args.pd else BODY)
     r = (routed, BODY)
@@ -282,8 +293,7 @@ async def run(args: argparse.Namespace, direct: str, routed: str, router_pid: in
         row: dict[str, Any] = {"concurrency": c, "direct_rps": (await throughput(gen, d, c, args.seconds))[0]}
         row["routed_rps"], row["router_cpu_us_per_req"] = await throughput(gen, r, c, args.seconds, router_pid)
         for name, (url, pid) in floors.items():
-            row[f"{name}_rps"], row[f"{name}_cpu_us_per_req"] = await throughput(gen, (url, BODY), c, args.seconds,
-                                                                                  pid)
+            row[f"{name}_rps"], row[f"{name}_cpu_us_per_req"] = await throughput(gen, (url, BODY), c, args.seconds, pid)
         rows.append(row)
     result["throughput"] = rows
     result["max_routed_rps"] = max(row["routed_rps"] for row in rows)
@@ -295,39 +305,47 @@ async def run(args: argparse.Namespace, direct: str, routed: str, router_pid: in
 def table(res: dict[str, Any], floors: list[str]) -> str:
     cfg, lat = res["config"], res["latency"]
     lines = [
-        (f"latency (1 at a time, {cfg['requests']} requests per path, {cfg['tokens']} events, mock latency "
-         f"{cfg['latency_ms']} ms, {cfg['client']} client, {'PD' if cfg['pd'] else 'regular'} mode)"),
+        (
+            f"latency (1 at a time, {cfg['requests']} requests per path, {cfg['tokens']} events, mock latency "
+            f"{cfg['latency_ms']} ms, {cfg['client']} client, {'PD' if cfg['pd'] else 'regular'} mode)"
+        ),
         f"  direct  median {lat['direct_median_ms']:.3f} ms  p99 {lat['direct_p99_ms']:.3f} ms",
         f"  routed  median {lat['routed_median_ms']:.3f} ms  p99 {lat['routed_p99_ms']:.3f} ms",
         f"  added   median {lat['added_median_ms']:.3f} ms  p99 {lat['added_p99_ms']:.3f} ms",
     ]
     for name in floors:
         f = res[f"{name}_latency"]
-        lines.append(f"  ({name.replace('_', ' ')}: added median {f['added_median_ms']:.3f} ms"
-                     f"  p99 {f['added_p99_ms']:.3f} ms)")
+        lines.append(
+            f"  ({name.replace('_', ' ')}: added median {f['added_median_ms']:.3f} ms  p99 {f['added_p99_ms']:.3f} ms)"
+        )
     lines.append(f"throughput (closed loop, {cfg['seconds']} s per point)")
     head = "  concurrency  direct req/s  routed req/s  router CPU us/req"
     for name in floors:
         head += f"  {name.replace('_', ' ')} req/s  CPU us/req"
     lines.append(head)
     for row in res["throughput"]:
-        line = (f"  {row['concurrency']:>11}  {row['direct_rps']:>12.0f}  {row['routed_rps']:>12.0f}"
-                f"  {row['router_cpu_us_per_req']:>17.0f}")
+        line = (
+            f"  {row['concurrency']:>11}  {row['direct_rps']:>12.0f}  {row['routed_rps']:>12.0f}"
+            f"  {row['router_cpu_us_per_req']:>17.0f}"
+        )
         for name in floors:
             line += f"  {row[f'{name}_rps']:>{len(name) + 6}.0f}  {row[f'{name}_cpu_us_per_req']:>10.0f}"
         lines.append(line)
-    lines.append(f"max routed req/s: {res['max_routed_rps']:.0f}; router CPU per request "
-                 f"{res['router_cpu_us_per_req']:.0f} us -> ~{res['one_core_rps_estimate']:.0f} req/s per full core"
-                 f"; load average {res['machine']['load_avg_before'][0]:.2f} before, "
-                 f"{res['machine']['load_avg'][0]:.2f} after")
+    lines.append(
+        f"max routed req/s: {res['max_routed_rps']:.0f}; router CPU per request "
+        f"{res['router_cpu_us_per_req']:.0f} us -> ~{res['one_core_rps_estimate']:.0f} req/s per full core"
+        f"; load average {res['machine']['load_avg_before'][0]:.2f} before, "
+        f"{res['machine']['load_avg'][0]:.2f} after"
+    )
     return "\n".join(lines)
 
 
 def start_floor(code: str, upstream: str) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-c", code, upstream, str(port)], stdout=subprocess.PIPE, text=True,
-                            env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, upstream, str(port)], stdout=subprocess.PIPE, text=True, env=env
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", "a bare proxy did not start"
     return proc, f"http://127.0.0.1:{port}"
 
@@ -357,8 +375,17 @@ def main() -> int:
         else:
             mocks = [MockProcess(*mock_flags)]
             workers = ["--worker-urls", mocks[0].url]
-        router = RouterProcess(*workers, "--policy", "round_robin", "--max-concurrent-requests", "1024",
-                               "--log-level", "warning", *args.router_arg, wait_ready=True)
+        router = RouterProcess(
+            *workers,
+            "--policy",
+            "round_robin",
+            "--max-concurrent-requests",
+            "1024",
+            "--log-level",
+            "warning",
+            *args.router_arg,
+            wait_ready=True,
+        )
         floors: dict[str, tuple[str, int]] = {}
         if not args.no_baseline and not args.pd:
             for name, code in (("bare_aiohttp_proxy", BARE_AIOHTTP_PROXY), ("bare_h1_proxy", BARE_H1_PROXY)):
@@ -374,11 +401,22 @@ def main() -> int:
             router.stop()
         for mock in mocks:
             mock.stop()
-    res["config"] = {"latency_ms": args.latency_ms, "tokens": args.tokens, "requests": args.requests,
-                     "seconds": args.seconds, "concurrency": args.concurrency, "router_args": args.router_arg,
-                     "client": args.client, "pd": args.pd}
-    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg(),
-                      "load_avg_before": load_before}
+    res["config"] = {
+        "latency_ms": args.latency_ms,
+        "tokens": args.tokens,
+        "requests": args.requests,
+        "seconds": args.seconds,
+        "concurrency": args.concurrency,
+        "router_args": args.router_arg,
+        "client": args.client,
+        "pd": args.pd,
+    }
+    res["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_avg": os.getloadavg(),
+        "load_avg_before": load_before,
+    }
     res["date"] = time.strftime("%Y-%m-%d")
     print(table(res, list(floors)))
     if args.output_file:

@@ -54,16 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="sglang")
     p.add_argument("--model", help="model name sent to OpenAI routes (default: first id of GET /v1/models)")
     p.add_argument("--tokenizer", help="HF tokenizer dir: builds text prompts, counts generated tokens")
-    p.add_argument("--dataset-name", choices=DATASETS,
-                   help="default: random with --tokenizer, random-ids without")
+    p.add_argument("--dataset-name", choices=DATASETS, help="default: random with --tokenizer, random-ids without")
     p.add_argument("--random-input-len", type=int, default=1024)
     p.add_argument("--random-output-len", type=int, default=1024)
-    p.add_argument("--random-range-ratio", type=float, default=0.0,
-                   help="lengths uniform in [len * ratio, len]")
-    p.add_argument("--random-vocab-size", type=int,
-                   help="random-ids drawn from [0, N) (default: the tokenizer's vocab, else 256)")
-    p.add_argument("--num-prompts", type=int, default=1000,
-                   help="requests to send (generated-shared-prefix: groups x prompts per group instead)")
+    p.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths uniform in [len * ratio, len]")
+    p.add_argument(
+        "--random-vocab-size", type=int, help="random-ids drawn from [0, N) (default: the tokenizer's vocab, else 256)"
+    )
+    p.add_argument(
+        "--num-prompts",
+        type=int,
+        default=1000,
+        help="requests to send (generated-shared-prefix: groups x prompts per group instead)",
+    )
     g = p.add_argument_group("generated-shared-prefix")
     g.add_argument("--gsp-num-groups", type=int, default=64)
     g.add_argument("--gsp-prompts-per-group", type=int, default=16)
@@ -71,13 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gsp-question-len", type=int, default=128)
     g.add_argument("--gsp-output-len", type=int, default=256)
     c = p.add_argument_group("chat-synthetic (lengths clamped to --random-input-len / --random-output-len)")
-    c.add_argument("--chat-long-fraction", type=float, default=0.0,
-                   help="share of long-document requests mixed in (input uniform in [L/2, L])")
+    c.add_argument(
+        "--chat-long-fraction",
+        type=float,
+        default=0.0,
+        help="share of long-document requests mixed in (input uniform in [L/2, L])",
+    )
     c.add_argument("--chat-long-input-len", type=int, default=8192, help="L of --chat-long-fraction")
-    p.add_argument("--request-rate", type=float, default=float("inf"),
-                   help="Poisson arrivals, requests/s; inf sends all at once")
-    p.add_argument("--burstiness", type=float, default=1.0,
-                   help="gamma shape of the arrival gaps: 1 Poisson, < 1 burstier, > 1 more regular")
+    p.add_argument(
+        "--request-rate", type=float, default=float("inf"), help="Poisson arrivals, requests/s; inf sends all at once"
+    )
+    p.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="gamma shape of the arrival gaps: 1 Poisson, < 1 burstier, > 1 more regular",
+    )
     p.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--disable-stream", action="store_true")
@@ -85,16 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-requests", type=int, default=1)
     p.add_argument("--request-timeout", type=float, default=3600.0, help="seconds per request")
     p.add_argument("--flush-cache", action="store_true", help="POST /flush_cache after warm-up")
-    p.add_argument("--goodput", nargs="+", metavar="KEY:MS",
-                   help="SLO: ttft, tpot, e2e, itl (a request's largest gap), itl_p99 bounds in ms")
+    p.add_argument(
+        "--goodput",
+        nargs="+",
+        metavar="KEY:MS",
+        help="SLO: ttft, tpot, e2e, itl (a request's largest gap), itl_p99 bounds in ms",
+    )
     p.add_argument("--output-file", help="append one JSON line per run")
     p.add_argument("--tag", help="name of this run's series in sweep charts (e.g. pd, colocated)")
-    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra label in the JSON line (repeatable)")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="extra label in the JSON line (repeatable)"
+    )
     p.add_argument("--plot", metavar="DIR", help="write PNG charts (needs matplotlib)")
     p.add_argument("--disable-tqdm", action="store_true")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                   help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)",
+    )
     return p
 
 
@@ -104,20 +124,39 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if dataset == "generated-shared-prefix":  # SGLang's rule: the groups decide the count
         args.num_prompts = args.gsp_num_groups * args.gsp_prompts_per_group
     return BenchConfig(
-        base_url=base_url, backend=args.backend, model=args.model, tokenizer=args.tokenizer,
-        dataset_name=dataset, random_input_len=args.random_input_len,
-        random_output_len=args.random_output_len, random_range_ratio=args.random_range_ratio,
-        random_vocab_size=args.random_vocab_size, num_prompts=args.num_prompts,
-        request_rate=args.request_rate, max_concurrency=args.max_concurrency, seed=args.seed,
-        stream=not args.disable_stream, ignore_eos=not args.disable_ignore_eos,
-        warmup_requests=args.warmup_requests, request_timeout_s=args.request_timeout,
-        output_file=args.output_file, disable_tqdm=args.disable_tqdm, api_key=args.api_key,
-        burstiness=args.burstiness, gsp_num_groups=args.gsp_num_groups,
-        gsp_prompts_per_group=args.gsp_prompts_per_group, gsp_system_prompt_len=args.gsp_system_prompt_len,
-        gsp_question_len=args.gsp_question_len, gsp_output_len=args.gsp_output_len,
-        chat_long_fraction=args.chat_long_fraction, chat_long_input_len=args.chat_long_input_len,
-        flush_cache=args.flush_cache, slo=parse_slo(args.goodput) if args.goodput else None,
-        tag=args.tag, labels=parse_labels(args.label), plot_dir=args.plot,
+        base_url=base_url,
+        backend=args.backend,
+        model=args.model,
+        tokenizer=args.tokenizer,
+        dataset_name=dataset,
+        random_input_len=args.random_input_len,
+        random_output_len=args.random_output_len,
+        random_range_ratio=args.random_range_ratio,
+        random_vocab_size=args.random_vocab_size,
+        num_prompts=args.num_prompts,
+        request_rate=args.request_rate,
+        max_concurrency=args.max_concurrency,
+        seed=args.seed,
+        stream=not args.disable_stream,
+        ignore_eos=not args.disable_ignore_eos,
+        warmup_requests=args.warmup_requests,
+        request_timeout_s=args.request_timeout,
+        output_file=args.output_file,
+        disable_tqdm=args.disable_tqdm,
+        api_key=args.api_key,
+        burstiness=args.burstiness,
+        gsp_num_groups=args.gsp_num_groups,
+        gsp_prompts_per_group=args.gsp_prompts_per_group,
+        gsp_system_prompt_len=args.gsp_system_prompt_len,
+        gsp_question_len=args.gsp_question_len,
+        gsp_output_len=args.gsp_output_len,
+        chat_long_fraction=args.chat_long_fraction,
+        chat_long_input_len=args.chat_long_input_len,
+        flush_cache=args.flush_cache,
+        slo=parse_slo(args.goodput) if args.goodput else None,
+        tag=args.tag,
+        labels=parse_labels(args.label),
+        plot_dir=args.plot,
     )
 
 

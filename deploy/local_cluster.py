@@ -41,8 +41,11 @@ class Proc:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "UCX_WARN_UNUSED_ENV_VARS": "n"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "UCX_WARN_UNUSED_ENV_VARS": "n",
+    }
 
 
 def secret_args(args: argparse.Namespace) -> list[str]:
@@ -60,8 +63,21 @@ def make_secret(log_dir: Path) -> str:
 
 
 def start_worker(args: argparse.Namespace, mode: str, index: int, port: int, gpu: int, log_dir: Path) -> Proc:
-    cmd = [sys.executable, "-m", "sglang_pd.launch_server", "--model-path", args.model_path, "--host", args.host,
-           "--port", str(port), "--device", args.device, *secret_args(args), *args.worker_arg]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang_pd.launch_server",
+        "--model-path",
+        args.model_path,
+        "--host",
+        args.host,
+        "--port",
+        str(port),
+        "--device",
+        args.device,
+        *secret_args(args),
+        *args.worker_arg,
+    ]
     if mode != "null":
         cmd += ["--disaggregation-mode", mode]
     if mode == "prefill":
@@ -75,8 +91,17 @@ def start_worker(args: argparse.Namespace, mode: str, index: int, port: int, gpu
 
 
 def start_router(args: argparse.Namespace, prefills: list[Proc], decodes: list[Proc], log_dir: Path) -> Proc:
-    cmd = [sys.executable, "-m", "router.launch_router", "--host", args.host, "--port", str(args.port),
-           *secret_args(args), *args.router_arg]
+    cmd = [
+        sys.executable,
+        "-m",
+        "router.launch_router",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        *secret_args(args),
+        *args.router_arg,
+    ]
     if prefills:
         cmd.append("--pd-disaggregation")
         for i, p in enumerate(prefills):
@@ -131,14 +156,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--base-port", type=int, default=30000, help="first worker port")
     ap.add_argument("--bootstrap-base-port", type=int, default=8998)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--gpu-ids", default=None, help="cuda: comma-separated GPU per worker, prefill first (default 0, 1, ...)")
-    ap.add_argument("--worker-arg", action="append", default=[], help="extra worker flag (repeatable; use --worker-arg=--flag=value)")
+    ap.add_argument(
+        "--gpu-ids", default=None, help="cuda: comma-separated GPU per worker, prefill first (default 0, 1, ...)"
+    )
+    ap.add_argument(
+        "--worker-arg",
+        action="append",
+        default=[],
+        help="extra worker flag (repeatable; use --worker-arg=--flag=value)",
+    )
     ap.add_argument("--router-arg", action="append", default=[], help="extra router flag (repeatable)")
     ap.add_argument("--log-dir", default=None)
-    ap.add_argument("--cluster-secret-file", default=None,
-                    help="cluster secret for every worker and the router (default: a fresh one in the log dir)")
-    ap.add_argument("--no-cluster-secret", action="store_true",
-                    help="run the control plane unsigned (private network only; README: Security)")
+    ap.add_argument(
+        "--cluster-secret-file",
+        default=None,
+        help="cluster secret for every worker and the router (default: a fresh one in the log dir)",
+    )
+    ap.add_argument(
+        "--no-cluster-secret",
+        action="store_true",
+        help="run the control plane unsigned (private network only; README: Security)",
+    )
     ap.add_argument("--startup-timeout", type=float, default=300)
     args = ap.parse_args(argv)
     args.worker_arg = [x for a in args.worker_arg for x in a.split("=", 1)] if args.worker_arg else []
@@ -168,8 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     mode = "prefill" if args.prefill > 0 else "null"
     gpus = gpu_ids(args)
     prefills = [start_worker(args, "prefill", i, args.base_port + i, gpus[i], log_dir) for i in range(args.prefill)]
-    decodes = [start_worker(args, "decode" if mode == "prefill" else "null", j, args.base_port + args.prefill + j,
-                            gpus[args.prefill + j], log_dir) for j in range(args.decode)]
+    decodes = [
+        start_worker(
+            args,
+            "decode" if mode == "prefill" else "null",
+            j,
+            args.base_port + args.prefill + j,
+            gpus[args.prefill + j],
+            log_dir,
+        )
+        for j in range(args.decode)
+    ]
     procs = prefills + decodes
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
@@ -178,12 +225,23 @@ def main(argv: list[str] | None = None) -> int:
         router = start_router(args, prefills, decodes, log_dir)
         procs.append(router)
         wait_healthy([router], 60, log_dir)
-        print(json.dumps({"router": router.url, "prefill": [p.url for p in prefills],
-                          "decode": [d.url for d in decodes], "log_dir": str(log_dir),
-                          "cluster_secret_file": args.cluster_secret_file}), flush=True)
-        print(f"cluster ready; try:\n  curl -s {router.url}/generate -H 'Content-Type: application/json' "
-              f"-d '{{\"text\": \"Hello\", \"sampling_params\": {{\"max_new_tokens\": 16, \"temperature\": 0}}}}'",
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "router": router.url,
+                    "prefill": [p.url for p in prefills],
+                    "decode": [d.url for d in decodes],
+                    "log_dir": str(log_dir),
+                    "cluster_secret_file": args.cluster_secret_file,
+                }
+            ),
+            flush=True,
+        )
+        print(
+            f"cluster ready; try:\n  curl -s {router.url}/generate -H 'Content-Type: application/json' "
+            f'-d \'{{"text": "Hello", "sampling_params": {{"max_new_tokens": 16, "temperature": 0}}}}\'',
+            flush=True,
+        )
         while not stop["now"] and all(p.popen.poll() is None for p in procs):
             time.sleep(0.2)
         dead = [p.name for p in procs if p.popen.poll() is not None]

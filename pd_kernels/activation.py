@@ -50,8 +50,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x's leading dims must collapse to one, got strides {x.stride()}") from None
     block = min(2048, triton.next_power_of_2(inter))
     grid = (rows.shape[0], triton.cdiv(inter, block))
-    _silu_and_mul_kernel[grid](rows, out, inter, rows.stride(0), BLOCK=block,
-                               num_warps=max(1, min(8, block // 256)))
+    _silu_and_mul_kernel[grid](rows, out, inter, rows.stride(0), BLOCK=block, num_warps=max(1, min(8, block // 256)))
     return out
 
 

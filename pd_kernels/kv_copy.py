@@ -48,8 +48,16 @@ class RawPages:
 
 @triton.jit
 def _pages_to_pages_kernel(
-    src_ptr, dst_ptr, src_idx_ptr, dst_idx_ptr, src_pages, dst_pages, page_elems, blocks_per_page,
-    EVEN: tl.constexpr, BLOCK: tl.constexpr,
+    src_ptr,
+    dst_ptr,
+    src_idx_ptr,
+    dst_idx_ptr,
+    src_pages,
+    dst_pages,
+    page_elems,
+    blocks_per_page,
+    EVEN: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i = pid // blocks_per_page
@@ -66,8 +74,13 @@ def _pages_to_pages_kernel(
         tl.store(dst, tl.load(src, mask=mask), mask=mask)
 
 
-def copy_pages(src: torch.Tensor | RawPages, src_idx: torch.Tensor, dst: torch.Tensor | RawPages, dst_idx: torch.Tensor,
-               block: int = 4096) -> None:
+def copy_pages(
+    src: torch.Tensor | RawPages,
+    src_idx: torch.Tensor,
+    dst: torch.Tensor | RawPages,
+    dst_idx: torch.Tensor,
+    block: int = 4096,
+) -> None:
     """``dst[:, :, dst_idx] = src[:, :, src_idx]`` on the tensor pool's device and current stream.
 
     One of ``src``, ``dst`` may be a ``RawPages``. ``src_idx`` and ``dst_idx``: 1-D contiguous int64/int32
@@ -100,9 +113,15 @@ class PageCopier:
         self._direct: dict[tuple[torch.dtype, torch.dtype, bool], tuple | None] = {}
 
     def __call__(self, src_idx: torch.Tensor, dst_idx: torch.Tensor, stream: torch.cuda.Stream | None = None) -> None:
-        if (src_idx.dim() != 1 or dst_idx.dim() != 1 or src_idx.shape[0] != dst_idx.shape[0]
-                or src_idx.get_device() != self._dev or dst_idx.get_device() != self._dev
-                or not src_idx.is_contiguous() or not dst_idx.is_contiguous()):
+        if (
+            src_idx.dim() != 1
+            or dst_idx.dim() != 1
+            or src_idx.shape[0] != dst_idx.shape[0]
+            or src_idx.get_device() != self._dev
+            or dst_idx.get_device() != self._dev
+            or not src_idx.is_contiguous()
+            or not dst_idx.is_contiguous()
+        ):
             _check_ids(src_idx, dst_idx, self.device)  # raises: says what is wrong
         if stream is not None and stream.device_index != self._dev:
             raise ValueError(f"stream is on cuda:{stream.device_index}; the pool is on {self.device}")
@@ -122,8 +141,22 @@ class PageCopier:
         run, function, metadata, current_stream = direct
         p = self._plan
         raw = stream.cuda_stream if stream is not None else current_stream(self._dev)
-        run(n * p.blocks_per_page, p.planes, 1, raw, function, metadata, None, None, None,
-            p.src_ptr, p.dst_ptr, sp, dp, *p.scalars)
+        run(
+            n * p.blocks_per_page,
+            p.planes,
+            1,
+            raw,
+            function,
+            metadata,
+            None,
+            None,
+            None,
+            p.src_ptr,
+            p.dst_ptr,
+            sp,
+            dp,
+            *p.scalars,
+        )
 
     def _compile(self, key: tuple, src_idx: torch.Tensor, dst_idx: torch.Tensor) -> tuple | None:
         """Triton's compiled kernel for these ids' dtypes and alignment, loaded on our device (None: launch
@@ -132,8 +165,9 @@ class PageCopier:
         direct = None
         if self._dev >= 0 and _direct_launch_known():
             p = self._plan
-            kernel = _pages_to_pages_kernel.warmup(p.src, p.dst, src_idx, dst_idx, *p.scalars[:4], grid=(1,),
-                                                   **p.options)
+            kernel = _pages_to_pages_kernel.warmup(
+                p.src, p.dst, src_idx, dst_idx, *p.scalars[:4], grid=(1,), **p.options
+            )
             kernel = kernel.result() if hasattr(kernel, "result") else kernel  # an async compile's future
             run = kernel.run  # loads the module into the current (our) device's context
             direct = (run, kernel.function, kernel.packed_metadata, triton.runtime.driver.active.get_current_stream)
@@ -155,8 +189,9 @@ class PageIdUploader:
     uploads are queued behind a busy stream). On CPU the host row itself is returned (no copy).
     """
 
-    def __init__(self, device: torch.device | str, capacity: int, slots: int = 8,
-                 dtype: torch.dtype = torch.int64) -> None:
+    def __init__(
+        self, device: torch.device | str, capacity: int, slots: int = 8, dtype: torch.dtype = torch.int64
+    ) -> None:
         device = torch.device(device)
         cuda = device.type == "cuda"
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda and device.index is None else device
@@ -192,6 +227,8 @@ class PageIdUploader:
         event = self._events[k]
         event.synchronize()  # this row's previous copy ran (returns at once if never recorded)
         self._host_np[k, :n] = ids
+        if self._memcpy is None:
+            raise RuntimeError("the page-id uploader needs a CUDA device")
         rc = self._memcpy(*self._ptrs[k], n * self._itemsize, stream.cuda_stream)
         if rc:
             raise RuntimeError(f"cuMemcpyHtoDAsync failed: CUresult {rc}")
@@ -212,8 +249,9 @@ class _Plan:
         self.empty = page_elems == 0 or self.planes == 0
         block = min(block, triton.next_power_of_2(page_elems))
         self.blocks_per_page = triton.cdiv(page_elems, block)
-        self.src, self.dst = (p.view(bits) if isinstance(p, torch.Tensor) else RawPages(p.ptr, bits, p.num_pages)
-                              for p in (src, dst))
+        self.src, self.dst = (
+            p.view(bits) if isinstance(p, torch.Tensor) else RawPages(p.ptr, bits, p.num_pages) for p in (src, dst)
+        )
         self.src_ptr, self.dst_ptr = self.src.data_ptr(), self.dst.data_ptr()
         pages = [p.shape[2] if isinstance(p, torch.Tensor) else p.num_pages for p in (src, dst)]
         even = page_elems % block == 0
@@ -225,11 +263,14 @@ class _Plan:
         """The ordinary launch: ``kernel[grid](...)`` (Triton binds and specializes the arguments)."""
         if n and not self.empty:
             _pages_to_pages_kernel[(n * self.blocks_per_page, self.planes)](
-                self.src, self.dst, src_idx, dst_idx, *self.scalars[:4], **self.options)
+                self.src, self.dst, src_idx, dst_idx, *self.scalars[:4], **self.options
+            )
 
 
-_KNOWN_LAUNCH = ("kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,kernel.packed_metadata,launch_metadata,"
-                 "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*bound_args.values())")
+_KNOWN_LAUNCH = (
+    "kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,kernel.packed_metadata,launch_metadata,"
+    "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*bound_args.values())"
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -240,8 +281,12 @@ def _direct_launch_known() -> bool:
         from triton.runtime.jit import JITFunction
 
         run_src = "".join(inspect.getsource(JITFunction.run).split())
-        return (isinstance(_pages_to_pages_kernel, JITFunction) and _KNOWN_LAUNCH in run_src
-                and hasattr(_pages_to_pages_kernel, "warmup") and hasattr(triton.knobs.runtime, "launch_exit_hook"))
+        return (
+            isinstance(_pages_to_pages_kernel, JITFunction)
+            and _KNOWN_LAUNCH in run_src
+            and hasattr(_pages_to_pages_kernel, "warmup")
+            and hasattr(triton.knobs.runtime, "launch_exit_hook")
+        )
     except (ImportError, OSError, TypeError, AttributeError):
         return False
 
@@ -260,7 +305,8 @@ def _launch_hooked() -> bool:
     rt = triton.knobs.runtime
     enter, leave = rt.launch_enter_hook, rt.launch_exit_hook  # None, or a HookChain (.calls) or a callable
     return bool(enter is not None and getattr(enter, "calls", True)) or bool(
-        leave is not None and getattr(leave, "calls", True))
+        leave is not None and getattr(leave, "calls", True)
+    )
 
 
 def _check_pools(src: torch.Tensor | RawPages, dst: torch.Tensor | RawPages) -> torch.Tensor:
@@ -270,19 +316,29 @@ def _check_pools(src: torch.Tensor | RawPages, dst: torch.Tensor | RawPages) -> 
     if not isinstance(pool, torch.Tensor):
         raise TypeError("src and dst are both RawPages; one must be a tensor (the kernel runs on its device)")
     if pool.dim() != 6 or pool.shape[1] != 2 or not pool.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous [num_layers, 2, num_pages, page_size, num_kv_heads, head_dim], "
-                         f"got shape {tuple(pool.shape)} strides {pool.stride()}")
+        raise ValueError(
+            f"{name} must be a contiguous [num_layers, 2, num_pages, page_size, num_kv_heads, head_dim], "
+            f"got shape {tuple(pool.shape)} strides {pool.stride()}"
+        )
     if pool.element_size() not in _BITS:
         raise TypeError(f"unsupported KV dtype {pool.dtype}")
-    other = src if pool is dst else dst
-    if isinstance(other, torch.Tensor):
-        if (other.dim() != 6 or other.shape[:2] != pool.shape[:2] or other.shape[3:] != pool.shape[3:]
-                or not other.is_contiguous()):
-            raise ValueError(f"src shape {tuple(src.shape)} does not match dst {tuple(dst.shape)} "
-                             "(all but the page count), or src is not contiguous")
+    other: torch.Tensor | RawPages = src if pool is dst else dst
+    if isinstance(other, torch.Tensor):  # both are tensors: ``pool`` is dst, ``other`` is src
+        if (
+            other.dim() != 6
+            or other.shape[:2] != pool.shape[:2]
+            or other.shape[3:] != pool.shape[3:]
+            or not other.is_contiguous()
+        ):
+            raise ValueError(
+                f"src shape {tuple(other.shape)} does not match dst {tuple(pool.shape)} "
+                "(all but the page count), or src is not contiguous"
+            )
         if other.device != pool.device:
-            raise ValueError(f"src ({src.device}) and dst ({dst.device}) are on different devices; pass another "
-                             "GPU's pool as RawPages")
+            raise ValueError(
+                f"src ({other.device}) and dst ({pool.device}) are on different devices; pass another "
+                "GPU's pool as RawPages"
+            )
     if src.dtype != dst.dtype:
         raise TypeError(f"src is {src.dtype}; dst is {dst.dtype}")
     return pool
@@ -291,8 +347,10 @@ def _check_pools(src: torch.Tensor | RawPages, dst: torch.Tensor | RawPages) -> 
 def _check_ids(src_idx: torch.Tensor, dst_idx: torch.Tensor, device: torch.device) -> None:
     for name, idx in (("src_idx", src_idx), ("dst_idx", dst_idx)):
         if idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 1 or not idx.is_contiguous():
-            raise TypeError(f"{name} must be a contiguous 1-D int64 (or int32) tensor, got {idx.dtype} "
-                            f"{tuple(idx.shape)} strides {idx.stride()}")
+            raise TypeError(
+                f"{name} must be a contiguous 1-D int64 (or int32) tensor, got {idx.dtype} "
+                f"{tuple(idx.shape)} strides {idx.stride()}"
+            )
         if idx.device != device:
             raise ValueError(f"{name} is on {idx.device}; the pool is on {device}")
     if src_idx.shape != dst_idx.shape:

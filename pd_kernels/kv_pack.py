@@ -23,8 +23,16 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 @triton.jit
 def _page_copy_kernel(
-    kv_ptr, chunk_ptr, idx_ptr, num_pages, num_chunk_pages, page_elems, blocks_per_page,
-    PACK: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr,
+    kv_ptr,
+    chunk_ptr,
+    idx_ptr,
+    num_pages,
+    num_chunk_pages,
+    page_elems,
+    blocks_per_page,
+    PACK: tl.constexpr,
+    EVEN: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i = pid // blocks_per_page
@@ -68,26 +76,37 @@ def _launch(kv_buffer: torch.Tensor, page_idx: torch.Tensor, chunk: torch.Tensor
     blocks_per_page = triton.cdiv(page_elems, block)
     grid = (n * blocks_per_page, num_layers * two)
     _page_copy_kernel[grid](
-        kv_buffer.view(bits), chunk.view(bits), page_idx, num_pages, n, page_elems, blocks_per_page,
-        PACK=pack, EVEN=page_elems % block == 0, BLOCK=block,
+        kv_buffer.view(bits),
+        chunk.view(bits),
+        page_idx,
+        num_pages,
+        n,
+        page_elems,
+        blocks_per_page,
+        PACK=pack,
+        EVEN=page_elems % block == 0,
+        BLOCK=block,
         num_warps=max(1, min(8, block // 256)),
     )
 
 
 def _check(kv_buffer: torch.Tensor, page_idx: torch.Tensor, chunk: torch.Tensor) -> None:
     if kv_buffer.dim() != 6 or kv_buffer.shape[1] != 2 or not kv_buffer.is_contiguous():
-        raise ValueError("kv_buffer must be a contiguous [num_layers, 2, num_pages, page_size, num_kv_heads, "
-                         f"head_dim], got shape {tuple(kv_buffer.shape)} strides {kv_buffer.stride()}")
+        raise ValueError(
+            "kv_buffer must be a contiguous [num_layers, 2, num_pages, page_size, num_kv_heads, "
+            f"head_dim], got shape {tuple(kv_buffer.shape)} strides {kv_buffer.stride()}"
+        )
     if kv_buffer.element_size() not in _BITS:
         raise TypeError(f"unsupported KV dtype {kv_buffer.dtype}")
     if page_idx.dtype not in (torch.int64, torch.int32) or page_idx.dim() != 1:
-        raise TypeError(f"page_idx must be a 1-D int64 (or int32) tensor, got {page_idx.dtype} "
-                        f"{tuple(page_idx.shape)}")
+        raise TypeError(f"page_idx must be a 1-D int64 (or int32) tensor, got {page_idx.dtype} {tuple(page_idx.shape)}")
     if chunk.dtype != kv_buffer.dtype:
         raise TypeError(f"chunk is {chunk.dtype}; the KV buffer is {kv_buffer.dtype}")
     if len({kv_buffer.device, page_idx.device, chunk.device}) != 1:
-        raise ValueError(f"kv_buffer ({kv_buffer.device}), page_idx ({page_idx.device}) and chunk "
-                         f"({chunk.device}) must be on one device")
+        raise ValueError(
+            f"kv_buffer ({kv_buffer.device}), page_idx ({page_idx.device}) and chunk "
+            f"({chunk.device}) must be on one device"
+        )
     if not chunk.is_contiguous():
         raise ValueError("chunk must be contiguous")
     expected = kv_buffer[:, :, :1].numel() * page_idx.shape[0]

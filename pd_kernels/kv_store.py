@@ -23,9 +23,23 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, num_heads,
-    k_st, k_sh, v_st, v_sh, kc_ss, kc_sh, vc_ss, vc_sh,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    num_heads,
+    k_st,
+    k_sh,
+    v_st,
+    v_sh,
+    kc_ss,
+    kc_sh,
+    vc_ss,
+    vc_sh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -51,34 +65,48 @@ def store_kv(
     block_h = min(triton.next_power_of_2(num_heads), max(1, 2048 // block_d))
     grid = (tokens, triton.cdiv(num_heads, block_h))
     _store_kv_kernel[grid](
-        k, v, k_cache, v_cache, slots, num_heads,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slots,
+        num_heads,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
         num_warps=max(1, min(8, block_h * block_d // 256)),
     )
 
 
-def _check(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> None:
+def _check(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be one of {FLOAT_DTYPES}, got {t.dtype}")
         if t.dim() != 3 or t.stride(2) != 1:
-            raise ValueError(f"{name} must be 3-D with a unit last-dim stride, got shape "
-                             f"{tuple(t.shape)} strides {t.stride()}")
+            raise ValueError(
+                f"{name} must be 3-D with a unit last-dim stride, got shape {tuple(t.shape)} strides {t.stride()}"
+            )
     if slots.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"slots must be int64 (or int32), got {slots.dtype}")
     devices = {t.device for t in (k_cache, v_cache, slots, k, v)}
     if len(devices) != 1:
         raise ValueError(f"caches, slots, k and v must be on one device, got {devices}")
     if k.shape != v.shape or slots.shape != (k.shape[0],):
-        raise ValueError(f"need k, v [T, Hkv, D] and slots [T]; got {tuple(k.shape)}, {tuple(v.shape)}, "
-                         f"{tuple(slots.shape)}")
+        raise ValueError(
+            f"need k, v [T, Hkv, D] and slots [T]; got {tuple(k.shape)}, {tuple(v.shape)}, {tuple(slots.shape)}"
+        )
     if k_cache.shape[1:] != k.shape[1:] or v_cache.shape[1:] != k.shape[1:]:
-        raise ValueError(f"caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not hold "
-                         f"[Hkv, D] = {tuple(k.shape[1:])}")
+        raise ValueError(
+            f"caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not hold [Hkv, D] = {tuple(k.shape[1:])}"
+        )
 
 
 def store_kv_ref(

@@ -27,9 +27,18 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr,
-    num_rows, inner, n_cols,
-    x_sa, x_sb, r_sa, r_sb,
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    out_ptr,
+    sum_ptr,
+    num_rows,
+    inner,
+    n_cols,
+    x_sa,
+    x_sb,
+    r_sa,
+    r_sb,
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -76,9 +85,18 @@ def rms_norm(
     block_r = max(1, min(64, 4096 // block_n))
     num_rows = num_a * inner
     _rms_norm_kernel[(triton.cdiv(num_rows, block_r),)](
-        x3, r3, weight, out, total,
-        num_rows, inner, n,
-        x3.stride(0), x3.stride(1), r3.stride(0), r3.stride(1),
+        x3,
+        r3,
+        weight,
+        out,
+        total,
+        num_rows,
+        inner,
+        n,
+        x3.stride(0),
+        x3.stride(1),
+        r3.stride(0),
+        r3.stride(1),
         float(eps),
         HAS_RESIDUAL=residual is not None,
         BLOCK_R=block_r,

@@ -28,9 +28,23 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _rotate_heads(
-    src_ptr, dst_ptr, s_t, s_h, d_t, d_h, tok, num_heads, head0, cos, sin,
-    HALF: tl.constexpr, PASS: tl.constexpr, COPY_PASS: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    src_ptr,
+    dst_ptr,
+    s_t,
+    s_h,
+    d_t,
+    d_h,
+    tok,
+    num_heads,
+    head0,
+    cos,
+    sin,
+    HALF: tl.constexpr,
+    PASS: tl.constexpr,
+    COPY_PASS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
 ):
     # heads [head0, head0 + BLOCK_H) of token tok; cos/sin [BLOCK_HALF] float32, already rounded to the dtype
     dtype = dst_ptr.dtype.element_ty
@@ -59,11 +73,31 @@ def _rotate_heads(
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr,
-    num_q_heads, num_k_heads, num_q_blocks,
-    q_st, q_sh, k_st, k_sh, qo_st, qo_sh, ko_st, ko_sh, cache_stride,
-    HALF: tl.constexpr, PASS: tl.constexpr, COPY_PASS: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    qo_ptr,
+    ko_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    num_q_heads,
+    num_k_heads,
+    num_q_blocks,
+    q_st,
+    q_sh,
+    k_st,
+    k_sh,
+    qo_st,
+    qo_sh,
+    ko_st,
+    ko_sh,
+    cache_stride,
+    HALF: tl.constexpr,
+    PASS: tl.constexpr,
+    COPY_PASS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
@@ -73,12 +107,45 @@ def _rotary_kernel(
     cos = tl.load(cos_ptr + pos * cache_stride + j, mask=j < HALF, other=0.0).to(dtype).to(tl.float32)
     sin = tl.load(sin_ptr + pos * cache_stride + j, mask=j < HALF, other=0.0).to(dtype).to(tl.float32)
     if blk < num_q_blocks:
-        _rotate_heads(q_ptr, qo_ptr, q_st, q_sh, qo_st, qo_sh, tok, num_q_heads, blk * BLOCK_H, cos, sin,
-                      HALF, PASS, COPY_PASS, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+        _rotate_heads(
+            q_ptr,
+            qo_ptr,
+            q_st,
+            q_sh,
+            qo_st,
+            qo_sh,
+            tok,
+            num_q_heads,
+            blk * BLOCK_H,
+            cos,
+            sin,
+            HALF,
+            PASS,
+            COPY_PASS,
+            BLOCK_H,
+            BLOCK_HALF,
+            BLOCK_PASS,
+        )
     else:
-        _rotate_heads(k_ptr, ko_ptr, k_st, k_sh, ko_st, ko_sh, tok, num_k_heads,
-                      (blk - num_q_blocks) * BLOCK_H, cos, sin,
-                      HALF, PASS, COPY_PASS, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+        _rotate_heads(
+            k_ptr,
+            ko_ptr,
+            k_st,
+            k_sh,
+            ko_st,
+            ko_sh,
+            tok,
+            num_k_heads,
+            (blk - num_q_blocks) * BLOCK_H,
+            cos,
+            sin,
+            HALF,
+            PASS,
+            COPY_PASS,
+            BLOCK_H,
+            BLOCK_HALF,
+            BLOCK_PASS,
+        )
 
 
 def apply_rotary(
@@ -102,8 +169,14 @@ def apply_rotary_(
 
 
 def _launch(
-    q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor, positions: torch.Tensor,
-    cos_cache: torch.Tensor, sin_cache: torch.Tensor, copy_pass: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    positions: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    copy_pass: bool,
 ) -> None:
     tokens, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]
@@ -116,12 +189,31 @@ def _launch(
     num_q_blocks = triton.cdiv(num_q_heads, block_h)
     grid = (tokens, num_q_blocks + triton.cdiv(num_k_heads, block_h))
     _rotary_kernel[grid](
-        q, k, q_out, k_out, positions, cos_cache, sin_cache,
-        num_q_heads, num_k_heads, num_q_blocks,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos_cache.stride(0),
-        HALF=half, PASS=rest, COPY_PASS=copy_pass and rest > 0,
-        BLOCK_H=block_h, BLOCK_HALF=block_half, BLOCK_PASS=triton.next_power_of_2(max(rest, 1)),
+        q,
+        k,
+        q_out,
+        k_out,
+        positions,
+        cos_cache,
+        sin_cache,
+        num_q_heads,
+        num_k_heads,
+        num_q_blocks,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        q_out.stride(0),
+        q_out.stride(1),
+        k_out.stride(0),
+        k_out.stride(1),
+        cos_cache.stride(0),
+        HALF=half,
+        PASS=rest,
+        COPY_PASS=copy_pass and rest > 0,
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        BLOCK_PASS=triton.next_power_of_2(max(rest, 1)),
         num_warps=4 if block_h * block_half >= 1024 else 1,
     )
 
@@ -139,15 +231,19 @@ def _check(
     if len(devices) != 1:
         raise ValueError(f"q, k, positions and the caches must be on one device, got {devices}")
     if q.dim() != 3 or k.dim() != 3 or positions.dim() != 1:
-        raise ValueError(f"need q [T, H, D], k [T, Hkv, D], positions [T]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(positions.shape)}")
+        raise ValueError(
+            f"need q [T, H, D], k [T, Hkv, D], positions [T]; got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(positions.shape)}"
+        )
     if not q.shape[0] == k.shape[0] == positions.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, positions {tuple(positions.shape)} disagree")
     if q.stride(2) != 1 or k.stride(2) != 1:
         raise ValueError(f"q and k need a unit last-dim stride, got {q.stride()} and {k.stride()}")
     if cos_cache.dim() != 2 or sin_cache.shape != cos_cache.shape or sin_cache.stride() != cos_cache.stride():
-        raise ValueError(f"cos/sin caches must be [max_position, rotary_dim // 2] with equal strides, got "
-                         f"{tuple(cos_cache.shape)} and {tuple(sin_cache.shape)}")
+        raise ValueError(
+            f"cos/sin caches must be [max_position, rotary_dim // 2] with equal strides, got "
+            f"{tuple(cos_cache.shape)} and {tuple(sin_cache.shape)}"
+        )
     half = cos_cache.shape[1]
     if half < 1 or 2 * half > q.shape[2] or cos_cache.stride(1) != 1:
         raise ValueError(f"rotary_dim {2 * half} must be in [2, head_dim {q.shape[2]}], unit last-dim stride")
@@ -163,7 +259,7 @@ def apply_rotary_ref(
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         x_rot, x_pass = x[..., :rot], x[..., rot:]
-        rotated = torch.cat((-x_rot[..., rot // 2:], x_rot[..., : rot // 2]), dim=-1)
+        rotated = torch.cat((-x_rot[..., rot // 2 :], x_rot[..., : rot // 2]), dim=-1)
         return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
     return rotate(q), rotate(k)

@@ -71,8 +71,9 @@ async def liveness(request: web.Request) -> web.Response:
 async def list_workers(request: web.Request) -> web.Response:
     state = _state(request)
     workers = [w.describe() for w in state.registry.all()]
-    return web.json_response({"mode": "pd" if state.config.pd_disaggregation else "regular", "workers": workers,
-                              "total": len(workers)})
+    return web.json_response(
+        {"mode": "pd" if state.config.pd_disaggregation else "regular", "workers": workers, "total": len(workers)}
+    )
 
 
 def _spec_from(state: RouterState, data: dict[str, Any]) -> WorkerSpec:
@@ -102,8 +103,9 @@ async def add_worker(request: web.Request) -> web.Response:
         data["bootstrap_port"] = int(data["bootstrap_port"])
     worker, created = state.registry.add(_spec_from(state, data))
     await state.health.probe_now(worker)
-    return web.json_response({"status": "added" if created else "updated", "worker": worker.describe()},
-                             status=201 if created else 200)
+    return web.json_response(
+        {"status": "added" if created else "updated", "worker": worker.describe()}, status=201 if created else 200
+    )
 
 
 async def remove_worker(request: web.Request) -> web.Response:
@@ -117,8 +119,9 @@ async def remove_worker(request: web.Request) -> web.Response:
         raise APIError(400, str(e), "url") from None
     worker = state.registry.drain(url)
     removed = state.registry.get(url) is None
-    return web.json_response({"status": "removed" if removed else "draining", "worker": worker.describe()},
-                             status=200 if removed else 202)
+    return web.json_response(
+        {"status": "removed" if removed else "draining", "worker": worker.describe()}, status=200 if removed else 202
+    )
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
@@ -132,8 +135,9 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 
 
 # --- fan-out and single-worker info ----------------------------------------------------------------
-async def _each(state: RouterState, workers: list[Worker], method: str, path: str, timeout: float,
-                body: bytes | None = None) -> list[dict[str, Any]]:
+async def _each(
+    state: RouterState, workers: list[Worker], method: str, path: str, timeout: float, body: bytes | None = None
+) -> list[dict[str, Any]]:
     async def one(w: Worker) -> dict[str, Any]:
         try:
             status, raw, ctype = await state.upstream.call(w, method, path, timeout, body)
@@ -169,8 +173,9 @@ async def proxy_get(request: web.Request) -> web.Response:
 
 async def get_server_info(request: web.Request) -> web.Response:
     state = _state(request)
-    results = await _each(state, [w for w in state.registry.all() if not w.draining], "GET", "/get_server_info",
-                          CONTROL_TIMEOUT_S)
+    results = await _each(
+        state, [w for w in state.registry.all() if not w.draining], "GET", "/get_server_info", CONTROL_TIMEOUT_S
+    )
     out: dict[str, Any] = {}
     for r in results:  # the top level looks like a worker's answer (decode/regular first) for SGLang tools
         if r["status"] == 200 and isinstance(r.get("body"), dict) and r["role"] != "prefill":

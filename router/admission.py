@@ -37,8 +37,11 @@ class Admission:
             self.running += 1
             return
         if len(self._waiters) >= self.queue_size:
-            raise APIError(429, f"too many requests: {self.running} running and {len(self._waiters)} queued",
-                           retry_after=RETRY_AFTER_S)
+            raise APIError(
+                429,
+                f"too many requests: {self.running} running and {len(self._waiters)} queued",
+                retry_after=RETRY_AFTER_S,
+            )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
@@ -46,8 +49,11 @@ class Admission:
                 await fut
         except TimeoutError:
             self._discard(fut)
-            raise APIError(408, f"request waited {self.queue_timeout_s:g}s in the router queue without a slot",
-                           retry_after=RETRY_AFTER_S) from None
+            raise APIError(
+                408,
+                f"request waited {self.queue_timeout_s:g}s in the router queue without a slot",
+                retry_after=RETRY_AFTER_S,
+            ) from None
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.release()  # handed a slot just as the client left

@@ -45,8 +45,9 @@ if TYPE_CHECKING:  # annotations only: the names moved between aiohttp releases
 
 logger = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health", "/liveness", "/readiness", "/metrics"})
-ADMIN_PATHS = frozenset({"/workers", "/add_worker", "/remove_worker", "/flush_cache", "/abort_request",
-                         "/get_server_info"})
+ADMIN_PATHS = frozenset(
+    {"/workers", "/add_worker", "/remove_worker", "/flush_cache", "/abort_request", "/get_server_info"}
+)
 ADMIN_PREFIXES = ("/workers/",)
 REGISTRATION_PATHS = frozenset({"/workers", "/add_worker", "/remove_worker"})
 REGISTER_PURPOSE = "register"
@@ -95,7 +96,9 @@ def error_middleware(state: RouterState) -> Middleware:
         except APIError as e:
             resp = error_response(e)
         except web.HTTPRequestEntityTooLarge:
-            resp = error_response(APIError(413, f"request body exceeds the limit of {state.config.max_payload_size} bytes"))
+            resp = error_response(
+                APIError(413, f"request body exceeds the limit of {state.config.max_payload_size} bytes")
+            )
         except web.HTTPNotFound:
             resp = error_response(APIError(404, f"no route {request.method} {request.path}"))
         except web.HTTPMethodNotAllowed:
@@ -168,8 +171,11 @@ def auth_middleware(config: RouterConfig, cluster_key: ClusterKey | None) -> Mid
                 raise APIError(403, "the API key does not grant management routes; use the admin API key")
             raise APIError(401, "invalid or missing admin API key")
         if not (config.allow_remote_admin or is_loopback(request.remote)):
-            raise APIError(403, "management routes accept only loopback callers on this router (no admin API key "
-                                "is configured); set --admin-api-key")
+            raise APIError(
+                403,
+                "management routes accept only loopback callers on this router (no admin API key "
+                "is configured); set --admin-api-key",
+            )
         if inference is not None and not _matches(given, inference):
             raise APIError(401, "invalid or missing API key")
 
@@ -190,8 +196,11 @@ def auth_middleware(config: RouterConfig, cluster_key: ClusterKey | None) -> Mid
 def create_app(config: RouterConfig) -> web.Application:
     state = build_state(config)
     app = web.Application(
-        middlewares=[error_middleware(state), request_id_middleware(config.request_id_headers, state.new_id),
-                     auth_middleware(config, state.cluster_key)],
+        middlewares=[
+            error_middleware(state),
+            request_id_middleware(config.request_id_headers, state.new_id),
+            auth_middleware(config, state.cluster_key),
+        ],
         client_max_size=config.max_payload_size,
     )
     app[STATE_KEY] = state

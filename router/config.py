@@ -138,28 +138,52 @@ class RouterConfig:
         for name in ("policy", "prefill_policy", "decode_policy"):
             value = getattr(self, name)
             _check(value is None or value in POLICIES, f"{name} must be one of {', '.join(POLICIES)}; got {value!r}")
-        _check(self.pd_disaggregation or not (self.prefill or self.decode),
-               "--prefill/--decode need --pd-disaggregation")
-        _check(not (self.pd_disaggregation and self.worker_urls), "--worker-urls is for regular mode, not with --pd-disaggregation")
+        _check(
+            self.pd_disaggregation or not (self.prefill or self.decode), "--prefill/--decode need --pd-disaggregation"
+        )
+        _check(
+            not (self.pd_disaggregation and self.worker_urls),
+            "--worker-urls is for regular mode, not with --pd-disaggregation",
+        )
         for name in ("queue_size", "retry_max_retries", "retry_initial_backoff_ms", "retry_max_backoff_ms"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("health_failure_threshold", "health_success_threshold", "cb_failure_threshold",
-                     "cb_success_threshold", "max_payload_size", "max_tree_size"):
+        for name in (
+            "health_failure_threshold",
+            "health_success_threshold",
+            "cb_failure_threshold",
+            "cb_success_threshold",
+            "max_payload_size",
+            "max_tree_size",
+        ):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("queue_timeout_secs", "request_timeout_secs", "health_check_interval_secs",
-                     "health_check_timeout_secs", "cb_timeout_duration_secs", "cb_window_duration_secs"):
+        for name in (
+            "queue_timeout_secs",
+            "request_timeout_secs",
+            "health_check_interval_secs",
+            "health_check_timeout_secs",
+            "cb_timeout_duration_secs",
+            "cb_window_duration_secs",
+        ):
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         _check(0.0 <= self.cache_threshold <= 1.0, f"cache_threshold must be in [0, 1], got {self.cache_threshold}")
-        _check(0.0 <= self.retry_jitter_factor <= 1.0, f"retry_jitter_factor must be in [0, 1], got {self.retry_jitter_factor}")
-        _check(self.retry_backoff_multiplier >= 1.0, f"retry_backoff_multiplier must be >= 1, got {self.retry_backoff_multiplier}")
+        _check(
+            0.0 <= self.retry_jitter_factor <= 1.0,
+            f"retry_jitter_factor must be in [0, 1], got {self.retry_jitter_factor}",
+        )
+        _check(
+            self.retry_backoff_multiplier >= 1.0,
+            f"retry_backoff_multiplier must be >= 1, got {self.retry_backoff_multiplier}",
+        )
         _check(self.health_check_endpoint.startswith("/"), "health_check_endpoint must start with '/'")
         _check(self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}")
         _check(self.shutdown_grace_period_secs >= 0, "shutdown_grace_period_secs must be >= 0")
         for name in ("api_key", "admin_api_key", "cluster_secret_file"):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, str) and value != ""), f"{name} must be a non-empty string")
-        _check(not self.admin_api_key or self.admin_api_key != self.api_key,
-               "--admin-api-key must differ from --api-key (the inference key must not grant administration)")
+        _check(
+            not self.admin_api_key or self.admin_api_key != self.api_key,
+            "--admin-api-key must differ from --api-key (the inference key must not grant administration)",
+        )
 
     # --- derived views -----------------------------------------------------------------------------
     def initial_workers(self) -> list[WorkerSpec]:
@@ -180,24 +204,40 @@ class RouterConfig:
 
     @property
     def breaker(self) -> BreakerConfig:
-        return BreakerConfig(self.cb_failure_threshold, self.cb_success_threshold, self.cb_timeout_duration_secs,
-                             self.cb_window_duration_secs, not self.disable_circuit_breaker)
+        return BreakerConfig(
+            self.cb_failure_threshold,
+            self.cb_success_threshold,
+            self.cb_timeout_duration_secs,
+            self.cb_window_duration_secs,
+            not self.disable_circuit_breaker,
+        )
 
     @property
     def health(self) -> HealthConfig:
-        return HealthConfig(self.health_check_interval_secs, self.health_check_timeout_secs,
-                            self.health_failure_threshold, self.health_success_threshold, self.health_check_endpoint)
+        return HealthConfig(
+            self.health_check_interval_secs,
+            self.health_check_timeout_secs,
+            self.health_failure_threshold,
+            self.health_success_threshold,
+            self.health_check_endpoint,
+        )
 
     @property
     def retry(self) -> RetryConfig:
         retries = 0 if self.disable_retries else self.retry_max_retries
-        return RetryConfig(retries, self.retry_initial_backoff_ms / 1000, self.retry_max_backoff_ms / 1000,
-                           self.retry_backoff_multiplier, self.retry_jitter_factor)
+        return RetryConfig(
+            retries,
+            self.retry_initial_backoff_ms / 1000,
+            self.retry_max_backoff_ms / 1000,
+            self.retry_backoff_multiplier,
+            self.retry_jitter_factor,
+        )
 
     @property
     def cache_aware(self) -> CacheAwareConfig:
-        return CacheAwareConfig(self.cache_threshold, self.balance_abs_threshold, self.balance_rel_threshold,
-                                self.max_tree_size)
+        return CacheAwareConfig(
+            self.cache_threshold, self.balance_abs_threshold, self.balance_rel_threshold, self.max_tree_size
+        )
 
     def public_dict(self) -> dict[str, object]:
         """Settings without secrets, for /get_server_info and the startup log."""

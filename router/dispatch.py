@@ -63,7 +63,7 @@ class Dispatcher:
 
     async def _backoff(self, attempt: int) -> None:
         r = self.retry
-        delay = min(r.max_backoff_s, r.initial_backoff_s * r.multiplier ** attempt)
+        delay = min(r.max_backoff_s, r.initial_backoff_s * r.multiplier**attempt)
         delay *= 1.0 + r.jitter * self.state.rng.uniform(-1.0, 1.0)
         await asyncio.sleep(max(0.0, delay))
 
@@ -117,4 +117,3 @@ class Dispatcher:
                 call.close(reason)
             await self._backoff(attempt)
         raise AssertionError("unreachable")
-

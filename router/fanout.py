@@ -46,8 +46,9 @@ def _seeded(params: Mapping[str, Any], j: int, n: int, seed_keys: tuple[str, ...
     return out
 
 
-def split_generate(route: str, body: Mapping[str, Any], parsed: Parsed, request_id: str,
-                   new_rid: Callable[[], str]) -> list[Job]:
+def split_generate(
+    route: str, body: Mapping[str, Any], parsed: Parsed, request_id: str, new_rid: Callable[[], str]
+) -> list[Job]:
     key = "input_ids" if body.get("input_ids") is not None else ("text" if "text" in body else "prompt")
     raw = body[key]
     items = raw if parsed.is_batch else [raw]
@@ -74,8 +75,9 @@ def split_generate(route: str, body: Mapping[str, Any], parsed: Parsed, request_
     return jobs
 
 
-def split_openai(route: str, body: Mapping[str, Any], parsed: Parsed, request_id: str,
-                 new_rid: Callable[[], str]) -> tuple[list[Job], str]:
+def split_openai(
+    route: str, body: Mapping[str, Any], parsed: Parsed, request_id: str, new_rid: Callable[[], str]
+) -> tuple[list[Job], str]:
     """-> (jobs, base rid)."""
     base = client_rid(body, 1, False, new_rid)
     assert isinstance(base, str)
@@ -148,8 +150,12 @@ class Merger:
             prompt += int(group[0].get("prompt_tokens") or 0)
             completion += sum(int(u.get("completion_tokens") or 0) for u in group)
             cached += max(int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0) for u in group)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
 
 async def fanout_unary(dispatcher: Dispatcher, jobs: list[Job], merger: Merger) -> bytes:

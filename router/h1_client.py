@@ -50,8 +50,9 @@ class Origin:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(parts.scheme, parts.hostname, port, parts.netloc, parts.path.rstrip("/"),
-                   f"{parts.scheme}://{parts.netloc}")
+        return cls(
+            parts.scheme, parts.hostname, port, parts.netloc, parts.path.rstrip("/"), f"{parts.scheme}://{parts.netloc}"
+        )
 
 
 def request_bytes(origin: Origin, method: str, path: str, headers: dict[str, str], body: bytes | None) -> bytes:
@@ -190,8 +191,12 @@ class H1Client:
         while stack:
             conn = stack.pop()
             transport = conn.transport
-            if not conn.closed and transport is not None and not transport.is_closing() \
-                    and now - conn.idle_since < self.keepalive_s:
+            if (
+                not conn.closed
+                and transport is not None
+                and not transport.is_closing()
+                and now - conn.idle_since < self.keepalive_s
+            ):
                 return conn
             conn.close()
         return None
@@ -204,8 +209,9 @@ class H1Client:
             tls = self._ssl = self._ssl or ssl.create_default_context()
         try:
             async with asyncio.timeout(max(0.0, timeout)):
-                _, conn = await loop.create_connection(lambda: H1Connection(self._lost), origin.host, origin.port,
-                                                       ssl=tls)
+                _, conn = await loop.create_connection(
+                    lambda: H1Connection(self._lost), origin.host, origin.port, ssl=tls
+                )
         except TimeoutError:
             raise ConnectTimeout(f"no connection to {origin.netloc} within {timeout:.3g}s") from None
         self._open.add(conn)

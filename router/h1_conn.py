@@ -105,8 +105,15 @@ class H1Connection(asyncio.Protocol):
         parser, self._parser = self._parser, None
         self._chunks.clear()
         self._buffered = 0
-        reusable = (parser is not None and parser.done and not parser.extra and parser.head is not None
-                    and parser.head.keep_alive and self._error is None and not self.closed)
+        reusable = (
+            parser is not None
+            and parser.done
+            and not parser.extra
+            and parser.head is not None
+            and parser.head.keep_alive
+            and self._error is None
+            and not self.closed
+        )
         if not reusable:
             self.close()
         elif self._paused:
@@ -196,8 +203,10 @@ class H1Connection(asyncio.Protocol):
         parser = self._parser
         if parser is not None and not parser.done and self._error is None:
             why = f": {exc}" if exc else ""
-            self._error = Disconnected(f"the server closed the connection before the answer was complete{why}",
-                                       before_response=not self._got_bytes)
+            self._error = Disconnected(
+                f"the server closed the connection before the answer was complete{why}",
+                before_response=not self._got_bytes,
+            )
         self._wake()
         if self._on_lost is not None:
             self._on_lost(self)

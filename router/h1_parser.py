@@ -73,7 +73,7 @@ class ResponseParser:
                 return b""
         if self._framing == _LENGTH:
             if len(data) >= self._left:
-                body, rest = data[:self._left], data[self._left:]
+                body, rest = data[: self._left], data[self._left :]
                 self._left = 0
                 self.done = True
                 self.extra = bool(rest)
@@ -107,7 +107,7 @@ class ResponseParser:
                 return b""
             self._buf = b""
             head = parse_head(buf[:end])
-            data = buf[end + 4:]
+            data = buf[end + 4 :]
             if 100 <= head.status < 200:
                 if head.status == 101:
                     raise ProtocolError("unexpected 101 Switching Protocols")
@@ -152,7 +152,7 @@ class ResponseParser:
                     continue
                 stop = pos + size
                 if stop + 2 <= end:  # the common case: the whole chunk and its CRLF are here
-                    if buf[stop:stop + 2] != b"\r\n":
+                    if buf[stop : stop + 2] != b"\r\n":
                         raise ProtocolError("chunk data not followed by CRLF")
                     out.append(buf[pos:stop])
                     pos = stop + 2
@@ -160,7 +160,7 @@ class ResponseParser:
                 state, left = _DATA, size
             elif state == _DATA:
                 take = min(left, end - pos)
-                out.append(buf[pos:pos + take])
+                out.append(buf[pos : pos + take])
                 pos += take
                 left -= take
                 if left == 0:
@@ -168,7 +168,7 @@ class ResponseParser:
             elif state == _DATA_END:
                 if end - pos < 2:
                     break
-                if buf[pos:pos + 2] != b"\r\n":
+                if buf[pos : pos + 2] != b"\r\n":
                     raise ProtocolError("chunk data not followed by CRLF")
                 pos += 2
                 state = _SIZE

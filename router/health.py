@@ -146,7 +146,9 @@ class HealthChecker:
         self.metrics.health_checks.labels(worker.url, "ok" if error is None else "fail").inc()
         event = apply_probe(worker, error, self.config)
         if event == "ejected":
-            logger.warning("worker %s ejected after %d failed health check(s): %s", worker.url, worker.fail_streak, error)
+            logger.warning(
+                "worker %s ejected after %d failed health check(s): %s", worker.url, worker.fail_streak, error
+            )
         elif event == "admitted":
             logger.info("worker %s admitted (%s)", worker.url, worker.role)
         wait = min(self.config.interval_s, FAST_PROBE_S) if worker.suspect else self.config.interval_s

@@ -65,8 +65,15 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def single_job(route: str, body: dict[str, Any], parsed: Parsed, request_id: str, pd: bool,
-               new_rid: Callable[[], str], raw: bytes | None = None) -> Job:
+def single_job(
+    route: str,
+    body: dict[str, Any],
+    parsed: Parsed,
+    request_id: str,
+    pd: bool,
+    new_rid: Callable[[], str],
+    raw: bytes | None = None,
+) -> Job:
     """The whole request as one Job; ``raw`` (the body's bytes) lets it skip re-encoding a body without rid."""
     rid = client_rid(body, len(parsed.n), parsed.is_batch, new_rid)
     merge: Merge = None
@@ -109,8 +116,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
         state.metrics.duration_for(route).observe(time.perf_counter() - started)
 
 
-async def _split(request: web.Request, state: RouterState, dispatcher: Dispatcher, route: str, body: dict[str, Any],
-                 parsed: Parsed, headers: dict[str, str], started: float) -> web.StreamResponse:
+async def _split(
+    request: web.Request,
+    state: RouterState,
+    dispatcher: Dispatcher,
+    route: str,
+    body: dict[str, Any],
+    parsed: Parsed,
+    headers: dict[str, str],
+    started: float,
+) -> web.StreamResponse:
     request_id = headers["x-request-id"]
     if parsed.kind == "generate":
         jobs, base = split_generate(route, body, parsed, request_id, state.new_id), None
@@ -118,7 +133,9 @@ async def _split(request: web.Request, state: RouterState, dispatcher: Dispatche
         jobs, base = split_openai(route, body, parsed, request_id, state.new_id)
     merger = Merger(parsed, base, parsed.n)
     if parsed.stream:
-        return await send_stream(request, fanout_stream(dispatcher, jobs, merger), route, state.metrics, started, headers)
+        return await send_stream(
+            request, fanout_stream(dispatcher, jobs, merger), route, state.metrics, started, headers
+        )
     return await send_unary(await fanout_unary(dispatcher, jobs, merger), "application/json", headers)
 
 

@@ -65,8 +65,9 @@ class Job:
             return tuple(f"{r}-retry{attempt}" for r in self.rid)
         return f"{self.rid}-retry{attempt}"
 
-    def encode(self, attempt: int, prefill: Worker | None, rng: random.Random,
-               key: ClusterKey | None = None) -> Encoded:
+    def encode(
+        self, attempt: int, prefill: Worker | None, rng: random.Random, key: ClusterKey | None = None
+    ) -> Encoded:
         rid = self.rid_for(attempt)
         fields: dict[str, Any] = {"rid": list(rid) if isinstance(rid, tuple) else rid}
         rids = worker_rids(rid, self.choices, self.openai)
@@ -125,9 +126,9 @@ def append_fields(raw: bytes, fields: Mapping[str, Any]) -> bytes | None:
     start = len(raw) - len(raw.lstrip(b" \t\r\n"))
     if end - start < 2 or raw[start] != 0x7B or raw[end - 1] != 0x7D:  # "{" ... "}"
         return None
-    if not raw[start + 1:end - 1].strip(b" \t\r\n"):  # {} has no member to follow
+    if not raw[start + 1 : end - 1].strip(b" \t\r\n"):  # {} has no member to follow
         return None
-    return b"%s, %s" % (raw[:end - 1], _dumps(fields)[1:])
+    return b"%s, %s" % (raw[: end - 1], _dumps(fields)[1:])
 
 
 def worker_rids(rid: str | tuple[str, ...], choices: tuple[int, ...], openai: bool) -> tuple[str, ...]:
@@ -142,7 +143,9 @@ def worker_rids(rid: str | tuple[str, ...], choices: tuple[int, ...], openai: bo
     return tuple(out)
 
 
-def client_rid(body: Mapping[str, Any], items: int, is_batch: bool, new_rid: Callable[[], str]) -> str | tuple[str, ...]:
+def client_rid(
+    body: Mapping[str, Any], items: int, is_batch: bool, new_rid: Callable[[], str]
+) -> str | tuple[str, ...]:
     """The client's rid(s), or fresh ones from ``new_rid``: a tuple (one per item) for a /generate batch."""
     given = body.get("rid")
     if is_batch:

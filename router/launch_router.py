@@ -29,8 +29,7 @@ GC_GEN0_THRESHOLD = 10_000
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_router_args(argv)
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="%(asctime)s %(levelname)s router %(name)s: %(message)s")
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s router %(name)s: %(message)s")
     return run_event_loop(serve(config))
 
 
@@ -63,8 +62,14 @@ async def serve(config: RouterConfig) -> int:
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
     port = runner.addresses[0][1] if runner.addresses else config.port
     mode = "pd" if config.pd_disaggregation else "regular"
-    logger.info("router listening on http://%s:%d (%s mode, %d worker(s), policy %s)", config.host, port, mode,
-                len(state.registry), config.policy)
+    logger.info(
+        "router listening on http://%s:%d (%s mode, %d worker(s), policy %s)",
+        config.host,
+        port,
+        mode,
+        len(state.registry),
+        config.policy,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -139,8 +139,11 @@ class PairCall:
         if err is None:
             self.p.finish(None)
             return
-        self.p_error = err if isinstance(err, LegError) else LegError(
-            500, f"prefill call failed: {err!r}", retryable=True, worker=self.p.worker)
+        self.p_error = (
+            err
+            if isinstance(err, LegError)
+            else LegError(500, f"prefill call failed: {err!r}", retryable=True, worker=self.p.worker)
+        )
         self.p.finish(self.p_error)
         if not self.d.done:  # fail D at once instead of letting it wait for KV that never comes
             self.d.abort("prefill_failed")

@@ -89,10 +89,14 @@ class _LiveState(Collector):
     def collect(self) -> Iterator[Any]:
         labels = ["worker", "role"]
         active = GaugeMetricFamily("sgl_router_worker_active_requests", "Calls in flight to a worker", labels=labels)
-        healthy = GaugeMetricFamily("sgl_router_worker_healthy", "1 when the worker passes health checks", labels=labels)
+        healthy = GaugeMetricFamily(
+            "sgl_router_worker_healthy", "1 when the worker passes health checks", labels=labels
+        )
         cb = GaugeMetricFamily("sgl_router_cb_state", "Circuit state: 0 closed, 1 open, 2 half-open", labels=labels)
         draining = GaugeMetricFamily("sgl_router_worker_draining", "1 while the worker drains", labels=labels)
-        processed = CounterMetricFamily("sgl_router_worker_processed_requests", "Calls finished by a worker", labels=labels)
+        processed = CounterMetricFamily(
+            "sgl_router_worker_processed_requests", "Calls finished by a worker", labels=labels
+        )
         for w in self.workers():
             key = [w.url, w.role]
             active.add_metric(key, w.active)
@@ -114,14 +118,24 @@ class RouterMetrics:
         self.ttft: dict[str, LoopHistogram] = {}
         self.duration: dict[str, LoopHistogram] = {}
         r.register(_PerRoute(self))
-        self.errors = Counter("sgl_router_request_errors", "Client requests answered with an error, by status",
-                              ["route", "status"], registry=r)
-        self.retries = Counter("sgl_router_retries", "Retries (a new worker or pair) before the first byte",
-                               ["route"], registry=r)
-        self.aborts = Counter("sgl_router_leg_aborts", "POST /abort_request sent to a worker, by its role and why",
-                              ["role", "reason"], registry=r)
-        self.health_checks = Counter("sgl_router_health_checks", "Health probes by worker and result",
-                                     ["worker", "result"], registry=r)
+        self.errors = Counter(
+            "sgl_router_request_errors",
+            "Client requests answered with an error, by status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "sgl_router_retries", "Retries (a new worker or pair) before the first byte", ["route"], registry=r
+        )
+        self.aborts = Counter(
+            "sgl_router_leg_aborts",
+            "POST /abort_request sent to a worker, by its role and why",
+            ["role", "reason"],
+            registry=r,
+        )
+        self.health_checks = Counter(
+            "sgl_router_health_checks", "Health probes by worker and result", ["worker", "result"], registry=r
+        )
 
     def requests_for(self, route: str) -> LoopCounter:
         counter = self.requests.get(route)

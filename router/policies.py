@@ -48,8 +48,13 @@ def is_imbalanced(loads: Sequence[int], abs_threshold: int, rel_threshold: float
     return hi - lo > abs_threshold and hi > rel_threshold * lo
 
 
-def pick_cache_aware(workers: Sequence[WorkerView], key_len: int, matched: Mapping[str, int],
-                     tree_sizes: Mapping[str, int], config: CacheAwareConfig) -> int:
+def pick_cache_aware(
+    workers: Sequence[WorkerView],
+    key_len: int,
+    matched: Mapping[str, int],
+    tree_sizes: Mapping[str, int],
+    config: CacheAwareConfig,
+) -> int:
     """``matched[url]``: characters of this prompt's prefix last sent to ``url``; ``tree_sizes[url]``: its tree size."""
     if is_imbalanced([w.active for w in workers], config.balance_abs_threshold, config.balance_rel_threshold):
         return least_loaded(workers)

@@ -34,7 +34,7 @@ class PrefixTree:
         key = key[:MAX_KEY_CHARS]
         h, out = 0, []
         for start in range(0, len(key) - b + 1, b):
-            h = hash((h, key[start:start + b]))
+            h = hash((h, key[start : start + b]))
             out.append(h)
         return out
 

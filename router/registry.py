@@ -49,7 +49,9 @@ class WorkerRegistry:
     def add(self, spec: WorkerSpec) -> tuple[Worker, bool]:
         """-> (worker, created). APIError 400 for a role this mode does not use, 409 for a role change."""
         if spec.role not in self.roles:
-            raise APIError(400, f"role {spec.role!r} is not served by this router (roles: {', '.join(self.roles)})", "role")
+            raise APIError(
+                400, f"role {spec.role!r} is not served by this router (roles: {', '.join(self.roles)})", "role"
+            )
         old = self._workers.get(spec.url)
         if old is not None:
             if old.role != spec.role:

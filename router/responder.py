@@ -44,8 +44,14 @@ def leg_error_response(e: LegError, headers: dict[str, str]) -> web.Response:
     raise APIError(e.status, e.message, retry_after=retry_after)
 
 
-async def send_stream(request: web.Request, events: AsyncGenerator[bytes, None], route: str, metrics: RouterMetrics,
-                      started: float, headers: dict[str, str]) -> web.StreamResponse:
+async def send_stream(
+    request: web.Request,
+    events: AsyncGenerator[bytes, None],
+    route: str,
+    metrics: RouterMetrics,
+    started: float,
+    headers: dict[str, str],
+) -> web.StreamResponse:
     async with contextlib.aclosing(events) as gen:
         try:
             first = await anext(gen)
@@ -61,8 +67,15 @@ async def send_stream(request: web.Request, events: AsyncGenerator[bytes, None],
             return resp
 
 
-async def _forward(request: web.Request, resp: SSEResponse, first: bytes, gen: AsyncGenerator[bytes, None], route: str,
-                   metrics: RouterMetrics, started: float) -> web.StreamResponse:
+async def _forward(
+    request: web.Request,
+    resp: SSEResponse,
+    first: bytes,
+    gen: AsyncGenerator[bytes, None],
+    route: str,
+    metrics: RouterMetrics,
+    started: float,
+) -> web.StreamResponse:
     await resp.prepare(request)
     if first.endswith(sse.DONE):  # the whole answer at once: one write with the last chunk
         await resp.write_eof(first)

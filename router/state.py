@@ -48,8 +48,10 @@ def build_state(config: RouterConfig) -> RouterState:
     cluster_key = load_cluster_key(secret_file=config.cluster_secret_file)
     rng = random.Random(config.seed)
     registry = WorkerRegistry(config.roles, config.breaker)
-    policies = {role: Policy(config.policy_for(role), random.Random(rng.getrandbits(64)), config.cache_aware)
-                for role in config.roles}
+    policies = {
+        role: Policy(config.policy_for(role), random.Random(rng.getrandbits(64)), config.cache_aware)
+        for role in config.roles
+    }
     upstream = Upstream(config.request_timeout_secs, config.api_key)
     metrics = RouterMetrics()
     health_cfg = config.health
@@ -70,8 +72,18 @@ def build_state(config: RouterConfig) -> RouterState:
     registry.on_remove.append(forget)
     for spec in config.initial_workers():
         registry.add(spec)
-    return RouterState(config, registry, policies, upstream, health, metrics, admission, rng,
-                       random.Random(os.urandom(16)), cluster_key)
+    return RouterState(
+        config,
+        registry,
+        policies,
+        upstream,
+        health,
+        metrics,
+        admission,
+        rng,
+        random.Random(os.urandom(16)),
+        cluster_key,
+    )
 
 
 def startup_warnings(config: RouterConfig, cluster_key: ClusterKey | None) -> list[str]:
@@ -80,8 +92,10 @@ def startup_warnings(config: RouterConfig, cluster_key: ClusterKey | None) -> li
     if config.pd_disaggregation and cluster_key is None:
         out.append(UNSIGNED_WARNING)
     if config.allow_remote_admin and not config.admin_api_key:
-        out.append("--allow-remote-admin without --admin-api-key: anyone who reaches this router can add or "
-                   "remove workers, flush caches and abort every request (README: Security)")
+        out.append(
+            "--allow-remote-admin without --admin-api-key: anyone who reaches this router can add or "
+            "remove workers, flush caches and abort every request (README: Security)"
+        )
     return out
 
 
@@ -96,8 +110,11 @@ def admin_mode(config: RouterConfig) -> str:
 async def start(state: RouterState) -> None:
     for warning in startup_warnings(state.config, state.cluster_key):
         logger.warning("%s", warning)
-    logger.info("%s; PD bootstrap fields %s", admin_mode(state.config),
-                "signed with the cluster secret" if state.cluster_key else "unsigned")
+    logger.info(
+        "%s; PD bootstrap fields %s",
+        admin_mode(state.config),
+        "signed with the cluster secret" if state.cluster_key else "unsigned",
+    )
     await state.upstream.start()
     state.health.start()
 

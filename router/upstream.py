@@ -46,9 +46,18 @@ NET_ERRORS = (OSError, TimeoutError)  # what a worker call raises when the netwo
 class LegError(Exception):
     """A worker call that did not succeed."""
 
-    def __init__(self, status: int, message: str, *, retryable: bool, transport: bool = False,
-                 body: bytes | None = None, worker: Worker | None = None, fault: bool | None = None,
-                 fatal: bool = False) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        retryable: bool,
+        transport: bool = False,
+        body: bytes | None = None,
+        worker: Worker | None = None,
+        fault: bool | None = None,
+        fatal: bool = False,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -67,28 +76,41 @@ def status_error(worker: Worker, status: int, raw: bytes) -> LegError:
     return envelope_error(worker, status, message, faults.envelope(raw), raw)
 
 
-def envelope_error(worker: Worker, status: int, message: str, err: dict[str, Any] | None,
-                   body: bytes | None) -> LegError:
+def envelope_error(
+    worker: Worker, status: int, message: str, err: dict[str, Any] | None, body: bytes | None
+) -> LegError:
     """A worker's error (an answer or an SSE error event), classified by ``faults``."""
     fault = not faults.blames_request(status, err)
-    return LegError(status, message, retryable=fault and status in RETRYABLE_STATUS, body=body, worker=worker,
-                    fault=fault)
+    return LegError(
+        status, message, retryable=fault and status in RETRYABLE_STATUS, body=body, worker=worker, fault=fault
+    )
 
 
 def died_error(worker: Worker, message: str) -> LegError:
     """The worker answered, but says a process of it died: its fault, retried elsewhere, worker ejected."""
-    return LegError(503, f"{worker.role} worker {worker.url} failed: {message}", retryable=True, worker=worker,
-                    fatal=True)
+    return LegError(
+        503, f"{worker.role} worker {worker.url} failed: {message}", retryable=True, worker=worker, fatal=True
+    )
 
 
 def transport_error(worker: Worker, e: BaseException) -> LegError:
     if isinstance(e, TimeoutError):
         connect = isinstance(e, ConnectTimeout)
         what = "connecting to" if connect else "waiting for"
-        return LegError(504, f"timed out {what} {worker.role} worker {worker.url}", retryable=connect,
-                        transport=connect, worker=worker)
-    return LegError(502, f"{worker.role} worker {worker.url} failed: {e.__class__.__name__}: {e}".rstrip(": "),
-                    retryable=True, transport=True, worker=worker)
+        return LegError(
+            504,
+            f"timed out {what} {worker.role} worker {worker.url}",
+            retryable=connect,
+            transport=connect,
+            worker=worker,
+        )
+    return LegError(
+        502,
+        f"{worker.role} worker {worker.url} failed: {e.__class__.__name__}: {e}".rstrip(": "),
+        retryable=True,
+        transport=True,
+        worker=worker,
+    )
 
 
 class Upstream:
@@ -147,7 +169,7 @@ class Upstream:
         if cached is not None and cached[0] == key:
             return cached[1]
         head = request_bytes(self.origin(worker), "POST", path, self.headers(worker, None), None)
-        prefix = head[:head.rindex(b"Content-Length:")]
+        prefix = head[: head.rindex(b"Content-Length:")]
         self._heads[(worker.url, path)] = (key, prefix)
         return prefix
 
@@ -160,8 +182,9 @@ class Upstream:
         except NET_ERRORS as e:
             raise transport_error(worker, e) from e
 
-    async def call(self, worker: Worker, method: str, path: str, timeout_s: float,
-                   body: bytes | None = None) -> tuple[int, bytes, str]:
+    async def call(
+        self, worker: Worker, method: str, path: str, timeout_s: float, body: bytes | None = None
+    ) -> tuple[int, bytes, str]:
         """A small control-plane call -> (status, body, content type). LegError on transport failure."""
         origin = self.origin(worker)
         message = request_bytes(origin, method, path, self.headers(worker, None, body is not None), body)

@@ -88,9 +88,16 @@ class Worker:
         """GET /workers entry."""
         status = "draining" if self.draining else self.health.value
         return {
-            "url": self.url, "role": self.role, "bootstrap_port": self.spec.bootstrap_port,
-            "status": status, "healthy": self.health is Health.HEALTHY, "draining": self.draining,
-            "available": self.available, "active_requests": self.active, "processed_requests": self.processed,
-            "circuit_state": self.breaker.state.label, "consecutive_probe_failures": self.fail_streak,
+            "url": self.url,
+            "role": self.role,
+            "bootstrap_port": self.spec.bootstrap_port,
+            "status": status,
+            "healthy": self.health is Health.HEALTHY,
+            "draining": self.draining,
+            "available": self.available,
+            "active_requests": self.active,
+            "processed_requests": self.processed,
+            "circuit_state": self.breaker.state.label,
+            "consecutive_probe_failures": self.fail_streak,
             "last_probe_error": self.last_probe_error,
         }

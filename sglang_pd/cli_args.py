@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, NoReturn, Sequence
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import yaml
 
@@ -38,8 +39,10 @@ def parse_server_args(argv: Sequence[str] | None, prog: str = "sglang-pd-server"
     except ValueError as e:
         parser.error(str(e))
     if args.disaggregation_mode != "null" and args.disaggregation_transfer_backend == "fake":
-        parser.error("--disaggregation-transfer-backend fake moves KV inside one process (unit tests); "
-                     "separate prefill and decode servers need ucx")
+        parser.error(
+            "--disaggregation-transfer-backend fake moves KV inside one process (unit tests); "
+            "separate prefill and decode servers need ucx"
+        )
     return args
 
 

@@ -45,16 +45,15 @@ class CudaGraphRunner:
         self.max_pages = max_pages
         self.page_size = page_size
         n = self.max_bs
-        i64 = {"dtype": torch.int64, "device": device}
-        i32 = {"dtype": torch.int32, "device": device}
-        self.input_ids = torch.zeros(n, **i64)
-        self.positions = torch.zeros(n, **i64)
-        self.out_cache_loc = torch.zeros(n, **i64)
-        self.seq_lens = torch.ones(n, **i32)
-        self.extend_lens = torch.ones(n, **i32)
-        self.extend_starts = torch.arange(n, **i32)
-        self.logits_indices = torch.arange(n, **i64)
-        self.page_table = torch.zeros(n, max_pages, **i32)
+        i64, i32 = torch.int64, torch.int32
+        self.input_ids = torch.zeros(n, dtype=i64, device=device)
+        self.positions = torch.zeros(n, dtype=i64, device=device)
+        self.out_cache_loc = torch.zeros(n, dtype=i64, device=device)
+        self.seq_lens = torch.ones(n, dtype=i32, device=device)
+        self.extend_lens = torch.ones(n, dtype=i32, device=device)
+        self.extend_starts = torch.arange(n, dtype=i32, device=device)
+        self.logits_indices = torch.arange(n, dtype=i64, device=device)
+        self.page_table = torch.zeros(n, max_pages, dtype=i32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self._capture_all()
@@ -125,5 +124,10 @@ class CudaGraphRunner:
             pool = graph.pool()
             self._graphs[bs] = graph
         torch.cuda.synchronize()
-        logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s",
-                    len(self.sizes), self.sizes[0], self.max_bs, time.perf_counter() - t0)
+        logger.info(
+            "captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s",
+            len(self.sizes),
+            self.sizes[0],
+            self.max_bs,
+            time.perf_counter() - t0,
+        )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from sglang_pd.engine_core import EngineCore
 from sglang_pd.generate_request import normalize_generate
@@ -60,7 +61,7 @@ class Engine:
     def shutdown(self) -> None:
         self.core = None
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -70,5 +71,3 @@ class Engine:
         if self.core is None:
             raise RuntimeError("the engine was shut down")
         return self.core
-
-

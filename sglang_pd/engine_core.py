@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sglang_pd.disagg.live_rooms import LiveRooms
 from sglang_pd.disagg.factory import build_hooks
+from sglang_pd.disagg.live_rooms import LiveRooms
 from sglang_pd.generate_request import GenerateItem, request_seed
 from sglang_pd.model_runner import ModelRunner
 from sglang_pd.models.config import ModelConfig
@@ -22,20 +22,27 @@ from sglang_pd.scheduler.stop_checker import StopChecker
 from sglang_pd.server_args import ServerArgs
 from sglang_pd.tokenizer import load_tokenizer
 
+if TYPE_CHECKING:
+    from transfer.fake_engine import FakeTransferHub
+
 logger = logging.getLogger(__name__)
 
+
 class EngineCore:
-    def __init__(self, args: ServerArgs, transfer_hub: object | None = None) -> None:
+    def __init__(self, args: ServerArgs, transfer_hub: FakeTransferHub | None = None) -> None:
         if not args.model_path:
             raise ValueError("model_path is required")
         self.args = args
         self.model_config = ModelConfig.from_pretrained(args.model_path)
         self.runtime = resolve_runtime(args, self.model_config)
-        self.tokenizer: Any = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or args.model_path)
+        self.tokenizer: Any = (
+            None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or args.model_path)
+        )
         self.runner = ModelRunner(args, self.model_config, self.runtime)
         num_pages = self.runner.num_pages
-        hooks = build_hooks(args, self.model_config, self.runtime.dtype, self.runtime.device,
-                            self.runner.kv_cache.buffer, transfer_hub)
+        hooks = build_hooks(
+            args, self.model_config, self.runtime.dtype, self.runtime.device, self.runner.kv_cache.buffer, transfer_hub
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 page_size=args.page_size,
@@ -67,13 +74,21 @@ class EngineCore:
         if item.input_ids is not None:
             ids = list(item.input_ids)
         elif self.tokenizer is None:
-            raise ValueError("text prompts need a tokenizer; this server has none (skip_tokenizer_init or no tokenizer files)")
+            raise ValueError(
+                "text prompts need a tokenizer; this server has none (skip_tokenizer_init or no tokenizer files)"
+            )
         else:
             ids = self.tokenizer.encode(item.text)
         p = item.params
         validate_prompt(ids, p, self.context_length, self.model_config.vocab_size, self.tokenizer is not None)
-        return Req(rid=item.rid, prompt_ids=ids, params=p, seed=request_seed(item, self._seeds), logprob=item.logprob,
-                   bootstrap=item.bootstrap)
+        return Req(
+            rid=item.rid,
+            prompt_ids=ids,
+            params=p,
+            seed=request_seed(item, self._seeds),
+            logprob=item.logprob,
+            bootstrap=item.bootstrap,
+        )
 
     def submit(self, req: Req) -> Req | None:
         """Queue ``req``; returns it finished (abort) at once if it cannot run: it can never fit in the KV pool,

@@ -42,8 +42,16 @@ def build_forward_batch(plan: BatchPlan, page_size: int, device: torch.device) -
     out_loc = table[owner, positions // page_size].astype(np.int64) * page_size + positions % page_size
     logits_idx, input_row_starts, sample_rows = _logits_rows(plan, starts)
     ids = np.fromiter(chain.from_iterable(it.token_ids for it in items), dtype=np.int64, count=int(starts[-1]))
-    flat = [ids, positions, out_loc, np.asarray(seq_lens, np.int64), np.asarray(extend_lens, np.int64),
-            starts[:-1], np.asarray(logits_idx, np.int64), table.reshape(-1).astype(np.int64)]
+    flat = [
+        ids,
+        positions,
+        out_loc,
+        np.asarray(seq_lens, np.int64),
+        np.asarray(extend_lens, np.int64),
+        starts[:-1],
+        np.asarray(logits_idx, np.int64),
+        table.reshape(-1).astype(np.int64),
+    ]
     sizes = [a.size for a in flat]
     packed = torch.from_numpy(np.concatenate(flat))
     if device.type == "cuda":  # pinned, so the copy is queued without waiting for the device

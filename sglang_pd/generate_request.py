@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from sglang_pd.disagg.bootstrap_info import BootstrapInfo
 from sglang_pd.sampling.params import INT32_MAX, SamplingParams, short_repr
@@ -48,13 +49,14 @@ def normalize_generate(
             raise ValueError("text must be a string or a list of strings")
         is_batch = not isinstance(prompt, str)
         texts = list(prompt) if is_batch else [prompt]
+        text_list: list[str | None] = []
         for t in texts:
             if not isinstance(t, str):
                 raise ValueError("text must be a string or a list of strings")
             if t == "":
                 raise ValueError("prompt must not be empty")
+            text_list.append(t)
         ids_list: list[tuple[int, ...] | None] = [None] * len(texts)
-        text_list: list[str | None] = list(texts)
     else:
         if not isinstance(input_ids, (list, tuple)):
             raise ValueError("input_ids must be a list of integers or a list of such lists")
@@ -132,7 +134,9 @@ def _per_item(name: str, value: Any, count: int, kind: type) -> list[Any]:
         raise ValueError(f"{name} has {len(values)} entries for {count} prompts")
     for v in values:
         if v is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
-            raise ValueError(f"{name} must be {_KIND_NAMES[kind]} (or a list of them, one per prompt), got {short_repr(v)}")
+            raise ValueError(
+                f"{name} must be {_KIND_NAMES[kind]} (or a list of them, one per prompt), got {short_repr(v)}"
+            )
     return values
 
 

@@ -18,7 +18,7 @@ import logging
 import multiprocessing as mp
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, "main")
     paths, tmp = IpcPaths.create()
     ctx = mp.get_context("spawn")
-    children = {
+    children: dict[str, mp.process.BaseProcess] = {
         "scheduler": ctx.Process(target=run_scheduler_process, args=(args, paths), name="scheduler", daemon=True),
         "detokenizer": ctx.Process(target=run_detokenizer_process, args=(args, paths), name="detokenizer", daemon=True),
     }
@@ -138,14 +138,17 @@ async def _watch_children(srv: ServerState, stop: asyncio.Event) -> None:
     dead = srv.dead_children()
     cause = ", ".join(f"{name} (exit code {srv.children[name].exitcode})" for name in dead)
     srv.child_died = cause
-    logger.error("child process died: %s; failing %d in-flight request(s) and exiting with code %d",
-                 cause, len(srv.tm.states), EXIT_CHILD_DIED)
+    logger.error(
+        "child process died: %s; failing %d in-flight request(s) and exiting with code %d",
+        cause,
+        len(srv.tm.states),
+        EXIT_CHILD_DIED,
+    )
     srv.tm.mark_dead(f"worker process died: {', '.join(dead)}")
     stop.set()
 
 
-async def _exit_after_child_death(srv: ServerState, runner: web.AppRunner,
-                                  registration: asyncio.Task | None) -> None:
+async def _exit_after_child_death(srv: ServerState, runner: web.AppRunner, registration: asyncio.Task | None) -> None:
     """Keep answering (503s, the failed requests' last bytes) for a moment, then close everything."""
     withdraw = None
     if registration is not None:

@@ -15,8 +15,8 @@ from sglang_pd.future_tokens import FutureTokens
 from sglang_pd.mem.kv_cache import KVCache, KVCacheShape
 from sglang_pd.models.config import ModelConfig
 from sglang_pd.models.loader import load_model
-from sglang_pd.runtime_config import RuntimeConfig, kv_pool_tokens
 from sglang_pd.pending_batch import InputLogprobs, PendingBatch
+from sglang_pd.runtime_config import RuntimeConfig, kv_pool_tokens
 from sglang_pd.sampling.sampler import SampleOutput, Sampler, SamplingBatchInfo
 from sglang_pd.scheduler.batch import BatchPlan, BatchResult, PlanItem
 from sglang_pd.server_args import ServerArgs
@@ -32,8 +32,14 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # Triton launches and graph capture use the current device
         torch.manual_seed(args.random_seed)
-        self.model = load_model(model_config, args.model_path, args.load_format, runtime.dtype, runtime.device,
-                                ops=runtime.attention_backend)
+        self.model = load_model(
+            model_config,
+            args.model_path,
+            args.load_format,
+            runtime.dtype,
+            runtime.device,
+            ops=runtime.attention_backend,
+        )
         shape = KVCacheShape(
             num_layers=model_config.num_hidden_layers,
             num_pages=0,
@@ -50,8 +56,12 @@ class ModelRunner:
         self.attn = create_attention_backend(runtime.attention_backend, self.kv_cache)
         self.sampler = Sampler()
         self.future = FutureTokens(self.device)
-        logger.info("KV pool: %d pages x %d tokens (%.1f MiB)", num_pages, args.page_size,
-                    self.kv_cache.buffer.numel() * self.kv_cache.buffer.element_size() / 2**20)
+        logger.info(
+            "KV pool: %d pages x %d tokens (%.1f MiB)",
+            num_pages,
+            args.page_size,
+            self.kv_cache.buffer.numel() * self.kv_cache.buffer.element_size() / 2**20,
+        )
         self.graph_runner: CudaGraphRunner | None = None
         if runtime.cuda_graph_max_bs > 0:
             max_bs = min(runtime.cuda_graph_max_bs, args.max_running_requests or runtime.cuda_graph_max_bs)
@@ -82,8 +92,10 @@ class ModelRunner:
         if sampled is not None:
             for i, ph in zip(sample_items, self.future.store(sampled.next_token_ids)):
                 placeholders[i] = ph
-        input_lp = [_item_input_logprobs(it, logits[start : start + len(it.input_logprob_targets)])
-                    for it, start in zip(plan.items, layout.input_row_starts)]
+        input_lp = [
+            _item_input_logprobs(it, logits[start : start + len(it.input_logprob_targets)])
+            for it, start in zip(plan.items, layout.input_row_starts)
+        ]
         return PendingBatch(len(plan.items), sample_items, sampled, input_lp, tuple(placeholders), self.device)
 
     def run(self, plan: BatchPlan) -> BatchResult:
@@ -94,17 +106,18 @@ class ModelRunner:
         """Float32 logits [N, vocab] of rows ``batch.logits_indices``."""
         return self.model.compute_logits(self.model.forward(batch, self.attn))
 
-    def _sample(self, plan: BatchPlan, layout: LogitsLayout, logits: torch.Tensor) -> tuple[list[int], SampleOutput | None]:
+    def _sample(
+        self, plan: BatchPlan, layout: LogitsLayout, logits: torch.Tensor
+    ) -> tuple[list[int], SampleOutput | None]:
         """(plan items that sample, their samples in that order)."""
-        rows = [i for i, it in enumerate(plan.items) if it.sampling is not None]
+        samplings = [(i, it.sampling) for i, it in enumerate(plan.items) if it.sampling is not None]
+        rows = [i for i, _ in samplings]
         if not rows:
             return rows, None
         sample_rows = [layout.sample_rows[i] for i in rows]
         if sample_rows != list(range(logits.shape[0])):  # decode batches: every row samples, in order
             logits = logits.index_select(0, torch.tensor(sample_rows, device=logits.device))
-        info = SamplingBatchInfo.build(
-            [plan.items[i].sampling for i in rows], self.model_config.vocab_size, logits.device
-        )
+        info = SamplingBatchInfo.build([s for _, s in samplings], self.model_config.vocab_size, logits.device)
         return rows, self.sampler(logits, info)
 
 

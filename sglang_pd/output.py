@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from sglang_pd.scheduler.req import Req
 
 
 class TextDecoder(Protocol):
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ..., spaces_between_special_tokens: bool = ...) -> str: ...
+    def decode(
+        self, ids: Sequence[int], skip_special_tokens: bool = ..., spaces_between_special_tokens: bool = ...
+    ) -> str: ...
 
 
 def final_text(tokenizer: TextDecoder | None, req: Req) -> str:
@@ -54,4 +57,8 @@ def meta_info(req: Req, e2e_latency: float) -> dict[str, Any]:
 
 
 def generate_output(tokenizer: TextDecoder | None, req: Req, e2e_latency: float) -> dict[str, Any]:
-    return {"text": final_text(tokenizer, req), "output_ids": list(req.output_ids), "meta_info": meta_info(req, e2e_latency)}
+    return {
+        "text": final_text(tokenizer, req),
+        "output_ids": list(req.output_ids),
+        "meta_info": meta_info(req, e2e_latency),
+    }

@@ -9,6 +9,7 @@ would wait for every batch launched after this one as well.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 
@@ -16,6 +17,10 @@ from sglang_pd.sampling.sampler import SampleOutput, top_logprob_lists
 from sglang_pd.scheduler.batch import BatchResult, ItemResult, TopLogprobs
 
 
+@overload
+def to_host(t: torch.Tensor) -> torch.Tensor: ...
+@overload
+def to_host(t: None) -> None: ...
 def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
     """Start copying ``t`` to the host (pinned memory, asynchronous on CUDA)."""
     if t is None or not t.is_cuda:
@@ -33,15 +38,22 @@ class InputLogprobs:
 
 
 class PendingBatch:
-    def __init__(self, num_items: int, sample_items: list[int], sampled: SampleOutput | None,
-                 input_logprobs: list[InputLogprobs | None], placeholders: tuple[int | None, ...],
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        sample_items: list[int],
+        sampled: SampleOutput | None,
+        input_logprobs: list[InputLogprobs | None],
+        placeholders: tuple[int | None, ...],
+        device: torch.device,
+    ) -> None:
         self.num_items = num_items
         self.sample_items = sample_items  # plan item index of each sampled row
         self.placeholders = placeholders
-        self._input_logprobs = [None if lp is None else InputLogprobs(to_host(lp.chosen), to_host(lp.top_values),
-                                                                       to_host(lp.top_ids))
-                                for lp in input_logprobs]
+        self._input_logprobs = [
+            None if lp is None else InputLogprobs(to_host(lp.chosen), to_host(lp.top_values), to_host(lp.top_ids))
+            for lp in input_logprobs
+        ]
         self._next_ids = self._logprobs = self._top_values = self._top_ids = None
         self._top_nums: tuple[int, ...] = ()
         if sampled is not None:
@@ -65,7 +77,8 @@ class PendingBatch:
             if self._top_values is not None and self._top_ids is not None:
                 tops = top_logprob_lists(self._top_values.tolist(), self._top_ids.tolist(), self._top_nums)
             for k, i in enumerate(self.sample_items):
-                top = tuple(zip(*tops[k])) if tops is not None and tops[k] is not None else None
+                row = tops[k] if tops is not None else None
+                top = tuple(zip(*row)) if row is not None else None
                 items[i] = ItemResult(next_token_id=next_ids[k], logprob=logprobs[k], top_logprobs=top)
         for i, lp in enumerate(self._input_logprobs):
             if lp is not None:

@@ -32,40 +32,67 @@ def _f(default: Any, help: str, **extra: Any) -> Any:
 class ServerArgs:
     model_path: str = _f("", "HF model directory (config.json, safetensors, tokenizer files)")
     tokenizer_path: str | None = _f(None, "tokenizer directory (default: model path)")
-    load_format: Literal["auto", "dummy"] = _f("auto", "auto: read safetensors; dummy: random weights", choices=LOAD_FORMATS)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "auto: float32 on CPU, checkpoint dtype (or bfloat16) on CUDA", choices=DTYPES)
+    load_format: Literal["auto", "dummy"] = _f(
+        "auto", "auto: read safetensors; dummy: random weights", choices=LOAD_FORMATS
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "auto: float32 on CPU, checkpoint dtype (or bfloat16) on CUDA", choices=DTYPES
+    )
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda when available", choices=DEVICES)
     base_gpu_id: int = _f(0, "index of the GPU this worker uses")
     context_length: int | None = _f(None, "max prompt + output tokens (default: the model's max_position_embeddings)")
     random_seed: int = _f(0, "seed for dummy weights and unseeded sampling")
     # memory and scheduling
     page_size: int = _f(16, "tokens per KV page")
-    max_total_tokens: int | None = _f(None, "KV pool size in tokens (default: from --mem-fraction-static on CUDA, 65536 on CPU)")
+    max_total_tokens: int | None = _f(
+        None, "KV pool size in tokens (default: from --mem-fraction-static on CUDA, 65536 on CPU)"
+    )
     mem_fraction_static: float = _f(0.88, "CUDA: fraction of GPU memory for weights + KV pool")
     chunked_prefill_size: int = _f(8192, "max prompt tokens computed per step (-1 disables chunking)")
     max_running_requests: int | None = _f(None, "max requests in the running batch (default: derived from the pool)")
     max_prefill_tokens: int = _f(16384, "max prompt tokens admitted per step")
-    schedule_policy: Literal["fcfs", "lpm"] = _f("fcfs", "waiting-queue order: fcfs, or lpm (longest cached prefix first)", choices=SCHEDULE_POLICIES)
+    schedule_policy: Literal["fcfs", "lpm"] = _f(
+        "fcfs", "waiting-queue order: fcfs, or lpm (longest cached prefix first)", choices=SCHEDULE_POLICIES
+    )
     disable_radix_cache: bool = _f(False, "turn off prefix caching")
-    schedule_conservativeness: float = _f(1.0, "scales the KV set aside for tokens running requests will still generate (0: none)")
-    attention_backend: str | None = _f(None, "triton (default on CUDA) or torch (default on CPU, the reference)", choices=ATTENTION_BACKENDS)
+    schedule_conservativeness: float = _f(
+        1.0, "scales the KV set aside for tokens running requests will still generate (0: none)"
+    )
+    attention_backend: str | None = _f(
+        None, "triton (default on CUDA) or torch (default on CPU, the reference)", choices=ATTENTION_BACKENDS
+    )
     cuda_graph_max_bs: int = _f(384, "largest decode batch replayed from a captured CUDA graph")
     disable_cuda_graph: bool = _f(False, "run decode eagerly (no CUDA graphs)")
-    disable_overlap_schedule: bool = _f(False, "process each batch's results before launching the next one "
-                                               "(by default the host plans batch k+1 while the device runs batch k)")
+    disable_overlap_schedule: bool = _f(
+        False,
+        "process each batch's results before launching the next one "
+        "(by default the host plans batch k+1 while the device runs batch k)",
+    )
     skip_tokenizer_init: bool = _f(False, "no tokenizer: input_ids in, output_ids out")
     # prefill/decode disaggregation
     disaggregation_mode: str = _f("null", "null (colocated), prefill or decode", choices=("null", "prefill", "decode"))
     disaggregation_bootstrap_port: int = _f(8998, "prefill: port of the bootstrap server decode workers ask for KV")
-    disaggregation_transfer_backend: str = _f("ucx", "KV transfer engine: ucx, or fake (in-process, tests only)", choices=("ucx", "fake"))
-    disaggregation_ib_device: str | None = _f(None, "UCX network device(s) for the KV transfer (sets UCX_NET_DEVICES), e.g. mlx5_0:1")
-    disaggregation_data_host: str | None = _f(None, "address of this host the KV data path uses: UCX only on the network "
-                                                    "device holding it, advertised to peers (default: --host; 0.0.0.0: all "
-                                                    "devices, the host's outward address advertised)")
-    cluster_secret_file: str | None = _f(None, "file with the PD cluster secret (or $SGLANG_DISAGGREGATION_CLUSTER_SECRET): "
-                                               "bootstrap fields, P/D links, routes and registrations are signed")
+    disaggregation_transfer_backend: str = _f(
+        "ucx", "KV transfer engine: ucx, or fake (in-process, tests only)", choices=("ucx", "fake")
+    )
+    disaggregation_ib_device: str | None = _f(
+        None, "UCX network device(s) for the KV transfer (sets UCX_NET_DEVICES), e.g. mlx5_0:1"
+    )
+    disaggregation_data_host: str | None = _f(
+        None,
+        "address of this host the KV data path uses: UCX only on the network "
+        "device holding it, advertised to peers (default: --host; 0.0.0.0: all "
+        "devices, the host's outward address advertised)",
+    )
+    cluster_secret_file: str | None = _f(
+        None,
+        "file with the PD cluster secret (or $SGLANG_DISAGGREGATION_CLUSTER_SECRET): "
+        "bootstrap fields, P/D links, routes and registrations are signed",
+    )
     num_reserved_decode_tokens: int = _f(512, "decode: KV tokens reserved per admitted request beyond its prompt")
-    register_with: str | None = _f(None, "router URL to register this worker with once healthy (deregistered on SIGTERM)")
+    register_with: str | None = _f(
+        None, "router URL to register this worker with once healthy (deregistered on SIGTERM)"
+    )
     # HTTP server
     host: str = _f("127.0.0.1", "address the HTTP server binds")
     port: int = _f(30000, "HTTP port")
@@ -76,7 +103,9 @@ class ServerArgs:
     max_payload_size: int = _f(32 * 1024 * 1024, "largest request body in bytes (413 beyond)")
     shutdown_timeout: float = _f(30.0, "SIGTERM: seconds to let in-flight requests finish before aborting them")
     enable_metrics: bool = _f(False, "serve Prometheus metrics at /metrics")
-    log_level: str = _f("info", "debug, info, warning, error", choices=("debug", "info", "warning", "error", "critical"))
+    log_level: str = _f(
+        "info", "debug, info, warning, error", choices=("debug", "info", "warning", "error", "critical")
+    )
     log_requests: bool = _f(False, "log every request and its outcome")
     decode_log_interval: int = _f(40, "decode steps between 'Decode batch' throughput log lines (0: never)")
 
@@ -90,7 +119,10 @@ class ServerArgs:
         _check_int("page_size", self.page_size, 1)
         _check_int("cuda_graph_max_bs", self.cuda_graph_max_bs, 1)
         _check_int("decode_log_interval", self.decode_log_interval, 0)
-        if not isinstance(self.schedule_conservativeness, (int, float)) or not 0 <= self.schedule_conservativeness <= 10:
+        if (
+            not isinstance(self.schedule_conservativeness, (int, float))
+            or not 0 <= self.schedule_conservativeness <= 10
+        ):
             raise ValueError(f"schedule_conservativeness must be in [0, 10], got {self.schedule_conservativeness!r}")
         _check_int("base_gpu_id", self.base_gpu_id, 0)
         _check_int("max_total_tokens", self.max_total_tokens, 1, optional=True)
@@ -110,15 +142,19 @@ class ServerArgs:
         if not isinstance(self.shutdown_timeout, (int, float)) or self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout!r}")
         _check_choice("log_level", self.log_level, ("debug", "info", "warning", "error", "critical"))
-        if not isinstance(self.chunked_prefill_size, int) or isinstance(self.chunked_prefill_size, bool) or (
-            self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1
+        if (
+            not isinstance(self.chunked_prefill_size, int)
+            or isinstance(self.chunked_prefill_size, bool)
+            or (self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1)
         ):
-            raise ValueError(f"chunked_prefill_size must be -1 or a positive integer, got {self.chunked_prefill_size!r}")
+            raise ValueError(
+                f"chunked_prefill_size must be -1 or a positive integer, got {self.chunked_prefill_size!r}"
+            )
         if not isinstance(self.mem_fraction_static, (int, float)) or not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static!r}")
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "ServerArgs":
+    def from_kwargs(cls, **kwargs: Any) -> ServerArgs:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-
 from oracle import HFOracle
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

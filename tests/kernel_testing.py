@@ -8,8 +8,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
-                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+)
 DEVICES = ["cpu", CUDA]  # cpu runs the kernels in Triton's interpreter (tests/conftest.py)
 
 

@@ -11,8 +11,15 @@ from transfer.base import EngineDescription
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
 HOST = "127.0.0.1"
-DESC = EngineDescription(model_id="LlamaForCausalLM:L3:H32:V128", architecture="LlamaForCausalLM",
-                         dtype="bfloat16", num_layers=3, num_kv_heads=2, head_dim=8, page_size=4)
+DESC = EngineDescription(
+    model_id="LlamaForCausalLM:L3:H32:V128",
+    architecture="LlamaForCausalLM",
+    dtype="bfloat16",
+    num_layers=3,
+    num_kv_heads=2,
+    head_dim=8,
+    page_size=4,
+)
 PAGE_BYTES = 3 * 2 * 4 * 2 * 8 * 2  # 768 B: layers x (K, V) x page x heads x dim x bf16
 
 
@@ -51,7 +58,7 @@ def _proc_net_addr(hex_addr: str) -> tuple[str, int]:
     if len(raw) == 4:
         ip = socket.inet_ntoa(struct.pack("<I", struct.unpack(">I", raw)[0]))
     else:  # /proc/net/tcp6: four little-endian 32-bit words
-        ip = str(ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))))
+        ip = str(ipaddress.IPv6Address(b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))))
     return ip, int(port_hex, 16)
 
 

@@ -65,10 +65,19 @@ if TYPE_CHECKING:
 __all__ = ["create_transfer"]
 
 
-def create_transfer(role: Literal["prefill", "decode"], backend: Literal["ucx", "fake"], kv_buffer: torch.Tensor,
-                    desc: EngineDescription, config: TransferConfig, bootstrap_host: str, bootstrap_port: int,
-                    hub: FakeTransferHub | None = None, *, data_host: str | None = None,
-                    cluster_key: ClusterKey | None = None) -> PrefillTransfer | DecodeTransfer:
+def create_transfer(
+    role: Literal["prefill", "decode"],
+    backend: Literal["ucx", "fake"],
+    kv_buffer: torch.Tensor,
+    desc: EngineDescription,
+    config: TransferConfig,
+    bootstrap_host: str,
+    bootstrap_port: int,
+    hub: FakeTransferHub | None = None,
+    *,
+    data_host: str | None = None,
+    cluster_key: ClusterKey | None = None,
+) -> PrefillTransfer | DecodeTransfer:
     """A transfer engine, not yet started (call ``start()``; P's ``bootstrap_port`` is real afterwards).
 
     ``bootstrap_host``/``bootstrap_port`` are used by P only: the address its bootstrap server binds;

@@ -51,8 +51,11 @@ class EngineDescription:
 
     def mismatch(self, other: EngineDescription) -> str | None:
         """None if compatible; else a message naming every field that differs."""
-        diffs = [f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
-                 for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        diffs = [
+            f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
         return None if not diffs else "prefill/decode engine mismatch (" + "; ".join(diffs) + ")"
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,8 +106,15 @@ class PrefillTransfer(ABC):
     def poll(self, room: int) -> KVPoll: ...
 
     @abstractmethod
-    def send(self, room: int, page_ids: Sequence[int], first_page: int, last: bool,
-             aux: AuxRecord | None = None, ready_event: Any = None) -> None:
+    def send(
+        self,
+        room: int,
+        page_ids: Sequence[int],
+        first_page: int,
+        last: bool,
+        aux: AuxRecord | None = None,
+        ready_event: Any = None,
+    ) -> None:
         """Queue pages ``[first_page, first_page + len(page_ids))`` of the room's prompt (P's page ids).
 
         Calls for one room come in page order; the one with ``last=True`` carries ``aux`` and

@@ -49,9 +49,15 @@ class Route:
     @classmethod
     def from_json(cls, data: Any) -> Route:
         try:
-            route = cls(host=str(data["host"]), address=str(data["address"]), accept_id=int(data["accept_id"]),
-                        engine=dict(data.get("engine") or {}), rank=int(data.get("rank", 0)),
-                        prefill_id=str(data.get("prefill_id", "")), auth=bool(data.get("auth", False)))
+            route = cls(
+                host=str(data["host"]),
+                address=str(data["address"]),
+                accept_id=int(data["accept_id"]),
+                engine=dict(data.get("engine") or {}),
+                rank=int(data.get("rank", 0)),
+                prefill_id=str(data.get("prefill_id", "")),
+                auth=bool(data.get("auth", False)),
+            )
             bytes.fromhex(route.address)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BootstrapError(f"malformed route record {data!r:.200}: {e}") from e
@@ -128,8 +134,9 @@ class BootstrapServer:
                 return web.json_response({"error": f"PUT /route needs a valid {SIGNATURE_HEADER}: {e}"}, status=401)
         elif not is_loopback(request.remote):
             logger.warning("bootstrap server: refused unsigned PUT /route from %s", request.remote)
-            return web.json_response({"error": "PUT /route is accepted from this host only (no cluster secret)"},
-                                     status=403)
+            return web.json_response(
+                {"error": "PUT /route is accepted from this host only (no cluster secret)"}, status=403
+            )
         try:
             route = Route.from_json(json.loads(body))
         except (BootstrapError, ValueError) as e:
@@ -171,24 +178,27 @@ class BootstrapClient:
 
     async def get_route(self, host: str, port: int, timeout: float, rank: int = 0) -> Route:
         try:
-            async with self._get_session().get(_url(host, port, "/route"), params={"rank": str(rank)},
-                                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self._get_session().get(
+                _url(host, port, "/route"), params={"rank": str(rank)}, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
                 if resp.status != 200:
                     raise BootstrapError(f"GET /route answered {resp.status}: {(await resp.text())[:200]}")
                 return Route.from_json(await resp.json())
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
             raise BootstrapError(f"GET {_url(host, port, '/route')} failed: {type(e).__name__}: {e}") from e
 
-    async def put_route(self, host: str, port: int, route: Route, timeout: float,
-                        cluster_key: ClusterKey | None = None) -> None:
+    async def put_route(
+        self, host: str, port: int, route: Route, timeout: float, cluster_key: ClusterKey | None = None
+    ) -> None:
         """Announce ``route`` (another rank) on P's bootstrap server, signed when a key is given."""
         body = json.dumps(asdict(route)).encode()
         headers = {"Content-Type": "application/json"}
         if cluster_key is not None:
             headers[SIGNATURE_HEADER] = cluster_key.sign("route", body_digest("PUT", "/route", body))
         try:
-            async with self._get_session().put(_url(host, port, "/route"), data=body, headers=headers,
-                                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self._get_session().put(
+                _url(host, port, "/route"), data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
                 if resp.status != 200:
                     raise BootstrapError(f"PUT /route answered {resp.status}: {(await resp.text())[:200]}")
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
@@ -196,8 +206,9 @@ class BootstrapClient:
 
     async def health(self, host: str, port: int, timeout: float) -> bool:
         try:
-            async with self._get_session().get(_url(host, port, "/health"),
-                                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self._get_session().get(
+                _url(host, port, "/health"), timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
                 return resp.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False

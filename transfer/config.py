@@ -52,7 +52,9 @@ class TransferConfig:
                 continue
             parsed = _PARSERS[f.name](raw.strip())
             if parsed is None:
-                logger.warning("ignoring %s=%r (%s); using the default %r", name, raw, _RULES[f.name], getattr(defaults, f.name))
+                logger.warning(
+                    "ignoring %s=%r (%s); using the default %r", name, raw, _RULES[f.name], getattr(defaults, f.name)
+                )
             else:
                 values[f.name] = parsed
         config = cls(**values)  # type: ignore[arg-type]
@@ -63,8 +65,9 @@ class TransferConfig:
         return ", ".join(f"{ENV_PREFIX}{f.name.upper()}={getattr(self, f.name)}" for f in fields(self))
 
 
-def _number(kind: Callable[[str], float], lo: float, hi: float | None = None,
-            lo_open: bool = False) -> Callable[[str], object]:
+def _number(
+    kind: Callable[[str], float], lo: float, hi: float | None = None, lo_open: bool = False
+) -> Callable[[str], object]:
     def parse(raw: str) -> object:
         try:
             value = kind(raw)
@@ -78,8 +81,16 @@ def _number(kind: Callable[[str], float], lo: float, hi: float | None = None,
 
 
 def _bool(raw: str) -> object:
-    return {"1": True, "true": True, "yes": True, "on": True,
-            "0": False, "false": False, "no": False, "off": False}.get(raw.lower())
+    return {
+        "1": True,
+        "true": True,
+        "yes": True,
+        "on": True,
+        "0": False,
+        "false": False,
+        "no": False,
+        "off": False,
+    }.get(raw.lower())
 
 
 def _int(raw: str) -> int:

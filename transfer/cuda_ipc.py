@@ -67,8 +67,12 @@ def ensure_context(device_index: int) -> None:
 def export(ptr: int) -> tuple[bytes, int]:
     """(IPC handle of the allocation holding ``ptr``, ``ptr``'s offset in it)."""
     base, size = ctypes.c_uint64(), ctypes.c_size_t()
-    _check(_fn("cuMemGetAddressRange_v2", "cuMemGetAddressRange")(ctypes.byref(base), ctypes.byref(size),
-                                                                    ctypes.c_uint64(ptr)), "cuMemGetAddressRange")
+    _check(
+        _fn("cuMemGetAddressRange_v2", "cuMemGetAddressRange")(
+            ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)
+        ),
+        "cuMemGetAddressRange",
+    )
     handle = _Handle()
     _check(_fn("cuIpcGetMemHandle")(ctypes.byref(handle), base), "cuIpcGetMemHandle")
     return bytes(handle.reserved), ptr - base.value
@@ -90,8 +94,12 @@ def open_handle(handle: bytes) -> int:
 def allocation_size(ptr: int) -> int:
     """Bytes of the allocation (here: the mapped peer allocation) that starts at ``ptr``, from ``ptr`` on."""
     base, size = ctypes.c_uint64(), ctypes.c_size_t()
-    _check(_fn("cuMemGetAddressRange_v2", "cuMemGetAddressRange")(ctypes.byref(base), ctypes.byref(size),
-                                                                    ctypes.c_uint64(ptr)), "cuMemGetAddressRange")
+    _check(
+        _fn("cuMemGetAddressRange_v2", "cuMemGetAddressRange")(
+            ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)
+        ),
+        "cuMemGetAddressRange",
+    )
     return int(size.value) - (ptr - int(base.value))
 
 

@@ -116,8 +116,15 @@ class _Job:
 
 
 class FakePrefillTransfer(PrefillTransfer):
-    def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig,
-                 bootstrap_host: str, bootstrap_port: int, hub: FakeTransferHub | None = None) -> None:
+    def __init__(
+        self,
+        kv_buffer: torch.Tensor,
+        desc: EngineDescription,
+        config: TransferConfig,
+        bootstrap_host: str,
+        bootstrap_port: int,
+        hub: FakeTransferHub | None = None,
+    ) -> None:
         self.kv, self.desc, self.config = kv_buffer, desc, config
         self.hub = hub or FakeTransferHub.default()
         self.bootstrap_host, self.bootstrap_port = bootstrap_host, bootstrap_port
@@ -133,12 +140,21 @@ class FakePrefillTransfer(PrefillTransfer):
         with self.hub.lock:
             state = self._room(room)
             if state.alive and state.d_room is None and time.monotonic() > state.deadline:
-                state.fail(f"bootstrap timeout: no decode worker registered room {room} within "
-                           f"{self.config.bootstrap_timeout:g}s (SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT)")
+                state.fail(
+                    f"bootstrap timeout: no decode worker registered room {room} within "
+                    f"{self.config.bootstrap_timeout:g}s (SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT)"
+                )
             return state.status
 
-    def send(self, room: int, page_ids: Sequence[int], first_page: int, last: bool,
-             aux: AuxRecord | None = None, ready_event: Any = None) -> None:
+    def send(
+        self,
+        room: int,
+        page_ids: Sequence[int],
+        first_page: int,
+        last: bool,
+        aux: AuxRecord | None = None,
+        ready_event: Any = None,
+    ) -> None:
         if last and aux is None:
             raise ValueError("the last send of a room must carry its aux record")
         with self.hub.lock:
@@ -178,7 +194,9 @@ class FakePrefillTransfer(PrefillTransfer):
         with self.hub.lock:
             state = self.rooms.pop(room)
             if state is not None:
-                self._fail(state, "released by the prefill scheduler before the transfer finished", "aborted by prefill: ")
+                self._fail(
+                    state, "released by the prefill scheduler before the transfer finished", "aborted by prefill: "
+                )
                 if state.reason:
                     self._recent.add(room, state.reason)
 
@@ -198,7 +216,8 @@ class FakePrefillTransfer(PrefillTransfer):
 
     def _room(self, room: int) -> _PRoom:
         state, created = self.rooms.get_or_create(
-            room, lambda: _PRoom(room, time.monotonic() + self.config.bootstrap_timeout))
+            room, lambda: _PRoom(room, time.monotonic() + self.config.bootstrap_timeout)
+        )
         if created and room in self._pending:
             d_room, _ = self._pending.pop(room)
             self._attach(state, d_room)
@@ -253,20 +272,25 @@ class FakePrefillTransfer(PrefillTransfer):
         assert d_room is not None
         n = len(job.page_ids)
         if job.first_page + n > state.num_pages:
-            self._fail(state, f"prefill sends pages [{job.first_page}, {job.first_page + n}) but decode "
-                              f"registered {state.num_pages} pages", "")
+            self._fail(
+                state,
+                f"prefill sends pages [{job.first_page}, {job.first_page + n}) but decode "
+                f"registered {state.num_pages} pages",
+                "",
+            )
             return
         if n:
             wait_ready(job.ready_event)
-            staging = torch.empty(chunk_nbytes(self.kv, n) // self.kv.element_size(), dtype=self.kv.dtype,
-                                  device=self.kv.device)
+            staging = torch.empty(
+                chunk_nbytes(self.kv, n) // self.kv.element_size(), dtype=self.kv.dtype, device=self.kv.device
+            )
             pack_pages(self.kv, job.page_ids, staging)
             state.add_bytes(staging.numel() * staging.element_size())
             state.pages_sent += n
             if d_room.alive:
                 d_kv = d_room.engine.kv
                 d_room.advance(KVPoll.Transferring)
-                unpack_pages(d_kv, d_room.page_ids[job.first_page:job.first_page + n], staging.to(d_kv.device))
+                unpack_pages(d_kv, d_room.page_ids[job.first_page : job.first_page + n], staging.to(d_kv.device))
                 d_room.add_bytes(staging.numel() * staging.element_size())
                 d_room.pages_received += n
         if job.last and d_room.alive:
@@ -277,8 +301,13 @@ class FakePrefillTransfer(PrefillTransfer):
 
 
 class FakeDecodeTransfer(DecodeTransfer):
-    def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig,
-                 hub: FakeTransferHub | None = None) -> None:
+    def __init__(
+        self,
+        kv_buffer: torch.Tensor,
+        desc: EngineDescription,
+        config: TransferConfig,
+        hub: FakeTransferHub | None = None,
+    ) -> None:
         self.kv, self.desc, self.config = kv_buffer, desc, config
         self.hub = hub or FakeTransferHub.default()
         self.rooms: RoomTable[_DRoom] = RoomTable()
@@ -289,8 +318,9 @@ class FakeDecodeTransfer(DecodeTransfer):
     def register(self, room: int, bootstrap_host: str, bootstrap_port: int, page_ids: Sequence[int]) -> None:
         ids = page_ids.tolist() if isinstance(page_ids, torch.Tensor) else list(page_ids)
         with self.hub.lock:
-            state = _DRoom(room, ids, (bootstrap_host, int(bootstrap_port)),
-                           time.monotonic() + self.config.waiting_timeout, self)
+            state = _DRoom(
+                room, ids, (bootstrap_host, int(bootstrap_port)), time.monotonic() + self.config.waiting_timeout, self
+            )
             _, created = self.rooms.get_or_create(room, lambda: state)
             if not created:  # as the UCX engine: the holder's state is never touched
                 raise RoomInUse(room)
@@ -332,7 +362,9 @@ class FakeDecodeTransfer(DecodeTransfer):
         with self.hub.lock:
             state = self.rooms.pop(room)
             if state is not None:
-                self._fail(state, "released by the decode scheduler before the transfer finished", "aborted by decode: ")
+                self._fail(
+                    state, "released by the decode scheduler before the transfer finished", "aborted by decode: "
+                )
 
     def shutdown(self) -> None:
         with self.hub.lock:
@@ -359,8 +391,12 @@ class FakeDecodeTransfer(DecodeTransfer):
         budget = self.config.heartbeat_interval * self.config.heartbeat_max_failure
         addr = f"{state.addr[0]}:{state.addr[1]}"
         if now > state.deadline:
-            self._fail(state, f"KV transfer timed out: room {state.room} got no complete KV from prefill {addr} "
-                              f"within {self.config.waiting_timeout:g}s (SGLANG_DISAGGREGATION_WAITING_TIMEOUT)", "")
+            self._fail(
+                state,
+                f"KV transfer timed out: room {state.room} got no complete KV from prefill {addr} "
+                f"within {self.config.waiting_timeout:g}s (SGLANG_DISAGGREGATION_WAITING_TIMEOUT)",
+                "",
+            )
             return
         if state.prefill is None:
             self._connect(state)
@@ -369,11 +405,17 @@ class FakeDecodeTransfer(DecodeTransfer):
             return
         down = self.hub.down_since(state.addr)
         if down is not None and now - down >= budget:
-            self._fail(state, f"prefill server {addr} unreachable: {self.config.heartbeat_max_failure} consecutive "
-                              f"failed probes every {self.config.heartbeat_interval:g}s (GET /health failed)", None)
+            self._fail(
+                state,
+                f"prefill server {addr} unreachable: {self.config.heartbeat_max_failure} consecutive "
+                f"failed probes every {self.config.heartbeat_interval:g}s (GET /health failed)",
+                None,
+            )
         elif state.prefill.pending_expired(state, now):
-            state.fail(f"prefill never received the request of room {state.room} within "
-                       f"{self.config.bootstrap_timeout:g}s of decode's registration")
+            state.fail(
+                f"prefill never received the request of room {state.room} within "
+                f"{self.config.bootstrap_timeout:g}s of decode's registration"
+            )
 
     def _fail(self, state: _DRoom, reason: str, p_prefix: str | None) -> None:
         """Fail the room; P's room fails too with ``p_prefix + reason`` unless ``p_prefix`` is None."""

@@ -107,7 +107,9 @@ def wait_ready(ready_event: object) -> None:
 def _chunk_view(kv_buffer: torch.Tensor, num_pages: int, buf: torch.Tensor, name: str) -> torch.Tensor:
     shape = chunk_shape(kv_buffer, num_pages)
     if buf.dtype != kv_buffer.dtype or buf.device != kv_buffer.device:
-        raise TypeError(f"{name} is {buf.dtype} on {buf.device}; the KV buffer is {kv_buffer.dtype} on {kv_buffer.device}")
+        raise TypeError(
+            f"{name} is {buf.dtype} on {buf.device}; the KV buffer is {kv_buffer.dtype} on {kv_buffer.device}"
+        )
     if not buf.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
     expected = 1
@@ -120,5 +122,7 @@ def _chunk_view(kv_buffer: torch.Tensor, num_pages: int, buf: torch.Tensor, name
 
 def _check_kv(kv_buffer: torch.Tensor) -> None:
     if kv_buffer.dim() != 6 or kv_buffer.shape[1] != 2:
-        raise ValueError("kv_buffer must be [num_layers, 2, num_pages, page_size, num_kv_heads, head_dim], "
-                         f"got shape {tuple(kv_buffer.shape)}")
+        raise ValueError(
+            "kv_buffer must be [num_layers, 2, num_pages, page_size, num_kv_heads, head_dim], "
+            f"got shape {tuple(kv_buffer.shape)}"
+        )

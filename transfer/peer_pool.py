@@ -90,14 +90,19 @@ class PoolOffer:
         except TypeError as e:
             raise PeerPoolError(f"unreadable pool offer: {e}") from e
         ints = ("num_pages", "nbytes", "offset", "pid", "fd")
-        if not isinstance(offer.kind, str) or not isinstance(offer.boot_id, str) \
-                or any(isinstance(getattr(offer, n), bool) or not isinstance(getattr(offer, n), int) for n in ints) \
-                or not isinstance(offer.handle, bytes) or not isinstance(offer.file_id, list) \
-                or any(isinstance(v, bool) or not isinstance(v, int) for v in offer.file_id):
+        if (
+            not isinstance(offer.kind, str)
+            or not isinstance(offer.boot_id, str)
+            or any(isinstance(getattr(offer, n), bool) or not isinstance(getattr(offer, n), int) for n in ints)
+            or not isinstance(offer.handle, bytes)
+            or not isinstance(offer.file_id, list)
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in offer.file_id)
+        ):
             raise PeerPoolError("unreadable pool offer: a field has the wrong type")
         if offer.offset < 0 or offer.nbytes <= 0 or offer.num_pages <= 0:
-            raise PeerPoolError(f"pool offer out of range (offset {offer.offset}, nbytes {offer.nbytes}, "
-                                f"num_pages {offer.num_pages})")
+            raise PeerPoolError(
+                f"pool offer out of range (offset {offer.offset}, nbytes {offer.nbytes}, num_pages {offer.num_pages})"
+            )
         return offer
 
 
@@ -121,8 +126,16 @@ def export_pool(kv: torch.Tensor) -> PoolOffer:
         st = os.fstat(fd)
     except (RuntimeError, OSError) as e:
         raise PeerPoolError(f"cannot move the KV pool into shared memory: {e}") from e
-    return PoolOffer("shm", boot_id(), kv.shape[2], nbytes, int(kv.storage_offset()) * kv.element_size(),
-                     pid=os.getpid(), fd=fd, file_id=[st.st_dev, st.st_ino])
+    return PoolOffer(
+        "shm",
+        boot_id(),
+        kv.shape[2],
+        nbytes,
+        int(kv.storage_offset()) * kv.element_size(),
+        pid=os.getpid(),
+        fd=fd,
+        file_id=[st.st_dev, st.st_ino],
+    )
 
 
 class PeerPool:
@@ -139,10 +152,17 @@ class PeerPool:
     def check(self, dst_ids: Sequence[int]) -> None:
         """Raise unless every id names a page of D's pool (an id out of range would write past it)."""
         if dst_ids and (min(dst_ids) < 0 or max(dst_ids) >= self.num_pages):
-            raise IndexError(f"decode page id out of range [0, {self.num_pages}): min {min(dst_ids)}, max {max(dst_ids)}")
+            raise IndexError(
+                f"decode page id out of range [0, {self.num_pages}): min {min(dst_ids)}, max {max(dst_ids)}"
+            )
 
-    def write(self, kv: torch.Tensor, src_ids: Sequence[int], dst_ids: Sequence[int] | torch.Tensor,
-              stream: torch.cuda.Stream | None = None) -> None:
+    def write(
+        self,
+        kv: torch.Tensor,
+        src_ids: Sequence[int],
+        dst_ids: Sequence[int] | torch.Tensor,
+        stream: torch.cuda.Stream | None = None,
+    ) -> None:
         """D's pool[:, :, dst_ids] = ``kv``[:, :, src_ids] (CUDA: on ``stream``, None: the current one; no host wait).
 
         ``dst_ids`` were range-checked (``check``) when D registered them; on CUDA they are a device tensor
@@ -216,8 +236,9 @@ def open_pool(offer: PoolOffer, kv: torch.Tensor) -> PeerPool:
             raise PeerPoolError(str(e)) from e
         if offer.offset + offer.nbytes > size:
             cuda_ipc.close_handle(base)
-            raise PeerPoolError(f"offered pool ({offer.offset} + {offer.nbytes} bytes) exceeds the mapped "
-                                f"allocation of {size} bytes")
+            raise PeerPoolError(
+                f"offered pool ({offer.offset} + {offer.nbytes} bytes) exceeds the mapped allocation of {size} bytes"
+            )
         return PeerPool(RawPages(base + offer.offset, kv.dtype, offer.num_pages), offer.num_pages, base)
     if offer.kind == "shm" and kv.device.type == "cpu":
         target = _map_shm(offer, kv.dtype, shape)
@@ -259,11 +280,11 @@ def _map_shm(offer: PoolOffer, dtype: torch.dtype, shape: tuple[int, ...]) -> to
             raise PeerPoolError(f"cannot map decode's pool: {e}") from e
     finally:
         os.close(fd)  # the mapping keeps the object alive
-    return raw[offer.offset:].view(dtype).view(shape)
+    return raw[offer.offset :].view(dtype).view(shape)
 
 
 def _shm_kind(fd: int, st: os.stat_result) -> str | None:
-    """"shm" (a file on /dev/shm's file system) or "memfd", else None (anything else, e.g. a file on disk)."""
+    """ "shm" (a file on /dev/shm's file system) or "memfd", else None (anything else, e.g. a file on disk)."""
     if not stat.S_ISREG(st.st_mode):
         return None
     try:

@@ -188,9 +188,23 @@ class Close:
     reason: str
 
 
-Message = Hello | HelloOk | HelloRefused | Register | Registered | Data | Done | Fail | Abort | Pushed | AbortAck | Close
-MESSAGE_TYPES: tuple[type, ...] = (Hello, HelloOk, HelloRefused, Register, Registered, Data, Done, Fail, Abort,
-                                   Pushed, AbortAck, Close)
+Message = (
+    Hello | HelloOk | HelloRefused | Register | Registered | Data | Done | Fail | Abort | Pushed | AbortAck | Close
+)
+MESSAGE_TYPES: tuple[type, ...] = (
+    Hello,
+    HelloOk,
+    HelloRefused,
+    Register,
+    Registered,
+    Data,
+    Done,
+    Fail,
+    Abort,
+    Pushed,
+    AbortAck,
+    Close,
+)
 _TYPE_ID = {t: i for i, t in enumerate(MESSAGE_TYPES)}
 
 
@@ -200,7 +214,12 @@ def encode(msg: Message) -> bytes:
 
 def decode(payload: bytes | memoryview) -> Message:
     items = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    if not isinstance(items, list) or not items or not isinstance(items[0], int) or not 0 <= items[0] < len(MESSAGE_TYPES):
+    if (
+        not isinstance(items, list)
+        or not items
+        or not isinstance(items[0], int)
+        or not 0 <= items[0] < len(MESSAGE_TYPES)
+    ):
         raise ValueError(f"malformed transfer message: {items!r:.200}")
     try:
         return MESSAGE_TYPES[items[0]](*items[1:])  # type: ignore[no-any-return]
@@ -221,15 +240,19 @@ def decode_hello(buf: bytes | memoryview) -> Hello:
     (length,) = FRAME_HEADER.unpack_from(buf)
     if FRAME_HEADER.size + length > len(buf):
         raise ValueError(f"Hello frame claims {length} bytes")
-    msg = decode(bytes(buf[FRAME_HEADER.size:FRAME_HEADER.size + length]))
+    msg = decode(bytes(buf[FRAME_HEADER.size : FRAME_HEADER.size + length]))
     if not isinstance(msg, Hello):
         raise ValueError(f"expected Hello, got {type(msg).__name__}")  # noqa: TRY004 - a peer's bad input
     if not isinstance(msg.link_id, int) or not 0 <= msg.link_id < 1 << LINK_ID_BITS:
         raise ValueError(f"bad link id {msg.link_id!r}")
     if not isinstance(msg.address, bytes) or not msg.address:
         raise ValueError("Hello carries no worker address")
-    if not isinstance(msg.engine, dict) or not isinstance(msg.decode_id, str) or not isinstance(msg.token, str) \
-            or not (msg.pool is None or isinstance(msg.pool, dict)):
+    if (
+        not isinstance(msg.engine, dict)
+        or not isinstance(msg.decode_id, str)
+        or not isinstance(msg.token, str)
+        or not (msg.pool is None or isinstance(msg.pool, dict))
+    ):
         raise ValueError("malformed Hello fields")
     return msg
 

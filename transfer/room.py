@@ -23,8 +23,9 @@ from transfer.base import KVPoll, TransferStats
 
 
 class RoomState:
-    def __init__(self, room: int, status: KVPoll = KVPoll.Bootstrapping,
-                 on_change: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, room: int, status: KVPoll = KVPoll.Bootstrapping, on_change: Callable[[], None] | None = None
+    ) -> None:
         self.room = room
         self.lock = threading.RLock()
         self.status = status

@@ -49,8 +49,9 @@ class StagingSlot:
 
 
 class StagingPool:
-    def __init__(self, num_slots: int, device: torch.device,
-                 wait_event: Callable[[Any], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self, num_slots: int, device: torch.device, wait_event: Callable[[Any], Awaitable[None]] | None = None
+    ) -> None:
         self._slots = [StagingSlot(i, device) for i in range(num_slots)]
         self._free = list(self._slots)
         self._lock = threading.Lock()

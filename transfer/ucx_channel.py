@@ -39,7 +39,9 @@ from transfer.ucx_runtime import UcxRuntime
 logger = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 0.1
-MAX_CTRL_PAYLOAD = 64 << 20  # a control payload beyond this is a broken or hostile peer (no buffer for it)  # a live peer answers within a round trip; a dead one is not waited for longer
+MAX_CTRL_PAYLOAD = (
+    64 << 20
+)  # a control payload beyond this is a broken or hostile peer (no buffer for it)  # a live peer answers within a round trip; a dead one is not waited for longer
 
 
 def ucx_array(buf: torch.Tensor | np.ndarray) -> Any:
@@ -108,7 +110,7 @@ class Channel:
         await self._recv_frame(self._frame)
         (length,) = FRAME_HEADER.unpack_from(self._frame.data)
         if FRAME_HEADER.size + length <= CTRL_FRAME_BYTES:
-            msg = decode(self._frame[FRAME_HEADER.size:FRAME_HEADER.size + length].tobytes())
+            msg = decode(self._frame[FRAME_HEADER.size : FRAME_HEADER.size + length].tobytes())
         else:
             if length > MAX_CTRL_PAYLOAD:
                 raise ValueError(f"control frame of {length} bytes exceeds {MAX_CTRL_PAYLOAD}")

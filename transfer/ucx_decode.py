@@ -66,11 +66,18 @@ from transfer.ucx_receive import PageReceiver
 
 logger = logging.getLogger(__name__)
 
+
 class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
     role = "decode"
 
-    def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig,
-                 data_host: str | None = None, cluster_key: ClusterKey | None = None) -> None:
+    def __init__(
+        self,
+        kv_buffer: torch.Tensor,
+        desc: EngineDescription,
+        config: TransferConfig,
+        data_host: str | None = None,
+        cluster_key: ClusterKey | None = None,
+    ) -> None:
         super().__init__(kv_buffer, desc, config, data_host)
         self._key = cluster_key
         self._links: dict[Addr, PrefillLink] = {}
@@ -85,8 +92,9 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
             try:
                 self._offer = export_pool(self.kv).to_dict()
             except PeerPoolError as e:
-                logger.info("%s: KV pool not offered for direct copies (%s): KV comes as UCX data messages",
-                            self.engine_id, e)
+                logger.info(
+                    "%s: KV pool not offered for direct copies (%s): KV comes as UCX data messages", self.engine_id, e
+                )
         self._start_runtime(self._astart, self._aclose)
 
     async def _astart(self) -> None:
@@ -94,8 +102,13 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
 
     def register(self, room: int, bootstrap_host: str, bootstrap_port: int, page_ids: Sequence[int]) -> None:
         ids = page_ids.tolist() if isinstance(page_ids, torch.Tensor) else list(page_ids)
-        state = DecodeRoom(room, ids, (bootstrap_host, int(bootstrap_port)),
-                           time.monotonic() + self.config.waiting_timeout, self._notify)
+        state = DecodeRoom(
+            room,
+            ids,
+            (bootstrap_host, int(bootstrap_port)),
+            time.monotonic() + self.config.waiting_timeout,
+            self._notify,
+        )
         _, created = self.rooms.get_or_create(room, lambda: state)
         if not created:  # never touch the holder's state: its pages and data are its own
             raise RoomInUse(room)
@@ -180,16 +193,22 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
         return self.config.heartbeat_interval * self.config.heartbeat_max_failure
 
     def _timeout_text(self, state: DecodeRoom) -> str:
-        return (f"KV transfer timed out: room {state.room} got no complete KV from prefill {state.addr[0]}:"
-                f"{state.addr[1]} within {self.config.waiting_timeout:g}s (SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")
+        return (
+            f"KV transfer timed out: room {state.room} got no complete KV from prefill {state.addr[0]}:"
+            f"{state.addr[1]} within {self.config.waiting_timeout:g}s (SGLANG_DISAGGREGATION_WAITING_TIMEOUT)"
+        )
 
     def check_timeouts(self, now: float) -> None:
         for state in self.rooms.snapshot():
             if state.alive and now > state.deadline:
                 self._fail_room(state, self._timeout_text(state), Fail)
             elif state.draining is not None and not state.terminal and now > state.drain_deadline:
-                logger.warning("%s: room %d: prefill did not answer within %gs; failing it anyway",
-                               self.engine_id, state.room, self._drain_timeout)
+                logger.warning(
+                    "%s: room %d: prefill did not answer within %gs; failing it anyway",
+                    self.engine_id,
+                    state.room,
+                    self._drain_timeout,
+                )
                 self._fail_room(state, state.draining, None)
 
     # --- loop: links ------------------------------------------------------------------------------
@@ -237,8 +256,13 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
             del self._links[link.addr]
         live = [s for s in link.rooms.values() if not s.terminal]  # draining ones too: P is gone
         if not self._closing:
-            logger.log(logging.WARNING if live else logging.INFO, "%s: %s (%d live rooms failed)",
-                       self.engine_id, reason, len(live))
+            logger.log(
+                logging.WARNING if live else logging.INFO,
+                "%s: %s (%d live rooms failed)",
+                self.engine_id,
+                reason,
+                len(live),
+            )
         for state in live:
             self._fail_room(state, reason, None)
         link.rooms.clear()
@@ -251,8 +275,10 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
             self.spawn(channel.close())
 
     def _unreachable(self, link: PrefillLink, detail: str) -> str:
-        return (f"prefill server {link.name} unreachable: {link.misses} consecutive failed probes "
-                f"every {self.config.heartbeat_interval:g}s ({detail})")
+        return (
+            f"prefill server {link.name} unreachable: {link.misses} consecutive failed probes "
+            f"every {self.config.heartbeat_interval:g}s ({detail})"
+        )
 
     async def _run_link(self, link: PrefillLink) -> None:
         while True:
@@ -291,38 +317,52 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
         """The handshaken channel to P; sets ``link.push`` (and its events) if P mapped our pool."""
         route = await self._client.get_route(*link.addr, timeout=CONNECT_TIMEOUT_S)
         if route.auth and self._key is None:
-            raise HandshakeRefused(f"prefill {link.name} requires a cluster secret and this decode worker has none "
-                                   "(--cluster-secret-file or $SGLANG_DISAGGREGATION_CLUSTER_SECRET)")
+            raise HandshakeRefused(
+                f"prefill {link.name} requires a cluster secret and this decode worker has none "
+                "(--cluster-secret-file or $SGLANG_DISAGGREGATION_CLUSTER_SECRET)"
+            )
         taken = {lk.channel.link_id for lk in self._links.values() if lk.channel is not None}
         try:
             channel = connect(self.runtime, route.worker_address, taken)
         except ValueError as e:
             raise ConnectionError(f"prefill {link.name}'s route: {e}") from e
         try:
-            hello = Hello(self.desc.to_dict(), self.engine_id, self._offer if link.offer_pool else None,
-                          channel.link_id, self.runtime.worker_address)
+            hello = Hello(
+                self.desc.to_dict(),
+                self.engine_id,
+                self._offer if link.offer_pool else None,
+                channel.link_id,
+                self.runtime.worker_address,
+            )
             if self._key is not None:
                 hello = replace(hello, token=self._key.sign("link", hello_payload(hello)))
             await asyncio.wait_for(channel.post_hello(route.accept_id, hello), 2 * CONNECT_TIMEOUT_S)
             try:
                 reply = await asyncio.wait_for(channel.recv(), CONNECT_TIMEOUT_S)
             except TimeoutError as e:
-                raise ConnectionError(f"prefill {link.name} did not answer our Hello within {CONNECT_TIMEOUT_S:g}s "
-                                      "(prefill drops links whose cluster secret differs without answering)") from e
+                raise ConnectionError(
+                    f"prefill {link.name} did not answer our Hello within {CONNECT_TIMEOUT_S:g}s "
+                    "(prefill drops links whose cluster secret differs without answering)"
+                ) from e
             if isinstance(reply, HelloOk) and reply.push and self._stream is not None:
                 try:
                     link.events = open_events(reply.events, self.kv.device)
                 except RuntimeError as e:
                     link.offer_pool = False  # the next attempt asks for data messages
-                    raise ConnectionError(f"cannot open prefill's copy events ({e}); reconnecting without "
-                                          "direct copies") from e
+                    raise ConnectionError(
+                        f"cannot open prefill's copy events ({e}); reconnecting without direct copies"
+                    ) from e
         except BaseException:
             await channel.close()
             raise
         if isinstance(reply, HelloOk):
             link.push = reply.push
-            logger.info("%s: prefill %s: %s", self.engine_id, link.name,
-                        "direct copies into our KV pool" if link.push else "KV as UCX data messages")
+            logger.info(
+                "%s: prefill %s: %s",
+                self.engine_id,
+                link.name,
+                "direct copies into our KV pool" if link.push else "KV as UCX data messages",
+            )
             return channel
         await channel.close()
         if isinstance(reply, HelloRefused):
@@ -371,4 +411,3 @@ class UcxDecodeTransfer(PageReceiver, DecodeTransfer):
                 await link.channel.close()
         self._links.clear()
         await self._client.close()
-

@@ -21,8 +21,9 @@ class HandshakeRefused(Exception):
 
 
 class DecodeRoom(RoomState):
-    def __init__(self, room: int, page_ids: list[int], addr: Addr, deadline: float,
-                 on_change: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, room: int, page_ids: list[int], addr: Addr, deadline: float, on_change: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(room, on_change=on_change)
         self.page_ids = page_ids  # D's pages of the whole prompt, in prompt order
         self.addr = addr

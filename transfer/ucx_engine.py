@@ -53,8 +53,9 @@ def sweep_period(config: TransferConfig) -> float:
 class UcxEngineBase(Generic[R]):
     role = "?"
 
-    def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig,
-                 data_host: str | None = None) -> None:
+    def __init__(
+        self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig, data_host: str | None = None
+    ) -> None:
         self.kv = kv_buffer
         # UCX's network devices: the one(s) holding ``data_host`` (None or a wildcard: every device; hosts.py)
         self.net_devices = net_devices_for(data_host) if data_host is not None else None
@@ -72,13 +73,15 @@ class UcxEngineBase(Generic[R]):
 
     # --- life cycle ---------------------------------------------------------------------------
 
-    def _start_runtime(self, astart: Callable[[], Coroutine[Any, Any, None]],
-                       aclose: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    def _start_runtime(
+        self, astart: Callable[[], Coroutine[Any, Any, None]], aclose: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
         if self._runtime is not None:
             raise RuntimeError(f"{self.engine_id} already started")
         self._runtime = UcxRuntime.acquire(self.kv.device, self.net_devices)
-        self._executor = ThreadPoolExecutor(self.config.thread_pool_size, thread_name_prefix=f"transfer-{self.role}",
-                                            initializer=self._bind_device)
+        self._executor = ThreadPoolExecutor(
+            self.config.thread_pool_size, thread_name_prefix=f"transfer-{self.role}", initializer=self._bind_device
+        )
         try:
             self._runtime.run(self._astart_common(astart), timeout=START_TIMEOUT_S)
         except BaseException:

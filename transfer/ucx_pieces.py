@@ -71,21 +71,42 @@ class PieceSender(UcxEngineBase[S]):
         """Fail the room; tell D with message type ``tell`` (the prefill engine implements it)."""
         raise NotImplementedError
 
-    def _push_now(self, state: S, ids: list[int] | torch.Tensor, first_page: int, last: bool, aux: AuxRecord | None,
-                  ready_event: Any) -> bool:
+    def _push_now(
+        self,
+        state: S,
+        ids: list[int] | torch.Tensor,
+        first_page: int,
+        last: bool,
+        aux: AuxRecord | None,
+        ready_event: Any,
+    ) -> bool:
         """Direct link: launch the send's copy into D's pages right here if nothing of the room is queued ahead
         (PushSender, ucx_push.py); False: it goes through the loop like a piece."""
         raise NotImplementedError
 
-    def _push(self, state: S, ids: list[int] | torch.Tensor, first_page: int, last: bool, aux: AuxRecord | None,
-              ready_event: Any) -> None:
+    def _push(
+        self,
+        state: S,
+        ids: list[int] | torch.Tensor,
+        first_page: int,
+        last: bool,
+        aux: AuxRecord | None,
+        ready_event: Any,
+    ) -> None:
         """Direct link: launch the copy into D's pages and post Pushed (PushSender, ucx_push.py)."""
         raise NotImplementedError
 
     # --- scheduler thread ---------------------------------------------------------------------------
 
-    def _queue_pieces(self, state: S, page_ids: Sequence[int] | torch.Tensor, first_page: int, last: bool,
-                      aux: AuxRecord | None, ready_event: Any) -> None:
+    def _queue_pieces(
+        self,
+        state: S,
+        page_ids: Sequence[int] | torch.Tensor,
+        first_page: int,
+        last: bool,
+        aux: AuxRecord | None,
+        ready_event: Any,
+    ) -> None:
         ids = page_ids.clone() if isinstance(page_ids, torch.Tensor) else list(page_ids)
         if ready_event is None and self._stream is not None:  # a copy started later must follow the caller's work
             ready_event = torch.cuda.Event()
@@ -94,9 +115,16 @@ class PieceSender(UcxEngineBase[S]):
             return
         per = max(1, int(self.config.max_message_mb * (1 << 20)) // page_nbytes(self.kv))
         starts = range(0, len(ids), per) if len(ids) else range(1)
-        jobs = [SendJob(ids[start:start + per], first_page + start, last and k == len(starts) - 1,
-                        aux if last and k == len(starts) - 1 else None, ready_event)
-                for k, start in enumerate(starts)]
+        jobs = [
+            SendJob(
+                ids[start : start + per],
+                first_page + start,
+                last and k == len(starts) - 1,
+                aux if last and k == len(starts) - 1 else None,
+                ready_event,
+            )
+            for k, start in enumerate(starts)
+        ]
         with state.lock:
             state.queued += len(jobs)
         self._gather_early(state, jobs)
@@ -118,9 +146,9 @@ class PieceSender(UcxEngineBase[S]):
                     state.waiting_for_slot += 1
                     continue
             try:
-                started, job.gathered = self.launch_pack(state, job.page_ids,
-                                                         slot.view(chunk_nbytes(self.kv, n), self.kv.dtype),
-                                                         job.ready_event)
+                started, job.gathered = self.launch_pack(
+                    state, job.page_ids, slot.view(chunk_nbytes(self.kv, n), self.kv.dtype), job.ready_event
+                )
             except Exception as e:  # noqa: BLE001 - bad page ids etc.: the room fails, never the scheduler
                 started = False
                 self._fail(state, f"gathering KV for decode failed ({type(e).__name__}: {e})", Fail)
@@ -137,8 +165,9 @@ class PieceSender(UcxEngineBase[S]):
             prev, state.tail = state.tail, loop.create_future()
             self.spawn(self._run_job(state, job, prev, state.tail))
 
-    async def _run_job(self, state: S, job: SendJob, prev: asyncio.Future[None] | None,
-                       ordered: asyncio.Future[None]) -> None:
+    async def _run_job(
+        self, state: S, job: SendJob, prev: asyncio.Future[None] | None, ordered: asyncio.Future[None]
+    ) -> None:
         n = len(job.page_ids)
         nbytes = chunk_nbytes(self.kv, n)
         try:
@@ -150,8 +179,12 @@ class PieceSender(UcxEngineBase[S]):
             if not state.alive or peer is None:
                 return
             if job.first_page + n > state.num_pages:
-                self._fail(state, f"prefill sends pages [{job.first_page}, {job.first_page + n}) but decode "
-                                  f"registered {state.num_pages} pages", Fail)
+                self._fail(
+                    state,
+                    f"prefill sends pages [{job.first_page}, {job.first_page + n}) but decode "
+                    f"registered {state.num_pages} pages",
+                    Fail,
+                )
                 return
             if state.direct:  # a send that came before D registered on a direct link
                 if self._stream is None:  # the CPU copy is synchronous: wait for the pages off the loop
@@ -161,8 +194,9 @@ class PieceSender(UcxEngineBase[S]):
             if job.needs_slot:
                 job.slot = await self.staging.acquire(nbytes)
                 self._got_slot(state, job)
-                started, job.gathered = self.launch_pack(state, job.page_ids, job.slot.view(nbytes, self.kv.dtype),
-                                                         job.ready_event)
+                started, job.gathered = self.launch_pack(
+                    state, job.page_ids, job.slot.view(nbytes, self.kv.dtype), job.ready_event
+                )
                 if not started:
                     return
                 await self.wait_event(job.gathered)

@@ -103,9 +103,16 @@ class PendingRegistration:
 class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
     role = "prefill"
 
-    def __init__(self, kv_buffer: torch.Tensor, desc: EngineDescription, config: TransferConfig,
-                 bootstrap_host: str, bootstrap_port: int, data_host: str | None = None,
-                 cluster_key: ClusterKey | None = None) -> None:
+    def __init__(
+        self,
+        kv_buffer: torch.Tensor,
+        desc: EngineDescription,
+        config: TransferConfig,
+        bootstrap_host: str,
+        bootstrap_port: int,
+        data_host: str | None = None,
+        cluster_key: ClusterKey | None = None,
+    ) -> None:
         super().__init__(kv_buffer, desc, config, data_host)
         self.bootstrap_host = bootstrap_host
         self.bootstrap_port = bootstrap_port  # the real port once started (0 = pick a free one)
@@ -124,11 +131,17 @@ class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
 
     def start(self) -> None:
         self._start_runtime(self._astart, self._aclose)
-        logger.info("%s: bootstrap server on %s:%d, KV data over UCX (advertised host %s, network devices %s), "
-                    "links %s, direct copies to decode pools on this host: %s", self.engine_id,
-                    self.bootstrap_host, self.bootstrap_port, advertised_host(self.data_host),
-                    self.runtime.net_devices or "all", "signed" if self._key is not None else "UNSIGNED",
-                    "on" if self.config.direct_copy else "off")
+        logger.info(
+            "%s: bootstrap server on %s:%d, KV data over UCX (advertised host %s, network devices %s), "
+            "links %s, direct copies to decode pools on this host: %s",
+            self.engine_id,
+            self.bootstrap_host,
+            self.bootstrap_port,
+            advertised_host(self.data_host),
+            self.runtime.net_devices or "all",
+            "signed" if self._key is not None else "UNSIGNED",
+            "on" if self.config.direct_copy else "off",
+        )
 
     def poll(self, room: int) -> KVPoll:
         state = self._room(room)
@@ -136,8 +149,15 @@ class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
             self._fail(state, self._bootstrap_timeout_text(room), None)
         return state.status
 
-    def send(self, room: int, page_ids: Sequence[int], first_page: int, last: bool,
-             aux: AuxRecord | None = None, ready_event: Any = None) -> None:
+    def send(
+        self,
+        room: int,
+        page_ids: Sequence[int],
+        first_page: int,
+        last: bool,
+        aux: AuxRecord | None = None,
+        ready_event: Any = None,
+    ) -> None:
         if last and aux is None:
             raise ValueError("the last send of a room must carry its aux record")
         state = self._room(room)
@@ -233,21 +253,26 @@ class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
             self.call_soon(self._post_after_copies, peer, state, tell(state.room, reason))
 
     def _bootstrap_timeout_text(self, room: int) -> str:
-        return (f"bootstrap timeout: no decode worker registered room {room} within "
-                f"{self.config.bootstrap_timeout:g}s (SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT)")
+        return (
+            f"bootstrap timeout: no decode worker registered room {room} within "
+            f"{self.config.bootstrap_timeout:g}s (SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT)"
+        )
 
     def check_timeouts(self, now: float) -> None:
         for state in self.rooms.snapshot():
             if state.alive and state.peer is None and now > state.deadline:
                 self._fail(state, self._bootstrap_timeout_text(state.room), None)
         with self._lock:
-            expired = [(room, p) for room, p in self._pending.items()
-                       if now - p.arrived > self.config.bootstrap_timeout]
+            expired = [
+                (room, p) for room, p in self._pending.items() if now - p.arrived > self.config.bootstrap_timeout
+            ]
             for room, _ in expired:
                 del self._pending[room]
         for room, p in expired:
-            reason = (f"prefill never received the request of room {room} within "
-                      f"{self.config.bootstrap_timeout:g}s of decode's registration")
+            reason = (
+                f"prefill never received the request of room {room} within "
+                f"{self.config.bootstrap_timeout:g}s of decode's registration"
+            )
             self._recent.add(room, reason)
             p.peer.rooms.discard(room)
             self._post(p.peer, Fail(room, reason))
@@ -257,9 +282,16 @@ class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
     async def _astart(self) -> None:
         self._bootstrap = BootstrapServer(self.bootstrap_host, self.bootstrap_port, self._key)
         self.bootstrap_port = await self._bootstrap.start()
-        self._bootstrap.set_route(Route(host=advertised_host(self.data_host), address=self.runtime.worker_address.hex(),
-                                        accept_id=self._accept_id, engine=self.desc.to_dict(),
-                                        prefill_id=self.engine_id, auth=self._key is not None))
+        self._bootstrap.set_route(
+            Route(
+                host=advertised_host(self.data_host),
+                address=self.runtime.worker_address.hex(),
+                accept_id=self._accept_id,
+                engine=self.desc.to_dict(),
+                prefill_id=self.engine_id,
+                auth=self._key is not None,
+            )
+        )
         self.spawn(self._accept_loop())
 
     async def _aclose(self) -> None:
@@ -320,10 +352,16 @@ class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
             peer.refused = self._check_engine(hello.engine)
             if peer.refused is None and hello.pool is not None and self.config.direct_copy:
                 self._map_decode_pool(peer, hello.pool)
-            await asyncio.wait_for(channel.send(HelloOk(self.engine_id, peer.pool is not None,
-                                                        peer.events.handles if peer.events is not None else [])
-                                                if peer.refused is None else HelloRefused(peer.refused)),
-                                   CONNECT_TIMEOUT_S)
+            await asyncio.wait_for(
+                channel.send(
+                    HelloOk(
+                        self.engine_id, peer.pool is not None, peer.events.handles if peer.events is not None else []
+                    )
+                    if peer.refused is None
+                    else HelloRefused(peer.refused)
+                ),
+                CONNECT_TIMEOUT_S,
+            )
             while True:
                 self._dispatch(peer, await channel.recv())
         except asyncio.CancelledError:
@@ -346,12 +384,17 @@ class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
                 peer.pool.close()
             peer.pool = None
             benign = isinstance(e, PeerPoolError) and e.benign
-            logger.log(logging.INFO if benign else logging.WARNING,
-                       "%s: decode %s: KV as UCX data messages, no direct copies (%s)", self.engine_id,
-                       peer.decode_id, e)
+            logger.log(
+                logging.INFO if benign else logging.WARNING,
+                "%s: decode %s: KV as UCX data messages, no direct copies (%s)",
+                self.engine_id,
+                peer.decode_id,
+                e,
+            )
             return
-        logger.info("%s: decode %s: direct copies into its KV pool (%s)", self.engine_id, peer.decode_id,
-                    offer.get("kind"))
+        logger.info(
+            "%s: decode %s: direct copies into its KV pool (%s)", self.engine_id, peer.decode_id, offer.get("kind")
+        )
 
     def _check_engine(self, engine: dict[str, Any]) -> str | None:
         try:
@@ -361,10 +404,17 @@ class UcxPrefillTransfer(PushSender[PrefillRoom], PrefillTransfer):
         return self.desc.mismatch(theirs)
 
     def _peer_lost(self, peer: DecodePeer, reason: str) -> None:
-        live = [s for s in (self.rooms.get(r) for r in peer.rooms) if s is not None and s.peer is peer and not s.terminal]
+        live = [
+            s for s in (self.rooms.get(r) for r in peer.rooms) if s is not None and s.peer is peer and not s.terminal
+        ]
         if not self._closing:
-            logger.log(logging.WARNING if live else logging.INFO, "%s: %s (%d live rooms failed)",
-                       self.engine_id, reason, len(live))
+            logger.log(
+                logging.WARNING if live else logging.INFO,
+                "%s: %s (%d live rooms failed)",
+                self.engine_id,
+                reason,
+                len(live),
+            )
         for state in live:
             self._fail(state, reason, None)
         with self._lock:

@@ -46,16 +46,30 @@ class PushSender(PieceSender[S]):
             with torch.cuda.device(self.kv.device):
                 state.dst_dev = upload_ids(page_ids, self.kv.device, self._stream)
 
-    def _push_now(self, state: S, ids: list[int] | torch.Tensor, first_page: int, last: bool, aux: AuxRecord | None,
-                  ready_event: Any) -> bool:
+    def _push_now(
+        self,
+        state: S,
+        ids: list[int] | torch.Tensor,
+        first_page: int,
+        last: bool,
+        aux: AuxRecord | None,
+        ready_event: Any,
+    ) -> bool:
         with state.lock:
             if state.queued or state.peer is None:
                 return False
             self._push(state, ids, first_page, last, aux, ready_event)
         return True
 
-    def _push(self, state: S, ids: list[int] | torch.Tensor, first_page: int, last: bool, aux: AuxRecord | None,
-              ready_event: Any) -> None:
+    def _push(
+        self,
+        state: S,
+        ids: list[int] | torch.Tensor,
+        first_page: int,
+        last: bool,
+        aux: AuxRecord | None,
+        ready_event: Any,
+    ) -> None:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
         n = len(ids)
         peer = state.peer
@@ -65,8 +79,10 @@ class PushSender(PieceSender[S]):
                 if not state.alive:
                     return
                 if first_page + n > state.num_pages:
-                    raise IndexError(f"prefill sends pages [{first_page}, {first_page + n}) but decode registered "
-                                     f"{state.num_pages} pages")
+                    raise IndexError(
+                        f"prefill sends pages [{first_page}, {first_page + n}) but decode registered "
+                        f"{state.num_pages} pages"
+                    )
                 event = self._launch_push(state, peer, ids, first_page, ready_event)
                 state.pages_sent += n
                 total = state.pages_sent if last else -1
@@ -89,14 +105,14 @@ class PushSender(PieceSender[S]):
             return -1
         if self._stream is None:
             wait_ready(ready_event)
-            peer.pool.write(self.kv, ids, state.dst_ids[first_page:first_page + len(ids)])
+            peer.pool.write(self.kv, ids, state.dst_ids[first_page : first_page + len(ids)])
             return -1
         # No stream or device context (they cost more than the launch): everything takes the stream.
         if isinstance(ready_event, torch.cuda.Event):
             self._stream.wait_event(ready_event)
         else:
             wait_ready(ready_event)
-        peer.pool.write(self.kv, ids, state.dst_dev[first_page:first_page + len(ids)], self._stream)
+        peer.pool.write(self.kv, ids, state.dst_dev[first_page : first_page + len(ids)], self._stream)
         k: int = peer.events.record(self._stream)
         state.pushes = peer.events.events[k]
         return k

@@ -41,8 +41,10 @@ class PageReceiver(UcxEngineBase[DecodeRoom]):
         if state is not None and state.alive:
             problem = None
             if msg.first_page + msg.num_pages > len(state.page_ids):
-                problem = (f"prefill sent pages [{msg.first_page}, {msg.first_page + msg.num_pages}) "
-                           f"but decode registered {len(state.page_ids)}")
+                problem = (
+                    f"prefill sent pages [{msg.first_page}, {msg.first_page + msg.num_pages}) "
+                    f"but decode registered {len(state.page_ids)}"
+                )
             elif msg.nbytes != chunk_nbytes(self.kv, msg.num_pages):
                 problem = f"piece of {msg.num_pages} pages has {msg.nbytes} bytes, expected {chunk_nbytes(self.kv, msg.num_pages)}"
             if problem is not None:
@@ -54,7 +56,7 @@ class PageReceiver(UcxEngineBase[DecodeRoom]):
             slot = await self.staging.acquire(msg.nbytes)
             assert link.channel is not None
             try:
-                landed = link.channel.post_recv_data(msg.seq, slot.buf[:msg.nbytes])
+                landed = link.channel.post_recv_data(msg.seq, slot.buf[: msg.nbytes])
             except BaseException:
                 self.staging.release(slot)
                 raise
@@ -93,13 +95,14 @@ class PageReceiver(UcxEngineBase[DecodeRoom]):
             state.last_header = msg
             self._maybe_finish(link, state)
 
-    async def _land(self, link: PrefillLink, state: DecodeRoom | None, msg: Data, slot: StagingSlot,
-                    landed: asyncio.Future[None]) -> None:
+    async def _land(
+        self, link: PrefillLink, state: DecodeRoom | None, msg: Data, slot: StagingSlot, landed: asyncio.Future[None]
+    ) -> None:
         """Wait for one piece, start its scatter, give the slot back (its ``ready`` guards the next writer)."""
         try:
             await landed
             if state is not None:
-                ids = state.page_ids[msg.first_page:msg.first_page + msg.num_pages]
+                ids = state.page_ids[msg.first_page : msg.first_page + msg.num_pages]
                 scattered, slot.ready = self.launch_unpack(state, ids, slot.view(msg.nbytes, self.kv.dtype))
                 if scattered:
                     state.path = "ucx"
@@ -123,8 +126,10 @@ class PageReceiver(UcxEngineBase[DecodeRoom]):
             return
         problem = None
         if msg.total_pages != state.pages_received or msg.total_pages > len(state.page_ids):
-            problem = (f"incomplete KV transfer: received {state.pages_received} pages, prefill sent "
-                       f"{msg.total_pages}, decode registered {len(state.page_ids)}")
+            problem = (
+                f"incomplete KV transfer: received {state.pages_received} pages, prefill sent "
+                f"{msg.total_pages}, decode registered {len(state.page_ids)}"
+            )
         else:
             try:
                 state.aux = AuxRecord(**(msg.aux or {}))
@@ -154,7 +159,9 @@ class PageReceiver(UcxEngineBase[DecodeRoom]):
         if error is None:
             self._succeed(state)
         else:
-            self._fail_room(state, f"cannot tell whether prefill's copy finished ({type(error).__name__}: {error})", Fail)
+            self._fail_room(
+                state, f"cannot tell whether prefill's copy finished ({type(error).__name__}: {error})", Fail
+            )
 
     def _succeed(self, state: DecodeRoom) -> None:
         """Success, and Done to P, exactly once (``poll`` or the loop, whichever sees the last scatter end)."""

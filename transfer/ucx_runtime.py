@@ -85,8 +85,9 @@ class UcxRuntime:
                 runtime._start(device, net_devices)
                 cls._shared = runtime
             elif net_devices != cls._shared.net_devices and cls._shared.net_devices is not None:
-                logger.warning("UCX runtime already open on network devices %s; %s ignored",
-                               cls._shared.net_devices, net_devices)
+                logger.warning(
+                    "UCX runtime already open on network devices %s; %s ignored", cls._shared.net_devices, net_devices
+                )
             cls._shared._users += 1
             return cls._shared
 
@@ -228,9 +229,12 @@ class UcxRuntime:
         self.loop.add_reader(self._fd, self._progress)
         self._progress()
         self._schedule_tick(busy=False)
-        logger.info("UCX worker ready (UCXX %s, UCX %s, network devices: %s), event-driven progress on the "
-                    "transfer loop", ucxx.__version__, ucxx.__ucx_version__,
-                    self.net_devices or os.environ.get("UCX_NET_DEVICES") or "all")
+        logger.info(
+            "UCX worker ready (UCXX %s, UCX %s, network devices: %s), event-driven progress on the transfer loop",
+            ucxx.__version__,
+            ucxx.__ucx_version__,
+            self.net_devices or os.environ.get("UCX_NET_DEVICES") or "all",
+        )
 
     async def _close(self) -> None:
         if self._tick is not None:

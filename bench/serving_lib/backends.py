@@ -9,8 +9,9 @@ a cumulative ``usage`` (continuous usage stats); the final usage chunk gives the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .config import BenchConfig
 from .datasets import Prompt
@@ -85,7 +86,7 @@ def apply_sglang_event(state: StreamState, data: Any, ts: float) -> None:
     meta = data.get("meta_info") or {}
     text = data.get("text") or ""
     if text.startswith(state.full_text):  # cumulative text (default); else a delta
-        text = text[len(state.full_text):]
+        text = text[len(state.full_text) :]
     reported = meta.get("completion_tokens")
     if isinstance(reported, int):
         k = reported - state.tokens
@@ -142,8 +143,10 @@ def apply_openai_chat_event(state: StreamState, data: Any, ts: float) -> None:
     _apply_openai(state, data, ts, chat=True)
 
 
-APPLIERS: Mapping[str, EventApplier] = MappingProxyType({
-    "sglang": apply_sglang_event,
-    "openai": apply_openai_event,
-    "openai-chat": apply_openai_chat_event,
-})
+APPLIERS: Mapping[str, EventApplier] = MappingProxyType(
+    {
+        "sglang": apply_sglang_event,
+        "openai": apply_openai_event,
+        "openai-chat": apply_openai_chat_event,
+    }
+)

@@ -19,7 +19,7 @@ distribution. F = 0 (the default) is pure chat. Token ids without a tokenizer, t
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -37,8 +37,9 @@ def lognormal_lengths(rng: np.random.Generator, mean: float, sigma: float, max_l
     return np.clip(raw, min(MIN_LEN, max_len), max_len)
 
 
-def chat_lengths(n: int, max_input: int, max_output: int, long_fraction: float, long_input_len: int,
-                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+def chat_lengths(
+    n: int, max_input: int, max_output: int, long_fraction: float, long_input_len: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(input lengths, output lengths) of ``n`` requests."""
     rng = np.random.default_rng([seed, 3])
     in_lens = lognormal_lengths(rng, INPUT_MEAN, INPUT_SIGMA, max_input, n)
@@ -49,8 +50,15 @@ def chat_lengths(n: int, max_input: int, max_output: int, long_fraction: float, 
 
 
 def chat_synthetic_prompts(
-    n: int, max_input: int, max_output: int, long_fraction: float, long_input_len: int, vocab_size: int,
-    seed: int, special_ids: Sequence[int] = (), tok: TextTokenizer | None = None,
+    n: int,
+    max_input: int,
+    max_output: int,
+    long_fraction: float,
+    long_input_len: int,
+    vocab_size: int,
+    seed: int,
+    special_ids: Sequence[int] = (),
+    tok: TextTokenizer | None = None,
 ) -> list[Prompt]:
     in_lens, out_lens = chat_lengths(n, max_input, max_output, long_fraction, long_input_len, seed)
     rng = np.random.default_rng([seed, 4])

@@ -70,8 +70,11 @@ async def consume_stream(resp: aiohttp.ClientResponse, state: StreamState, apply
 
 
 async def _exchange(
-    session: aiohttp.ClientSession, cfg: BenchConfig, body: dict[str, Any],
-    headers: dict[str, str], state: StreamState,
+    session: aiohttp.ClientSession,
+    cfg: BenchConfig,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    state: StreamState,
 ) -> None:
     apply = APPLIERS[cfg.backend]
     async with session.post(cfg.url, json=body, headers=headers) as resp:
@@ -87,14 +90,17 @@ async def _exchange(
 
 
 async def send_request(
-    session: aiohttp.ClientSession, cfg: BenchConfig, model: str | None, prompt: Prompt,
+    session: aiohttp.ClientSession,
+    cfg: BenchConfig,
+    model: str | None,
+    prompt: Prompt,
     headers: dict[str, str],
 ) -> RequestRecord:
     body = build_payload(cfg, model, prompt)
     state = StreamState(time.perf_counter())
     try:
         await _exchange(session, cfg, body, headers, state)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         state.fail(f"timeout: no complete answer within {cfg.request_timeout_s:g} s")
     except Exception as exc:  # noqa: BLE001 - a failed request is a record, never a crash
         state.fail(f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS])
@@ -105,8 +111,9 @@ FLUSH_BUSY_STATUSES = (400, 409, 503)  # "requests still running": our worker an
 FLUSH_UNSUPPORTED_STATUSES = (404, 405, 501)
 
 
-async def flush_cache(session: aiohttp.ClientSession, base_url: str, headers: dict[str, str],
-                      attempts: int = 20, retry_s: float = 0.5) -> str:
+async def flush_cache(
+    session: aiohttp.ClientSession, base_url: str, headers: dict[str, str], attempts: int = 20, retry_s: float = 0.5
+) -> str:
     """POST /flush_cache; returns "ok", "unsupported" (a server without the route) or "failed: ...".
 
     Never raises: a benchmark against a foreign OpenAI-compatible server runs on without it.
@@ -124,7 +131,7 @@ async def flush_cache(session: aiohttp.ClientSession, base_url: str, headers: di
                 last = http_error(resp.status, body)
                 if resp.status not in FLUSH_BUSY_STATUSES:
                     break
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             last = f"{type(exc).__name__}: {exc}"
             break
         await asyncio.sleep(retry_s)

@@ -7,7 +7,8 @@ below 1 is better for latencies, above 1 better for throughput and goodput.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 Row = Mapping[str, Any]
 
@@ -62,15 +63,19 @@ def workload_table(rows: Iterable[Row], workload: str, system: str = "pd", basel
             va, vb = (a or {}).get(key), (b or {}).get(key)
             r = ratio(va, vb)
             cells += [_fmt(va, spec), _fmt(vb, spec), f"{r:.2f}x" if r is not None else "n/a"]
-        cells += [_fmt((a or {}).get("slo_attainment_pct"), "{:.0f}"), _fmt((b or {}).get("slo_attainment_pct"), "{:.0f}")]
+        cells += [
+            _fmt((a or {}).get("slo_attainment_pct"), "{:.0f}"),
+            _fmt((b or {}).get("slo_attainment_pct"), "{:.0f}"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if not rates:
         lines.append("| (no data) |")
     return "\n".join(lines)
 
 
-def summary_markdown(title: str, facts: Sequence[tuple[str, str]], tables: Mapping[str, str],
-                     notes: Sequence[str] = ()) -> str:
+def summary_markdown(
+    title: str, facts: Sequence[tuple[str, str]], tables: Mapping[str, str], notes: Sequence[str] = ()
+) -> str:
     """A RESULTS.md section: heading, ``- key: value`` facts, one table per workload, notes."""
     out = [f"## {title}", ""]
     out += [f"- {k}: {v}" for k, v in facts]

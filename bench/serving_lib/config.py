@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 from .slo import SLO
 
@@ -13,11 +13,13 @@ BACKENDS: tuple[str, ...] = ("sglang", "openai", "openai-chat")
 DATASETS: tuple[str, ...] = ("random", "random-ids", "generated-shared-prefix", "chat-synthetic")
 
 # Route each backend posts to.
-BACKEND_PATHS: Mapping[str, str] = MappingProxyType({
-    "sglang": "/generate",
-    "openai": "/v1/completions",
-    "openai-chat": "/v1/chat/completions",
-})
+BACKEND_PATHS: Mapping[str, str] = MappingProxyType(
+    {
+        "sglang": "/generate",
+        "openai": "/v1/completions",
+        "openai-chat": "/v1/chat/completions",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,13 @@ class BenchConfig:
             raise ValueError("--warmup-requests must be >= 0")
         if not (self.burstiness > 0 and math.isfinite(self.burstiness)):
             raise ValueError("--burstiness must be > 0")
-        gsp = (self.gsp_num_groups, self.gsp_prompts_per_group, self.gsp_system_prompt_len,
-               self.gsp_question_len, self.gsp_output_len)
+        gsp = (
+            self.gsp_num_groups,
+            self.gsp_prompts_per_group,
+            self.gsp_system_prompt_len,
+            self.gsp_question_len,
+            self.gsp_output_len,
+        )
         if min(gsp) < 1:
             raise ValueError("--gsp-* sizes must be >= 1")
         if not 0.0 <= self.chat_long_fraction <= 1.0 or self.chat_long_input_len < 1:

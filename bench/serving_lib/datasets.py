@@ -12,7 +12,8 @@ their own modules; ``build_prompts`` picks by ``--dataset-name``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,8 +24,17 @@ from .shared_prefix import shared_prefix_prompts
 if TYPE_CHECKING:
     from .config import BenchConfig
 
-__all__ = ["SAFE_VOCAB_SIZE", "Prompt", "TextTokenizer", "build_prompts", "load_tokenizer",
-           "random_ids_prompts", "random_text_prompts", "prompts_as_text", "sample_lengths"]
+__all__ = [
+    "SAFE_VOCAB_SIZE",
+    "Prompt",
+    "TextTokenizer",
+    "build_prompts",
+    "load_tokenizer",
+    "random_ids_prompts",
+    "random_text_prompts",
+    "prompts_as_text",
+    "sample_lengths",
+]
 
 
 def load_tokenizer(path: str) -> Any:
@@ -41,7 +51,12 @@ def sample_lengths(rng: np.random.Generator, length: int, ratio: float, n: int) 
 
 
 def random_ids_prompts(
-    n: int, input_len: int, output_len: int, ratio: float, vocab_size: int, seed: int,
+    n: int,
+    input_len: int,
+    output_len: int,
+    ratio: float,
+    vocab_size: int,
+    seed: int,
     special_ids: Sequence[int] = (),
 ) -> list[Prompt]:
     rng = np.random.default_rng(seed)
@@ -58,9 +73,7 @@ def random_ids_prompts(
 def random_text_prompts(
     n: int, input_len: int, output_len: int, ratio: float, tok: TextTokenizer, seed: int
 ) -> list[Prompt]:
-    id_prompts = random_ids_prompts(
-        n, input_len, output_len, ratio, tok.vocab_size, seed, tok.all_special_ids
-    )
+    id_prompts = random_ids_prompts(n, input_len, output_len, ratio, tok.vocab_size, seed, tok.all_special_ids)
     out = []
     for p in id_prompts:
         assert p.input_ids is not None
@@ -97,12 +110,29 @@ def build_prompts(cfg: BenchConfig, tok: TextTokenizer | None, vocab_size: int) 
 def _generate(cfg: BenchConfig, tok: TextTokenizer | None, vocab_size: int) -> list[Prompt]:
     special = tok.all_special_ids if tok is not None else ()
     if cfg.dataset_name == "generated-shared-prefix":
-        return shared_prefix_prompts(cfg.gsp_num_groups, cfg.gsp_prompts_per_group, cfg.gsp_system_prompt_len,
-                                     cfg.gsp_question_len, cfg.gsp_output_len, vocab_size, cfg.seed, special, tok)
+        return shared_prefix_prompts(
+            cfg.gsp_num_groups,
+            cfg.gsp_prompts_per_group,
+            cfg.gsp_system_prompt_len,
+            cfg.gsp_question_len,
+            cfg.gsp_output_len,
+            vocab_size,
+            cfg.seed,
+            special,
+            tok,
+        )
     if cfg.dataset_name == "chat-synthetic":
-        return chat_synthetic_prompts(cfg.num_prompts, cfg.random_input_len, cfg.random_output_len,
-                                      cfg.chat_long_fraction, cfg.chat_long_input_len, vocab_size, cfg.seed,
-                                      special, tok)
+        return chat_synthetic_prompts(
+            cfg.num_prompts,
+            cfg.random_input_len,
+            cfg.random_output_len,
+            cfg.chat_long_fraction,
+            cfg.chat_long_input_len,
+            vocab_size,
+            cfg.seed,
+            special,
+            tok,
+        )
     args = (cfg.num_prompts, cfg.random_input_len, cfg.random_output_len, cfg.random_range_ratio)
     if cfg.dataset_name == "random":
         assert tok is not None

@@ -8,8 +8,8 @@ A distribution with no samples has every statistic None. Goodput (with an SLO) i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -31,13 +31,12 @@ class Distribution:
     max: float | None
 
     @classmethod
-    def of_seconds(cls, samples: Sequence[float]) -> "Distribution":
+    def of_seconds(cls, samples: Sequence[float]) -> Distribution:
         if len(samples) == 0:
             return cls(0, None, None, None, None, None, None, None)
         ms = np.asarray(samples, dtype=np.float64) * 1000.0
         p90, p95, p99 = (float(v) for v in np.percentile(ms, [90, 95, 99]))
-        return cls(len(ms), float(ms.mean()), float(np.median(ms)), float(ms.std()), p90, p95, p99,
-                   float(ms.max()))
+        return cls(len(ms), float(ms.mean()), float(np.median(ms)), float(ms.std()), p90, p95, p99, float(ms.max()))
 
 
 @dataclass(frozen=True)

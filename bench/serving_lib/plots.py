@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -57,15 +58,18 @@ def cdf_points(samples_ms: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     return xs, np.arange(1, xs.size + 1) / max(xs.size, 1)
 
 
-def plot_run_cdfs(records: Sequence[RequestRecord], out_dir: str | Path, stem: str = "run",
-                  title: str = "") -> list[Path]:
+def plot_run_cdfs(
+    records: Sequence[RequestRecord], out_dir: str | Path, stem: str = "run", title: str = ""
+) -> list[Path]:
     """``{stem}_{ttft,itl,e2e}_cdf.png`` of the successful requests; a metric without samples is skipped."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ok = [r for r in records if r.success]
-    series = {"ttft": ("time to first token (ms)", [r.ttft * 1e3 for r in ok]),
-              "itl": ("inter-token latency (ms)", [g * 1e3 for r in ok for g in r.itl]),
-              "e2e": ("end-to-end latency (ms)", [r.latency * 1e3 for r in ok])}
+    series = {
+        "ttft": ("time to first token (ms)", [r.ttft * 1e3 for r in ok]),
+        "itl": ("inter-token latency (ms)", [g * 1e3 for r in ok for g in r.itl]),
+        "e2e": ("end-to-end latency (ms)", [r.latency * 1e3 for r in ok]),
+    }
     written = []
     for name, (label, samples) in series.items():
         if not samples:
@@ -76,8 +80,12 @@ def plot_run_cdfs(records: Sequence[RequestRecord], out_dir: str | Path, stem: s
         ax.step(xs, ys, where="post")
         for q in (50, 90, 99):
             ax.axvline(float(np.percentile(xs, q)), linestyle=":", linewidth=0.8, color="gray")
-        ax.set(xlabel=label, ylabel="fraction of samples", ylim=(0, 1.01),
-               title=f"{title} {name.upper()} CDF (n={xs.size}; dotted: p50/p90/p99)".strip())
+        ax.set(
+            xlabel=label,
+            ylabel="fraction of samples",
+            ylim=(0, 1.01),
+            title=f"{title} {name.upper()} CDF (n={xs.size}; dotted: p50/p90/p99)".strip(),
+        )
         ax.grid(alpha=0.3)
         written.append(_save(fig, out / f"{stem}_{name}_cdf.png"))
     return written
@@ -95,7 +103,7 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 def row_value(row: Mapping[str, Any], key: str) -> Any:
     """``key`` at the top level, or ``labels.NAME`` inside the row's labels."""
     if key.startswith("labels."):
-        return (row.get("labels") or {}).get(key[len("labels."):])
+        return (row.get("labels") or {}).get(key[len("labels.") :])
     return row.get(key)
 
 
@@ -115,8 +123,7 @@ def sweep_series(rows: Iterable[Mapping[str, Any]], key: str) -> dict[str, list[
     return {tag: sorted((x, float(y)) for x, y in pts.items() if y is not None) for tag, pts in points.items()}
 
 
-def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, prefix: str = "",
-               title: str = "") -> list[Path]:
+def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, prefix: str = "", title: str = "") -> list[Path]:
     """One PNG per metric of SWEEP_CHARTS that has data."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,8 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", action="append", required=True, help="JSON-lines file (repeatable)")
     ap.add_argument("--out-dir", required=True)
-    ap.add_argument("--where", action="append", type=_key_value, default=[],
-                    help="keep rows with KEY=VALUE (KEY top-level or labels.NAME; repeatable)")
+    ap.add_argument(
+        "--where",
+        action="append",
+        type=_key_value,
+        default=[],
+        help="keep rows with KEY=VALUE (KEY top-level or labels.NAME; repeatable)",
+    )
     ap.add_argument("--prefix", default="", help="file name prefix")
     ap.add_argument("--title", default="")
     args = ap.parse_args(argv)

@@ -57,13 +57,18 @@ class StreamState:
             self.error = "stream ended before data: [DONE]"
         output_len = self.reported_tokens if self.reported_tokens is not None else self.tokens
         if self.error is not None:
-            return RequestRecord(False, self.error, prompt_len, output_len, 0.0, (), latency,
-                                 self.full_text, self.finish_reason)
+            return RequestRecord(
+                False, self.error, prompt_len, output_len, 0.0, (), latency, self.full_text, self.finish_reason
+            )
         return RequestRecord(
-            success=True, error="",
+            success=True,
+            error="",
             prompt_len=self.prompt_tokens if self.prompt_tokens is not None else prompt_len,
             output_len=output_len,
             ttft=self.ttft if self.ttft is not None else latency,
-            itl=tuple(self.itl), latency=latency, generated_text=self.full_text,
-            finish_reason=self.finish_reason, output_len_reported=self.reported_tokens is not None,
+            itl=tuple(self.itl),
+            latency=latency,
+            generated_text=self.full_text,
+            finish_reason=self.finish_reason,
+            output_len_reported=self.reported_tokens is not None,
         )

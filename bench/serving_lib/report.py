@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .config import BenchConfig
 from .metrics import BenchMetrics, Distribution
@@ -25,7 +26,8 @@ DISTRIBUTIONS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("itl", "itl", "Inter-Token Latency", ("mean", "median", "p90", "p95", "p99", "max")),
 )
 LABELS: Mapping[str, str] = MappingProxyType(
-    {"e2e_latency": "E2E Latency", "ttft": "TTFT", "tpot": "TPOT", "itl": "ITL"})
+    {"e2e_latency": "E2E Latency", "ttft": "TTFT", "tpot": "TPOT", "itl": "ITL"}
+)
 
 
 def _row(label: str, value: Any) -> str:
@@ -89,7 +91,10 @@ def format_table(cfg: BenchConfig, m: BenchMetrics, errors: Sequence[dict[str, A
 
 
 def result_json(
-    cfg: BenchConfig, model: str | None, m: BenchMetrics, errors: Sequence[dict[str, Any]] = (),
+    cfg: BenchConfig,
+    model: str | None,
+    m: BenchMetrics,
+    errors: Sequence[dict[str, Any]] = (),
     flush_status: str | None = None,
 ) -> dict[str, Any]:
     """Config + every metric, flat; non-finite numbers become JSON-safe (``"inf"`` / null).
@@ -99,22 +104,35 @@ def result_json(
     ``goodput_slo``) are null without ``--goodput``.
     """
     out: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "tag": cfg.tag, "labels": cfg.label_dict,
-        "backend": cfg.backend, "base_url": cfg.base_url, "model": model, "tokenizer": cfg.tokenizer,
-        "dataset_name": cfg.dataset_name, "num_prompts": cfg.num_prompts,
-        "random_input_len": cfg.random_input_len, "random_output_len": cfg.random_output_len,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "tag": cfg.tag,
+        "labels": cfg.label_dict,
+        "backend": cfg.backend,
+        "base_url": cfg.base_url,
+        "model": model,
+        "tokenizer": cfg.tokenizer,
+        "dataset_name": cfg.dataset_name,
+        "num_prompts": cfg.num_prompts,
+        "random_input_len": cfg.random_input_len,
+        "random_output_len": cfg.random_output_len,
         "random_range_ratio": cfg.random_range_ratio,
         "request_rate": "inf" if math.isinf(cfg.request_rate) else cfg.request_rate,
-        "max_concurrency": cfg.max_concurrency, "seed": cfg.seed, "stream": cfg.stream,
-        "ignore_eos": cfg.ignore_eos, "warmup_requests": cfg.warmup_requests,
-        "burstiness": cfg.burstiness, "flush_cache": flush_status,
+        "max_concurrency": cfg.max_concurrency,
+        "seed": cfg.seed,
+        "stream": cfg.stream,
+        "ignore_eos": cfg.ignore_eos,
+        "warmup_requests": cfg.warmup_requests,
+        "burstiness": cfg.burstiness,
+        "flush_cache": flush_status,
     }
     out.update(_dataset_params(cfg))
     scalars = {k: v for k, v in asdict(m).items() if not isinstance(v, dict) and k != "goodput"}
     out.update(scalars)
-    out.update(m.goodput.as_json(cfg.slo) if m.goodput is not None and cfg.slo is not None else
-               {"goodput_slo": None, "good_requests": None, "request_goodput": None, "slo_attainment_pct": None})
+    out.update(
+        m.goodput.as_json(cfg.slo)
+        if m.goodput is not None and cfg.slo is not None
+        else {"goodput_slo": None, "good_requests": None, "request_goodput": None, "slo_attainment_pct": None}
+    )
     for field, stem, _, _ in DISTRIBUTIONS:
         dist: Distribution = getattr(m, field)
         for stat in ("mean", "median", "std", "p90", "p95", "p99", "max"):
@@ -125,9 +143,13 @@ def result_json(
 
 def _dataset_params(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.dataset_name == "generated-shared-prefix":
-        return {"gsp_num_groups": cfg.gsp_num_groups, "gsp_prompts_per_group": cfg.gsp_prompts_per_group,
-                "gsp_system_prompt_len": cfg.gsp_system_prompt_len, "gsp_question_len": cfg.gsp_question_len,
-                "gsp_output_len": cfg.gsp_output_len}
+        return {
+            "gsp_num_groups": cfg.gsp_num_groups,
+            "gsp_prompts_per_group": cfg.gsp_prompts_per_group,
+            "gsp_system_prompt_len": cfg.gsp_system_prompt_len,
+            "gsp_question_len": cfg.gsp_question_len,
+            "gsp_output_len": cfg.gsp_output_len,
+        }
     if cfg.dataset_name == "chat-synthetic":
         return {"chat_long_fraction": cfg.chat_long_fraction, "chat_long_input_len": cfg.chat_long_input_len}
     return {}

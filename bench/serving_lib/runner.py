@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import aiohttp
 
@@ -67,13 +68,17 @@ def finalize(records: Sequence[RequestRecord], tok: TextTokenizer | None) -> tup
             out.append(r)
             continue
         n = len(tok.encode(r.generated_text, add_special_tokens=False)) if r.generated_text else 0
-        out.append(replace(r, output_len_retokenized=n,
-                           output_len=r.output_len if r.output_len_reported else n))
+        out.append(replace(r, output_len_retokenized=n, output_len=r.output_len if r.output_len_reported else n))
     return tuple(out)
 
 
-async def warmup(session: aiohttp.ClientSession, cfg: BenchConfig, model: str | None,
-                 prompts: Sequence[Prompt], headers: dict[str, str]) -> None:
+async def warmup(
+    session: aiohttp.ClientSession,
+    cfg: BenchConfig,
+    model: str | None,
+    prompts: Sequence[Prompt],
+    headers: dict[str, str],
+) -> None:
     """``cfg.warmup_requests`` short requests, not counted; raises if every one fails."""
     if cfg.warmup_requests == 0:
         return
@@ -85,8 +90,13 @@ async def warmup(session: aiohttp.ClientSession, cfg: BenchConfig, model: str | 
     log(f"warm-up: {sum(r.success for r in records)}/{len(records)} requests succeeded")
 
 
-async def dispatch(session: aiohttp.ClientSession, cfg: BenchConfig, model: str | None,
-                   prompts: Sequence[Prompt], headers: dict[str, str]) -> tuple[list[RequestRecord], float]:
+async def dispatch(
+    session: aiohttp.ClientSession,
+    cfg: BenchConfig,
+    model: str | None,
+    prompts: Sequence[Prompt],
+    headers: dict[str, str],
+) -> tuple[list[RequestRecord], float]:
     """Send each prompt at its Poisson arrival time (behind the semaphore when capped)."""
     offsets = arrival_offsets(cfg.request_rate, len(prompts), cfg.seed, cfg.burstiness)
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
@@ -122,8 +132,10 @@ async def run_benchmark(cfg: BenchConfig, tok: Any | None = None) -> RunResult:
     async with make_session(cfg) as session:
         model = await resolve_model(session, cfg, headers)
         prompts = build_prompts(cfg, tok, vocab_size_for(cfg, tok))
-        log(f"{cfg.backend} {cfg.url} model={model} prompts={len(prompts)} "
-            f"input_tokens={sum(p.prompt_len for p in prompts)} rate={cfg.request_rate}")
+        log(
+            f"{cfg.backend} {cfg.url} model={model} prompts={len(prompts)} "
+            f"input_tokens={sum(p.prompt_len for p in prompts)} rate={cfg.request_rate}"
+        )
         await warmup(session, cfg, model, prompts, headers)
         flushed = await flush_cache(session, cfg.base_url, headers) if cfg.flush_cache else None
         if flushed is not None and flushed != "ok":

@@ -14,7 +14,7 @@ text character for character; ``prompt_len`` is the whole text's token count.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,8 +24,15 @@ SEPARATOR = "\n\n"
 
 
 def shared_prefix_prompts(
-    num_groups: int, prompts_per_group: int, system_prompt_len: int, question_len: int, output_len: int,
-    vocab_size: int, seed: int, special_ids: Sequence[int] = (), tok: TextTokenizer | None = None,
+    num_groups: int,
+    prompts_per_group: int,
+    system_prompt_len: int,
+    question_len: int,
+    output_len: int,
+    vocab_size: int,
+    seed: int,
+    special_ids: Sequence[int] = (),
+    tok: TextTokenizer | None = None,
 ) -> list[Prompt]:
     rng = np.random.default_rng([seed, 2])  # its own stream: not the random datasets' draws
     allowed = allowed_ids(vocab_size, special_ids)

@@ -18,8 +18,9 @@ Goodput = good requests / benchmark duration; SLO attainment = good / all reques
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,9 @@ def request_values_ms(rec: RequestRecord) -> dict[str, float | None]:
     gaps = np.asarray(rec.itl, dtype=np.float64) * 1000.0
     tpot = (rec.latency - rec.ttft) / (rec.output_len - 1) * 1000.0 if rec.output_len > 1 else None
     return {
-        "ttft": rec.ttft * 1000.0, "tpot": tpot, "e2e": rec.latency * 1000.0,
+        "ttft": rec.ttft * 1000.0,
+        "tpot": tpot,
+        "e2e": rec.latency * 1000.0,
         "itl": float(gaps.max()) if gaps.size else None,
         "itl_p99": float(np.percentile(gaps, 99)) if gaps.size else None,
     }
@@ -93,8 +96,12 @@ class Goodput:
     attainment_pct: float  # 100 * good / total
 
     def as_json(self, slo: SLO) -> dict[str, Any]:
-        return {"goodput_slo": slo.bounds(), "good_requests": self.good, "request_goodput": self.request_goodput,
-                "slo_attainment_pct": self.attainment_pct}
+        return {
+            "goodput_slo": slo.bounds(),
+            "good_requests": self.good,
+            "request_goodput": self.request_goodput,
+            "slo_attainment_pct": self.attainment_pct,
+        }
 
 
 def compute_goodput(records: Sequence[RequestRecord], duration: float, slo: SLO) -> Goodput:

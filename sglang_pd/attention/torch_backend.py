@@ -38,7 +38,9 @@ class TorchAttentionBackend(AttentionBackend):
         self._q_index = torch.where(self._q_valid, batch.extend_starts.to(torch.int64)[:, None] + j[None, :], 0)
         k_pos = torch.arange(s_max, device=dev)
         self._k_pos = k_pos
-        self._base_mask = (k_pos[None, None, :] <= self._q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens[:, None, None])
+        self._base_mask = (k_pos[None, None, :] <= self._q_pos[:, :, None]) & (
+            k_pos[None, None, :] < seq_lens[:, None, None]
+        )
         self._masks: dict[int | None, torch.Tensor] = {}
 
     def _mask(self, window: int | None) -> torch.Tensor:
@@ -51,9 +53,7 @@ class TorchAttentionBackend(AttentionBackend):
             self._masks[window] = allowed[:, None]
         return self._masks[window]
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLayerSpec
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLayerSpec) -> torch.Tensor:
         self.kv_cache.store(layer.layer_id, self._batch.out_cache_loc, k, v)
         if not self._padded:
             return self._forward_per_sequence(q, layer)

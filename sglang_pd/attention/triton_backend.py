@@ -43,19 +43,33 @@ class TritonAttentionBackend(AttentionBackend):
             batch.batch_size, self.kv_cache.shape.num_kv_heads, max_context, self._num_sms
         )
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLayerSpec
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLayerSpec) -> torch.Tensor:
         b = self._batch
         k_cache = self.kv_cache.k_slots(layer.layer_id)
         v_cache = self.kv_cache.v_slots(layer.layer_id)
         self._store(k_cache, v_cache, b.out_cache_loc, k, v)
         if self._is_decode:
             return self._decode(
-                q, k_cache, v_cache, b.page_table, b.seq_lens, b.page_size, layer.scaling,
-                sliding_window=layer.sliding_window, num_kv_splits=self._splits,
+                q,
+                k_cache,
+                v_cache,
+                b.page_table,
+                b.seq_lens,
+                b.page_size,
+                layer.scaling,
+                sliding_window=layer.sliding_window,
+                num_kv_splits=self._splits,
             )
         return self._extend(
-            q, k_cache, v_cache, b.page_table, b.seq_lens, b.extend_lens, b.extend_starts, b.page_size,
-            layer.scaling, self._max_extend, sliding_window=layer.sliding_window,
+            q,
+            k_cache,
+            v_cache,
+            b.page_table,
+            b.seq_lens,
+            b.extend_lens,
+            b.extend_starts,
+            b.page_size,
+            layer.scaling,
+            self._max_extend,
+            sliding_window=layer.sliding_window,
         )

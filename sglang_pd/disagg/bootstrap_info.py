@@ -18,7 +18,6 @@ from typing import Any
 
 from pd_common.cluster_auth import ClusterAuthError, ClusterKey
 
-
 ROOM_MODULUS = 1 << 63
 TOKEN_FIELD = "bootstrap_token"
 
@@ -60,9 +59,11 @@ def parse_bootstrap(body: dict[str, Any], count: int, key: ClusterKey | None = N
         try:
             key.verify("bootstrap", bootstrap_payload(body), body.get(TOKEN_FIELD))
         except ClusterAuthError as e:
-            raise BootstrapAuthError(f"bootstrap fields refused: {e} ({TOKEN_FIELD} must sign bootstrap_host, "
-                                     "bootstrap_port and bootstrap_room with the cluster secret; send requests "
-                                     "through the router)") from e
+            raise BootstrapAuthError(
+                f"bootstrap fields refused: {e} ({TOKEN_FIELD} must sign bootstrap_host, "
+                "bootstrap_port and bootstrap_room with the cluster secret; send requests "
+                "through the router)"
+            ) from e
     return [BootstrapInfo(host, port, r) for r in rooms]
 
 

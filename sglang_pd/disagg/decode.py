@@ -75,7 +75,8 @@ class DecodeHooks(SchedulerHooks):
                 self.num_transfer_failed += 1
                 self.sched.kv.release(req)
                 message = self.transfer.failure(room_of(req)) or (
-                    "KV transfer failed" if state == KVPoll.Failed else "KV arrived without the first token")
+                    "KV transfer failed" if state == KVPoll.Failed else "KV arrived without the first token"
+                )
                 req.finish(FinishReason("abort", message=message))
                 self._close(req)
                 out.finished.append(req)
@@ -138,8 +139,9 @@ class DecodeHooks(SchedulerHooks):
             "num_decode_prealloc_queue_reqs": len(self.prealloc_queue),
             "num_decode_transfer_queue_reqs": len(self.transfer_queue),
             # of those, how many P has acknowledged (registered; waiting for or receiving KV)
-            "num_decode_registered_reqs": sum(self.transfer.poll(room_of(r)) >= KVPoll.WaitingForInput
-                                              for r in self.transfer_queue),
+            "num_decode_registered_reqs": sum(
+                self.transfer.poll(room_of(r)) >= KVPoll.WaitingForInput for r in self.transfer_queue
+            ),
             "num_transfer_failed_reqs": self.num_transfer_failed,
         }
 

@@ -29,8 +29,10 @@ class LiveRooms:
             return None
         old = self._rooms.get(boot.room)
         if old is not None and old is not req and (not old.finished or self._holds(boot.room)):
-            return (f"bootstrap_room {boot.room} is already in use by another request on this worker "
-                    "(rooms are single-use; the router draws a fresh one per request)")
+            return (
+                f"bootstrap_room {boot.room} is already in use by another request on this worker "
+                "(rooms are single-use; the router draws a fresh one per request)"
+            )
         if old is None and self._holds(boot.room):  # e.g. a request before this table existed
             return f"bootstrap_room {boot.room} is already in use on this worker"
         self._rooms[boot.room] = req

@@ -167,5 +167,6 @@ def _aux(req: Req) -> AuxRecord:
         output_top_logprobs=[[[lp, t, None] for lp, t in top] for top in rec.output_top[:1]],
         input_token_logprobs=[[lp, t, None] for lp, t in rec.input_token] if req.logprob.return_logprob else None,
         input_top_logprobs=[None if t is None else [[lp, i, None] for lp, i in t] for t in rec.input_top]
-        if req.logprob.return_logprob and req.logprob.top_logprobs_num > 0 else None,
+        if req.logprob.return_logprob and req.logprob.top_logprobs_num > 0
+        else None,
     )

@@ -202,8 +202,7 @@ def _sliding_windows(hf: Any, architecture: str, num_layers: int) -> tuple[int |
             for i in range(num_layers)
         ]
     return tuple(
-        int(window) if window is not None and layer_types[i] == "sliding_attention" else None
-        for i in range(num_layers)
+        int(window) if window is not None and layer_types[i] == "sliding_attention" else None for i in range(num_layers)
     )
 
 

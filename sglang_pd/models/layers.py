@@ -23,9 +23,7 @@ def empty_param(shape: tuple[int, ...], dtype: torch.dtype, device: Device) -> n
 class Linear(nn.Module):
     """y = x @ weight.T + bias; weight [out_features, in_features] like nn.Linear."""
 
-    def __init__(
-        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: Device
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: Device) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -49,9 +47,7 @@ class RMSNorm(nn.Module):
         """Plain RMSNorm over the last dim (q_norm/k_norm use it on [T, heads, head_dim])."""
         return self.ops.rms_norm(x, self.weight, self.eps)[0]
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual); without residual, (norm(x), x).
 
         The sum is the residual stream in the model dtype, exactly HF's ``residual + hidden_states``.

@@ -154,7 +154,5 @@ def hf_sources(name: str) -> list[str]:
 def _copy(param: torch.Tensor, dest: ParamSlice, tensor: torch.Tensor, hf_name: str) -> None:
     target = param if dest.start is None else param.narrow(0, dest.start, dest.length or 0)
     if tuple(tensor.shape) != tuple(target.shape):
-        raise ValueError(
-            f"checkpoint tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
-        )
+        raise ValueError(f"checkpoint tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
     target.copy_(tensor)

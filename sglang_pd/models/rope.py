@@ -49,9 +49,7 @@ def rotary_dim(rope: RopeConfig, head_dim: int) -> int:
     return int(head_dim * rope.partial_rotary_factor)
 
 
-def compute_inv_freq(
-    rope: RopeConfig, head_dim: int, max_position_embeddings: int
-) -> tuple[torch.Tensor, float]:
+def compute_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
     """float32 inverse frequencies [rotary_dim // 2] (CPU) and the attention factor scaling cos/sin."""
     dim = rotary_dim(rope, head_dim)
     kind = rope.rope_type
@@ -65,9 +63,7 @@ def compute_inv_freq(
         return _llama3_inv_freq(rope, dim, max_position_embeddings), 1.0
     if kind == "yarn":
         return _yarn_inv_freq(rope, dim, max_position_embeddings)
-    raise ValueError(
-        f"rope type {kind!r} is not supported; supported rope types: {list(SUPPORTED_ROPE_TYPES)}"
-    )
+    raise ValueError(f"rope type {kind!r} is not supported; supported rope types: {list(SUPPORTED_ROPE_TYPES)}")
 
 
 def _need(value: float | None, name: str, kind: str) -> float:
@@ -120,9 +116,7 @@ def _yarn_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> tuple[torch.Tens
     attention_factor = rope.attention_factor
     if attention_factor is None:
         if rope.mscale and rope.mscale_all_dim:
-            attention_factor = float(
-                _yarn_mscale(factor, rope.mscale) / _yarn_mscale(factor, rope.mscale_all_dim)
-            )
+            attention_factor = float(_yarn_mscale(factor, rope.mscale) / _yarn_mscale(factor, rope.mscale_all_dim))
         else:
             attention_factor = _yarn_mscale(factor)
     beta_fast = rope.beta_fast or 32
@@ -139,10 +133,7 @@ def _yarn_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> tuple[torch.Tens
         high += 0.001  # HF: prevent a singular ramp
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     extrapolation_factor = 1 - ramp.to(dtype=torch.float)
-    inv_freq = (
-        inv_freq_interpolation * (1 - extrapolation_factor)
-        + inv_freq_extrapolation * extrapolation_factor
-    )
+    inv_freq = inv_freq_interpolation * (1 - extrapolation_factor) + inv_freq_extrapolation * extrapolation_factor
     return inv_freq, attention_factor
 
 
@@ -188,9 +179,7 @@ class RotaryEmbedding(nn.Module):
         sin = torch.cat((sin, sin), dim=-1).to(dtype).unsqueeze(1)
         return cos, sin
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, head_dim], k [T, Hkv, head_dim], positions [T] int64 -> rotated q, k (new tensors)."""
         cos, sin = self.cos_sin(positions, q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -75,7 +75,7 @@ def uniform_from_keys(k1: torch.Tensor, k2: torch.Tensor, token_ids: torch.Tenso
     _fmix32_(h, tmp)
     _fmix32_(h.bitwise_xor_(k2[:, None]), tmp)
     bits = h.bitwise_right_shift_(32 - _UNIFORM_BITS).to(torch.float32)  # < 2**23: exact
-    return bits.add_(0.5).mul_(2.0 ** -_UNIFORM_BITS)
+    return bits.add_(0.5).mul_(2.0**-_UNIFORM_BITS)
 
 
 def exponential_from_keys(k1: torch.Tensor, k2: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,9 @@ a 400 verbatim. Decisions:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 GREEDY_TEMPERATURE_EPS = 1e-6  # temperature in [0, eps) samples greedily (as SGLang)
 SEED_MODULUS = 1 << 63  # seeds live in [0, 2**63): non-negative int64 on every device
@@ -34,8 +35,7 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_TOKEN_ID_ENTRIES = 2048  # entries of stop_token_ids and of logit_bias
 _MAX_KEY_CHARS = 12  # a logit_bias key is a token id written out: "2147483647" has 10 digits
-_UNSUPPORTED = ("json_schema", "regex", "ebnf", "structural_tag", "stop_regex", "custom_params",
-                "stream_interval")
+_UNSUPPORTED = ("json_schema", "regex", "ebnf", "structural_tag", "stop_regex", "custom_params", "stream_interval")
 _ALIASES = {"sampling_seed": "seed"}
 
 
@@ -118,6 +118,7 @@ class SamplingParams:
 # ----------------------------------------------------------------------------------------------
 # Coercion: type checks only; ranges are checked afterwards on the coerced values.
 
+
 def _as_int(name: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError(f"{name} must be an integer, got {short_repr(v)}")
@@ -197,8 +198,9 @@ def _as_logit_bias(v: Any) -> dict[int, float] | None:
         tok = _logit_bias_key(key)
         b = _as_float("logit_bias value", bias)
         if tok < 0 or tok > INT32_MAX or abs(b) > MAX_ABS_LOGIT_BIAS:
-            raise ValueError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], "
-                             f"got {short_repr(key)}: {short_repr(bias)}")
+            raise ValueError(
+                f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {short_repr(key)}: {short_repr(bias)}"
+            )
         out[tok] = b
     return out or None
 
@@ -222,8 +224,7 @@ def short_repr(v: Any, limit: int = 64) -> str:
 
 
 _INTS = ("max_new_tokens", "min_new_tokens", "top_k", "n")
-_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
-           "presence_penalty")
+_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
 _BOOLS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
 
 
@@ -247,20 +248,24 @@ def _coerce_all(p: SamplingParams) -> dict[str, Any]:
 def _check_ranges(p: SamplingParams) -> None:
     checks: tuple[tuple[bool, str], ...] = (
         (0 <= p.max_new_tokens <= INT32_MAX, f"max_new_tokens must be >= 0 and <= {INT32_MAX}, got {p.max_new_tokens}"),
-        (0 <= p.min_new_tokens <= p.max_new_tokens,
-         f"min_new_tokens must be in [0, max_new_tokens={p.max_new_tokens}], got {p.min_new_tokens}"),
+        (
+            0 <= p.min_new_tokens <= p.max_new_tokens,
+            f"min_new_tokens must be in [0, max_new_tokens={p.max_new_tokens}], got {p.min_new_tokens}",
+        ),
         (p.temperature >= 0.0, f"temperature must be >= 0 (0 = greedy), got {p.temperature}"),
         (0.0 < p.top_p <= 1.0, f"top_p must be in (0, 1], got {p.top_p}"),
         # beyond the vocabulary top_k means "whole vocabulary" (the sampler clamps it)
-        (p.top_k == -1 or 1 <= p.top_k <= INT32_MAX,
-         f"top_k must be -1 (or 0: disabled) or >= 1 and <= {INT32_MAX}, got {p.top_k}"),
+        (
+            p.top_k == -1 or 1 <= p.top_k <= INT32_MAX,
+            f"top_k must be -1 (or 0: disabled) or >= 1 and <= {INT32_MAX}, got {p.top_k}",
+        ),
         (0.0 <= p.min_p <= 1.0, f"min_p must be in [0, 1], got {p.min_p}"),
-        (0.0 < p.repetition_penalty <= 2.0,
-         f"repetition_penalty must be in (0, 2] (1 = none), got {p.repetition_penalty}"),
-        (-2.0 <= p.frequency_penalty <= 2.0,
-         f"frequency_penalty must be in [-2, 2], got {p.frequency_penalty}"),
-        (-2.0 <= p.presence_penalty <= 2.0,
-         f"presence_penalty must be in [-2, 2], got {p.presence_penalty}"),
+        (
+            0.0 < p.repetition_penalty <= 2.0,
+            f"repetition_penalty must be in (0, 2] (1 = none), got {p.repetition_penalty}",
+        ),
+        (-2.0 <= p.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {p.frequency_penalty}"),
+        (-2.0 <= p.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {p.presence_penalty}"),
         (1 <= p.n <= MAX_N, f"n must be >= 1 and <= {MAX_N}, got {p.n}"),
     )
     for ok, message in checks:

@@ -13,9 +13,9 @@ its own logits, params, seed and step, never on its batch neighbours, its row, o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -57,8 +57,9 @@ class SampleOutput:
         return top_logprob_lists(self.top_values.tolist(), self.top_ids.tolist(), self.top_logprobs_nums)
 
 
-def top_logprob_lists(values: list[list[float]], ids: list[list[int]],
-                      nums: Sequence[int]) -> list[tuple[list[float], list[int]] | None]:
+def top_logprob_lists(
+    values: list[list[float]], ids: list[list[int]], nums: Sequence[int]
+) -> list[tuple[list[float], list[int]] | None]:
     return [(values[i][:n], ids[i][:n]) if n > 0 else None for i, n in enumerate(nums)]
 
 
@@ -131,6 +132,7 @@ class Sampler:
 # ----------------------------------------------------------------------------------------------
 # Building the batch tensors.
 
+
 def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1)
 
@@ -166,8 +168,11 @@ def _token_counts(
 def _build_penalties(rows: Sequence[SamplingRow], vocab: int, device: torch.device) -> Penalties:
     bias = [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items() if t < vocab]
     blocked = [
-        (i, t) for i, r in enumerate(rows) if len(r.output_ids) < r.params.min_new_tokens
-        for t in r.min_tokens_blocked_ids if 0 <= t < vocab
+        (i, t)
+        for i, r in enumerate(rows)
+        if len(r.output_ids) < r.params.min_new_tokens
+        for t in r.min_tokens_blocked_ids
+        if 0 <= t < vocab
     ]
     seen = repetition = counts = frequency = presence = None
     rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
@@ -183,7 +188,11 @@ def _build_penalties(rows: Sequence[SamplingRow], vocab: int, device: torch.devi
     return Penalties(
         bias_index=_index([(i, t) for i, t, _ in bias], device),
         bias_values=torch.tensor([b for _, _, b in bias], dtype=torch.float32, device=device) if bias else None,
-        seen=seen, repetition=repetition, counts=counts, frequency=frequency, presence=presence,
+        seen=seen,
+        repetition=repetition,
+        counts=counts,
+        frequency=frequency,
+        presence=presence,
         blocked_index=_index(blocked, device),
     )
 
@@ -193,8 +202,15 @@ def _build_draw(rows: Sequence[SamplingRow], vocab: int, device: torch.device) -
     picked = [i for i, r in enumerate(rows) if not r.params.is_greedy]
     if not picked:  # all greedy: no host-to-device copies
         none_i, none_f = torch.empty(0, 1, dtype=torch.int64, device=device), torch.empty(0, 1, device=device)
-        return DrawParams(rows=none_i[:, 0], temperatures=none_f, top_ks=none_i, top_ps=none_f, min_ps=none_f,
-                          keys=(none_i[:, 0], none_i[:, 0]), needs_filter=False)
+        return DrawParams(
+            rows=none_i[:, 0],
+            temperatures=none_f,
+            top_ks=none_i,
+            top_ps=none_f,
+            min_ps=none_f,
+            keys=(none_i[:, 0], none_i[:, 0]),
+            needs_filter=False,
+        )
     params = [rows[i].params for i in picked]
     top_ks = [vocab if p.top_k < 0 else min(p.top_k, vocab) for p in params]
     seeds = torch.tensor([rows[i].seed % SEED_MODULUS for i in picked], dtype=torch.int64)
@@ -217,6 +233,7 @@ def _build_draw(rows: Sequence[SamplingRow], vocab: int, device: torch.device) -
 
 # ----------------------------------------------------------------------------------------------
 # Sampling.
+
 
 def apply_penalties(x: torch.Tensor, pen: Penalties) -> torch.Tensor:
     """Steps 1-4 on logits ``x`` [B, V] float32 (modified in place where possible); returns the result.

@@ -55,8 +55,9 @@ class StepOutput:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, runner: BatchRunner, stop: StopChecker,
-                 hooks: SchedulerHooks | None = None) -> None:
+    def __init__(
+        self, cfg: SchedulerConfig, runner: BatchRunner, stop: StopChecker, hooks: SchedulerHooks | None = None
+    ) -> None:
         self.cfg = cfg
         self.runner = runner
         self.stop = stop
@@ -77,9 +78,15 @@ class Scheduler:
         """Queue ``req``; returns it finished (abort) at once if it can never fit in the KV pool."""
         need = len(req.prompt_ids) + req.params.max_new_tokens
         if need > self.kv.capacity_tokens:
-            req.finish(FinishReason("abort", message=(
-                f"request needs up to {need} tokens of KV (prompt {len(req.prompt_ids)} + max_new_tokens "
-                f"{req.params.max_new_tokens}) but the KV pool holds {self.kv.capacity_tokens}")))
+            req.finish(
+                FinishReason(
+                    "abort",
+                    message=(
+                        f"request needs up to {need} tokens of KV (prompt {len(req.prompt_ids)} + max_new_tokens "
+                        f"{req.params.max_new_tokens}) but the KV pool holds {self.kv.capacity_tokens}"
+                    ),
+                )
+            )
             return req
         if not self.hooks.on_submit(req):
             self.waiting.append(req)
@@ -166,7 +173,7 @@ class Scheduler:
         reason = self.stop.check(req)
         if req.params.max_new_tokens == 0:  # prompt-only request (e.g. for input logprobs): no output token
             req.output_ids.pop()
-            del req.logprobs.output_token[len(req.output_ids):], req.logprobs.output_top[len(req.output_ids):]
+            del req.logprobs.output_token[len(req.output_ids) :], req.logprobs.output_top[len(req.output_ids) :]
             reason = FinishReason("length", length=0)
         if reason is not None:
             self.finish(req, reason)
@@ -177,9 +184,14 @@ class Scheduler:
         new = [r for r, _ in prefill if r.num_computed_tokens == r.cached_tokens]
         used_pages = self.kv.pool.num_total - self.kv.pool.num_free
         return StepStats(
-            new_seqs=len(new), prefill_tokens=sum(n for _, n in prefill), cached_tokens=sum(r.cached_tokens for r in new),
-            decode_reqs=len(scheduled) - len(prefill), running=len(self.running), queued=len(self.waiting),
-            used_tokens=used_pages * self.cfg.page_size, total_tokens=self.kv.capacity_tokens,
+            new_seqs=len(new),
+            prefill_tokens=sum(n for _, n in prefill),
+            cached_tokens=sum(r.cached_tokens for r in new),
+            decode_reqs=len(scheduled) - len(prefill),
+            running=len(self.running),
+            queued=len(self.waiting),
+            used_tokens=used_pages * self.cfg.page_size,
+            total_tokens=self.kv.capacity_tokens,
         )
 
     # --- planning ------------------------------------------------------------------------------

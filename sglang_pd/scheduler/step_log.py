@@ -40,9 +40,16 @@ class StepLogger:
     def record(self, s: StepStats) -> None:
         usage = s.used_tokens / max(1, s.total_tokens)
         if s.prefill_tokens:
-            logger.info("Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
-                        "#running-req: %d, #queue-req: %d",
-                        s.new_seqs, s.prefill_tokens, s.cached_tokens, usage, s.running, s.queued)
+            logger.info(
+                "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
+                "#running-req: %d, #queue-req: %d",
+                s.new_seqs,
+                s.prefill_tokens,
+                s.cached_tokens,
+                usage,
+                s.running,
+                s.queued,
+            )
         if not s.decode_reqs or self.interval <= 0:
             return
         self._decode_steps += 1
@@ -51,6 +58,13 @@ class StepLogger:
             return
         now = time.perf_counter()
         rate = self._decode_tokens / max(now - self._since, 1e-9)
-        logger.info("Decode batch. #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): %.2f, "
-                    "#queue-req: %d", s.running, s.used_tokens, usage, rate, s.queued)
+        logger.info(
+            "Decode batch. #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): %.2f, "
+            "#queue-req: %d",
+            s.running,
+            s.used_tokens,
+            usage,
+            rate,
+            s.queued,
+        )
         self._decode_tokens, self._since = 0, now

@@ -10,7 +10,6 @@ from sglang_pd.server.openai_api import register_openai_routes
 from sglang_pd.server.server_state import ServerState
 
 
-
 def create_app(srv: ServerState) -> web.Application:
     app = web.Application(
         middlewares=[error_middleware, auth_middleware(srv.args.api_key)],

@@ -10,5 +10,6 @@ __all__ = ["APIError", "bad_request", "error_body", "error_response", "sse_error
 
 
 def error_response(err: APIError) -> web.Response:
-    return web.json_response(error_body(err.status, err.message, err.param), status=err.status,
-                             headers=retry_after_headers(err) or None)
+    return web.json_response(
+        error_body(err.status, err.message, err.param), status=err.status, headers=retry_after_headers(err) or None
+    )

@@ -24,7 +24,7 @@ class IpcPaths:
     main_control: str  # scheduler -> main (ready, replies, stats)
 
     @classmethod
-    def create(cls) -> tuple["IpcPaths", tempfile.TemporaryDirectory]:
+    def create(cls) -> tuple[IpcPaths, tempfile.TemporaryDirectory]:
         tmp = tempfile.TemporaryDirectory(prefix="sglang-pd-ipc-")
         base = Path(tmp.name)
         return cls(*(f"ipc://{base / name}" for name in ("sched", "detok", "out", "ctrl"))), tmp

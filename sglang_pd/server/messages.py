@@ -100,7 +100,7 @@ class BatchTokenOut:
     outs: list[TokenOut]
 
     @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> "BatchTokenOut":
+    def from_wire(cls, d: dict[str, Any]) -> BatchTokenOut:
         return cls([TokenOut(**o) for o in d["outs"]])
 
 
@@ -112,7 +112,7 @@ class StrOut:
     text_delta: str
 
     @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> "StrOut":
+    def from_wire(cls, d: dict[str, Any]) -> StrOut:
         return cls(TokenOut(**d["token"]), d["text_delta"])
 
 
@@ -121,7 +121,7 @@ class BatchStrOut:
     outs: list[StrOut]
 
     @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> "BatchStrOut":
+    def from_wire(cls, d: dict[str, Any]) -> BatchStrOut:
         return cls([StrOut.from_wire(o) for o in d["outs"]])
 
 
@@ -159,8 +159,16 @@ class SchedulerStats:
 _TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (
-        TokenizedGenerateReq, AbortReq, FlushCacheReq, ServerInfoReq, ShutdownReq, BatchTokenOut,
-        BatchStrOut, SchedulerReady, ControlReply, SchedulerStats,
+        TokenizedGenerateReq,
+        AbortReq,
+        FlushCacheReq,
+        ServerInfoReq,
+        ShutdownReq,
+        BatchTokenOut,
+        BatchStrOut,
+        SchedulerReady,
+        ControlReply,
+        SchedulerStats,
     )
 }
 

@@ -15,16 +15,26 @@ class ServerMetrics:
         self.num_running_reqs = Gauge("sglang:num_running_reqs", "Requests in the running batch", labels, registry=r)
         self.num_queue_reqs = Gauge("sglang:num_queue_reqs", "Requests waiting in the scheduler", labels, registry=r)
         self.token_usage = Gauge("sglang:token_usage", "Share of KV pages held by requests", labels, registry=r)
-        self.cache_hit_rate = Gauge("sglang:cache_hit_rate", "Prefix-cache hit rate of prompt tokens", labels, registry=r)
+        self.cache_hit_rate = Gauge(
+            "sglang:cache_hit_rate", "Prefix-cache hit rate of prompt tokens", labels, registry=r
+        )
         self.num_retractions = Gauge("sglang:num_retracted_reqs", "Retractions since start", labels, registry=r)
         self.prompt_tokens = Counter("sglang:prompt_tokens", "Prompt tokens processed", labels, registry=r)
         self.generation_tokens = Counter("sglang:generation_tokens", "Tokens generated", labels, registry=r)
-        self.cached_tokens = Counter("sglang:cached_tokens", "Prompt tokens served from the prefix cache", labels, registry=r)
+        self.cached_tokens = Counter(
+            "sglang:cached_tokens", "Prompt tokens served from the prefix cache", labels, registry=r
+        )
         self.num_requests = Counter("sglang:num_requests", "Finished requests", labels, registry=r)
         self.num_aborted = Counter("sglang:num_aborted_requests", "Aborted requests", labels, registry=r)
-        self.ttft = Histogram("sglang:time_to_first_token_seconds", "Time to first token", labels, buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("sglang:inter_token_latency_seconds", "Time between tokens", labels, buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("sglang:e2e_request_latency_seconds", "End-to-end latency", labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "sglang:time_to_first_token_seconds", "Time to first token", labels, buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "sglang:inter_token_latency_seconds", "Time between tokens", labels, buckets=ITL_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "sglang:e2e_request_latency_seconds", "End-to-end latency", labels, buckets=LATENCY_BUCKETS, registry=r
+        )
         self.labels = {"model_name": model_name}
         # prefill/decode disaggregation (DESIGN §4.5)
         self.pd_gauges = {
@@ -37,18 +47,39 @@ class ServerMetrics:
             )
         }
         self.pd_counters = {
-            "num_bootstrap_failed_reqs": Counter("sglang:num_bootstrap_failed_reqs", "Rooms whose bootstrap failed", labels, registry=r),
-            "num_transfer_failed_reqs": Counter("sglang:num_transfer_failed_reqs", "Rooms whose KV transfer failed", labels, registry=r),
+            "num_bootstrap_failed_reqs": Counter(
+                "sglang:num_bootstrap_failed_reqs", "Rooms whose bootstrap failed", labels, registry=r
+            ),
+            "num_transfer_failed_reqs": Counter(
+                "sglang:num_transfer_failed_reqs", "Rooms whose KV transfer failed", labels, registry=r
+            ),
         }
         self._pd_counts: dict[str, int] = {}
-        self.kv_latency = Histogram("sglang:kv_transfer_latency_ms", "KV handoff time per request (ms)", labels,
-                                    buckets=(0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000), registry=r)
-        self.kv_speed = Histogram("sglang:kv_transfer_speed_gb_s", "KV handoff speed per request (GB/s)", labels,
-                                  buckets=(0.01, 0.1, 0.5, 1, 5, 10, 25, 50, 100, 200, 400), registry=r)
-        self.kv_total = Histogram("sglang:kv_transfer_total_mb", "KV bytes per request (MB)", labels,
-                                  buckets=(0.1, 1, 8, 32, 128, 256, 512, 1024, 4096), registry=r)
+        self.kv_latency = Histogram(
+            "sglang:kv_transfer_latency_ms",
+            "KV handoff time per request (ms)",
+            labels,
+            buckets=(0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+            registry=r,
+        )
+        self.kv_speed = Histogram(
+            "sglang:kv_transfer_speed_gb_s",
+            "KV handoff speed per request (GB/s)",
+            labels,
+            buckets=(0.01, 0.1, 0.5, 1, 5, 10, 25, 50, 100, 200, 400),
+            registry=r,
+        )
+        self.kv_total = Histogram(
+            "sglang:kv_transfer_total_mb",
+            "KV bytes per request (MB)",
+            labels,
+            buckets=(0.1, 1, 8, 32, 128, 256, 512, 1024, 4096),
+            registry=r,
+        )
 
-    def set_scheduler_stats(self, running: int, queued: int, token_usage: float, hit_rate: float, retractions: int) -> None:
+    def set_scheduler_stats(
+        self, running: int, queued: int, token_usage: float, hit_rate: float, retractions: int
+    ) -> None:
         self.num_running_reqs.labels(**self.labels).set(running)
         self.num_queue_reqs.labels(**self.labels).set(queued)
         self.token_usage.labels(**self.labels).set(token_usage)

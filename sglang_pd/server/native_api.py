@@ -31,8 +31,13 @@ async def build_requests(srv: ServerState, body: dict[str, Any]) -> tuple[list[T
     prompt = body.get("text", body.get("prompt"))
     try:
         items, is_batch = normalize_generate(
-            prompt, body.get("input_ids"), body.get("sampling_params"), body.get("return_logprob", False),
-            body.get("logprob_start_len", -1), body.get("top_logprobs_num", 0), body.get("rid"),
+            prompt,
+            body.get("input_ids"),
+            body.get("sampling_params"),
+            body.get("return_logprob", False),
+            body.get("logprob_start_len", -1),
+            body.get("top_logprobs_num", 0),
+            body.get("rid"),
             max_requests=MAX_REQUESTS_PER_CALL,
         )
         items = attach_bootstrap(items, body, srv.args.bootstrap_key())
@@ -93,7 +98,7 @@ async def health_generate(request: web.Request) -> web.Response:
     req = TokenizedGenerateReq(f"health-{time.monotonic_ns()}", [0], {"max_new_tokens": 1, "temperature": 0}, 0)
     try:
         state = (await asyncio.wait_for(collect_all(srv, [req]), HEALTH_GENERATE_TIMEOUT_S))[0]
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return web.json_response({"status": "unhealthy", "reason": "generation timed out"}, status=503)
     if not state.output_ids:
         return web.json_response({"status": "unhealthy", "reason": str(state.finish_reason)}, status=503)
@@ -104,30 +109,34 @@ async def get_model_info(request: web.Request) -> web.Response:
     srv: ServerState = request.app["srv"]
     args = srv.args
     ready = srv.tm.require_ready()
-    return web.json_response({
-        "model_path": args.model_path,
-        "tokenizer_path": args.tokenizer_path or args.model_path,
-        "served_model_name": args.model_name,
-        "is_generation": True,
-        "context_length": ready.context_length,
-        **ready.model_config,
-    })
+    return web.json_response(
+        {
+            "model_path": args.model_path,
+            "tokenizer_path": args.tokenizer_path or args.model_path,
+            "served_model_name": args.model_name,
+            "is_generation": True,
+            "context_length": ready.context_length,
+            **ready.model_config,
+        }
+    )
 
 
 async def get_server_info(request: web.Request) -> web.Response:
     srv: ServerState = request.app["srv"]
     live = await srv.tm.server_info()
     ready = srv.tm.require_ready()
-    return web.json_response({
-        **srv.args.public_dict(),
-        "context_length": ready.context_length,
-        "max_total_num_tokens": ready.max_total_tokens,
-        "effective_max_running_requests": ready.max_running_requests,
-        "scheduler": live,
-        "num_in_flight_reqs": len(srv.tm.states),  # requests main still answers (scheduler's view: "scheduler")
-        "process_ids": {"main": os.getpid(), **{name: p.pid for name, p in srv.children.items()}},
-        "version": srv.version,
-    })
+    return web.json_response(
+        {
+            **srv.args.public_dict(),
+            "context_length": ready.context_length,
+            "max_total_num_tokens": ready.max_total_tokens,
+            "effective_max_running_requests": ready.max_running_requests,
+            "scheduler": live,
+            "num_in_flight_reqs": len(srv.tm.states),  # requests main still answers (scheduler's view: "scheduler")
+            "process_ids": {"main": os.getpid(), **{name: p.pid for name, p in srv.children.items()}},
+            "version": srv.version,
+        }
+    )
 
 
 async def flush_cache(request: web.Request) -> web.Response:

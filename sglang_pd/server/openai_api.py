@@ -44,8 +44,9 @@ class StreamEmitter(Protocol):
 
 
 # --- running requests ----------------------------------------------------------------------------
-async def submit(srv: ServerState, items: Sequence[GenerateItem], prompt_param: str,
-                 body: dict[str, Any]) -> list[TokenizedGenerateReq]:
+async def submit(
+    srv: ServerState, items: Sequence[GenerateItem], prompt_param: str, body: dict[str, Any]
+) -> list[TokenizedGenerateReq]:
     """Validate every choice (400s, 503s) before anything runs or any header is sent."""
     try:
         items = attach_bootstrap(items, body, srv.args.bootstrap_key())  # PD: choice k uses room + k
@@ -70,8 +71,9 @@ def ready_state(request: web.Request) -> ServerState:
     return srv
 
 
-async def stream_response(request: web.Request, srv: ServerState, reqs: Sequence[TokenizedGenerateReq],
-                          emitter: StreamEmitter) -> web.StreamResponse:
+async def stream_response(
+    request: web.Request, srv: ServerState, reqs: Sequence[TokenizedGenerateReq], emitter: StreamEmitter
+) -> web.StreamResponse:
     resp = await start_sse(request)
     error: APIError | None = None
     try:
@@ -101,8 +103,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompt_ids = [p if isinstance(p, tuple) else tuple(await srv.tm.tokenize(p)) for p in req.prompts]
     prompt_texts = [await _prompt_text(srv, p) for p in req.prompts] if req.echo else [""] * len(req.prompts)
     reqs = await submit(srv, req.items(prompt_ids), "prompt", body)
-    meta = ResponseMeta(f"cmpl-{req.opts.rid}", "text_completion", int(time.time()), srv.args.model_name,
-                        req.opts.include_usage)
+    meta = ResponseMeta(
+        f"cmpl-{req.opts.rid}", "text_completion", int(time.time()), srv.args.model_name, req.opts.include_usage
+    )
     texts = TokenTexts(srv.tm.tokenizer)
     if req.opts.stream:
         return await stream_response(request, srv, reqs, CompletionStream(req, meta, prompt_texts, texts))
@@ -134,8 +137,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 def model_card(srv: ServerState) -> dict[str, Any]:
-    return {"id": srv.args.model_name, "object": "model", "created": int(time.time()), "owned_by": OWNED_BY,
-            "root": srv.args.model_path, "parent": None, "max_model_len": srv.tm.context_length}
+    return {
+        "id": srv.args.model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": OWNED_BY,
+        "root": srv.args.model_path,
+        "parent": None,
+        "max_model_len": srv.tm.context_length,
+    }
 
 
 async def list_models(request: web.Request) -> web.Response:

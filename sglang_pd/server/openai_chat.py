@@ -62,8 +62,7 @@ def parse_chat(body: dict[str, Any], served_model: str, context_length: int) -> 
     reject_if(body, "tool_choice", lambda v: v == "none", "no tool calling")
     reject_if(body, "functions", lambda v: v == [], "no function calling")
     reject_if(body, "function_call", lambda v: v == "none", "no function calling")
-    reject_if(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
-              "only type 'text'")
+    reject_if(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text", "only type 'text'")
     logprobs = get_bool(body, "logprobs")
     top = get_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top and not logprobs:
@@ -125,8 +124,9 @@ def _entry(texts: TokenTexts, value: float | None, token_id: int) -> dict[str, A
     return {"token": text, "logprob": clamp_logprob(value), "bytes": list(text.encode("utf-8"))}
 
 
-def logprob_content(texts: TokenTexts, token_lps: Sequence[Sequence[Any]],
-                    top_lps: Sequence[Sequence[Sequence[Any]]]) -> list[dict[str, Any]]:
+def logprob_content(
+    texts: TokenTexts, token_lps: Sequence[Sequence[Any]], top_lps: Sequence[Sequence[Sequence[Any]]]
+) -> list[dict[str, Any]]:
     """``logprobs.content`` of consecutive tokens: each with its top alternatives (exactly top_logprobs)."""
     out = []
     for k, (value, token_id, *_) in enumerate(token_lps):
@@ -140,12 +140,27 @@ def logprob_content(texts: TokenTexts, token_lps: Sequence[Sequence[Any]],
 def chat_response(req: ChatRequest, meta: ResponseMeta, states: Sequence[ReqState], texts: TokenTexts) -> dict:
     choices = []
     for index, s in enumerate(states):
-        logprobs = {"content": logprob_content(texts, s.output_token_logprobs, s.output_top_logprobs)} \
-            if req.logprobs else None
-        choices.append({"index": index, "message": {"role": "assistant", "content": s.text},
-                        "logprobs": logprobs, "finish_reason": finish_reason(s)})
-    return {"id": meta.id, "object": meta.object, "created": meta.created, "model": meta.model,
-            "choices": choices, "usage": usage(states, req.opts.n)}
+        logprobs = (
+            {"content": logprob_content(texts, s.output_token_logprobs, s.output_top_logprobs)}
+            if req.logprobs
+            else None
+        )
+        choices.append(
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": s.text},
+                "logprobs": logprobs,
+                "finish_reason": finish_reason(s),
+            }
+        )
+    return {
+        "id": meta.id,
+        "object": meta.object,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+        "usage": usage(states, req.opts.n),
+    }
 
 
 class ChatStream:
@@ -162,8 +177,11 @@ class ChatStream:
         self.states[index] = chunk.state
         logprobs = None
         if self.req.logprobs and chunk.output_token_logprobs_delta:
-            logprobs = {"content": logprob_content(self.texts, chunk.output_token_logprobs_delta,
-                                                   chunk.output_top_logprobs_delta)}
+            logprobs = {
+                "content": logprob_content(
+                    self.texts, chunk.output_token_logprobs_delta, chunk.output_top_logprobs_delta
+                )
+            }
         events = []
         if chunk.text_delta or logprobs:
             events.append(self._event(index, {"content": chunk.text_delta}, logprobs, None))

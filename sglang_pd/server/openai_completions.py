@@ -48,11 +48,15 @@ class CompletionRequest:
 
     def items(self, prompt_ids: Sequence[Sequence[int]]) -> list[GenerateItem]:
         """One engine request per choice, in choice order (prompt-major)."""
-        lp = LogprobRequest(self.logprobs is not None, self.logprobs or 0,
-                            0 if self.echo and self.logprobs is not None else -1)
+        lp = LogprobRequest(
+            self.logprobs is not None, self.logprobs or 0, 0 if self.echo and self.logprobs is not None else -1
+        )
         n, total = self.opts.n, self.num_choices
-        return [GenerateItem(choice_rid(self.opts.rid, i * n + j, total), None, tuple(ids), self.opts.params, lp, j)
-                for i, ids in enumerate(prompt_ids) for j in range(n)]
+        return [
+            GenerateItem(choice_rid(self.opts.rid, i * n + j, total), None, tuple(ids), self.opts.params, lp, j)
+            for i, ids in enumerate(prompt_ids)
+            for j in range(n)
+        ]
 
 
 def parse_completion(body: dict[str, Any], served_model: str) -> CompletionRequest:
@@ -97,8 +101,9 @@ def _is_token(t: Any) -> bool:
 
 
 # --- logprobs ------------------------------------------------------------------------------------
-def logprob_block(texts: TokenTexts, token_lps: Sequence[Sequence[Any]], top_lps: Sequence[Any] | None,
-                  offset: int) -> dict[str, list[Any]]:
+def logprob_block(
+    texts: TokenTexts, token_lps: Sequence[Sequence[Any]], top_lps: Sequence[Any] | None, offset: int
+) -> dict[str, list[Any]]:
     """Legacy logprobs of consecutive tokens whose text starts at character ``offset``.
 
     ``token_lps[k]`` is ``[logprob | None, token_id, _]``; ``top_lps[k]`` the top entries of that
@@ -150,23 +155,40 @@ def choice_logprobs(req: CompletionRequest, state: ReqState, echo_text: str, tex
 
 
 # --- response and stream ---------------------------------------------------------------------------
-def completion_response(req: CompletionRequest, meta: ResponseMeta, states: Sequence[ReqState],
-                        prompt_texts: Sequence[str], texts: TokenTexts) -> dict[str, Any]:
+def completion_response(
+    req: CompletionRequest,
+    meta: ResponseMeta,
+    states: Sequence[ReqState],
+    prompt_texts: Sequence[str],
+    texts: TokenTexts,
+) -> dict[str, Any]:
     choices = []
     for index, state in enumerate(states):
         echo_text = prompt_texts[index // req.opts.n] if req.echo else ""
-        choices.append({"index": index, "text": echo_text + state.text,
-                        "logprobs": choice_logprobs(req, state, echo_text, texts),
-                        "finish_reason": finish_reason(state)})
-    return {"id": meta.id, "object": meta.object, "created": meta.created, "model": meta.model,
-            "choices": choices, "usage": usage(states, req.opts.n)}
+        choices.append(
+            {
+                "index": index,
+                "text": echo_text + state.text,
+                "logprobs": choice_logprobs(req, state, echo_text, texts),
+                "finish_reason": finish_reason(state),
+            }
+        )
+    return {
+        "id": meta.id,
+        "object": meta.object,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+        "usage": usage(states, req.opts.n),
+    }
 
 
 class CompletionStream:
     """Turns engine chunks into ``text_completion`` chunks; one instance per response."""
 
-    def __init__(self, req: CompletionRequest, meta: ResponseMeta, prompt_texts: Sequence[str],
-                 texts: TokenTexts) -> None:
+    def __init__(
+        self, req: CompletionRequest, meta: ResponseMeta, prompt_texts: Sequence[str], texts: TokenTexts
+    ) -> None:
         self.req, self.meta, self.prompt_texts, self.texts = req, meta, prompt_texts, texts
         self.offsets: dict[int, int] = {}  # choice -> text offset of its next token
         self.states: dict[int, ReqState] = {}

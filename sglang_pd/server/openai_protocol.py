@@ -29,13 +29,26 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 _SGLANG_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 # OpenAI/vLLM body key -> SamplingParams field, for keys passed through unchanged in meaning.
 _EXTRA_PARAMS = {
-    "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
-    "min_tokens": "min_new_tokens", "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
-    "skip_special_tokens": "skip_special_tokens", "no_stop_trim": "no_stop_trim",
-    "logit_bias": "logit_bias", "seed": "seed",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "min_tokens": "min_new_tokens",
+    "ignore_eos": "ignore_eos",
+    "stop_token_ids": "stop_token_ids",
+    "skip_special_tokens": "skip_special_tokens",
+    "no_stop_trim": "no_stop_trim",
+    "logit_bias": "logit_bias",
+    "seed": "seed",
 }
-_OPENAI_PARAMS = frozenset(_EXTRA_PARAMS) | {"stop", "temperature", "top_p", "presence_penalty", "frequency_penalty",
-                                             "max_tokens", "n"}
+_OPENAI_PARAMS = frozenset(_EXTRA_PARAMS) | {
+    "stop",
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "max_tokens",
+    "n",
+}
 
 
 def bad(param: str, message: str) -> APIError:
@@ -153,8 +166,9 @@ def _openai_names(message: str) -> str:
     return message
 
 
-def parse_common(body: Mapping[str, Any], served: str, max_tokens_keys: Sequence[str],
-                 default_max_tokens: int) -> CommonOptions:
+def parse_common(
+    body: Mapping[str, Any], served: str, max_tokens_keys: Sequence[str], default_max_tokens: int
+) -> CommonOptions:
     """Model, stream, n, rid and sampling: everything but the prompt and the logprob options."""
     check_model(body, served)
     stream, include_usage = parse_stream(body)
@@ -199,8 +213,12 @@ def usage(states: Sequence[ReqState], n: int) -> dict[str, Any]:
     prompt_tokens = sum(group[0].prompt_tokens for group in prompts)
     completion = sum(len(s.output_ids) for s in states)
     cached = sum(max(s.cached_tokens for s in group) for group in prompts)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def clamp_logprob(v: float | None) -> float | None:
@@ -243,8 +261,13 @@ class ResponseMeta:
     include_usage: bool = False
 
     def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                               "choices": choices}
+        out: dict[str, Any] = {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if self.include_usage:
             out["usage"] = None  # OpenAI sends null usage on every chunk but the last in this mode
         return out

@@ -62,7 +62,7 @@ async def register(args: ServerArgs) -> bool:
                         logger.info("registered with %s as %s", args.register_with, body["role"])
                         return True
                     logger.warning("router refused registration (%d): %s", r.status, (await r.text())[:300])
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 logger.warning("registration attempt %d with %s failed: %s", attempt + 1, args.register_with, e)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -80,5 +80,5 @@ async def deregister(args: ServerArgs) -> None:
             headers = _headers(args, "DELETE", url, b"", query=f"?url={me}")
             async with s.delete(url, params={"url": me}, headers=headers) as r:
                 logger.info("deregistered from %s (%d)", args.register_with, r.status)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         logger.warning("deregistration from %s failed: %s", args.register_with, e)

@@ -19,7 +19,7 @@ class GenerateChunk:
     output_token_logprobs_delta: list[list[Any]]
     output_top_logprobs_delta: list[list[list[Any]]]
     finished: bool
-    state: "ReqState"
+    state: ReqState
 
 
 @dataclass(eq=False)
@@ -59,8 +59,9 @@ class ReqState:
         self.finish_reason = t.finish_reason
         if t.kv_transfer is not None:
             self.kv_transfer = t.kv_transfer
-        return GenerateChunk(out.text_delta, t.new_token_ids, t.output_token_logprobs, t.output_top_logprobs,
-                             self.finished, self)
+        return GenerateChunk(
+            out.text_delta, t.new_token_ids, t.output_token_logprobs, t.output_top_logprobs, self.finished, self
+        )
 
     def meta_info(self) -> dict[str, Any]:
         meta: dict[str, Any] = {

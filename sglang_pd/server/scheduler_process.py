@@ -23,8 +23,16 @@ from sglang_pd.scheduler.req import FinishReason, Req
 from sglang_pd.server import ipc, messages
 from sglang_pd.server.child_process import setup_child
 from sglang_pd.server.messages import (
-    AbortReq, BatchTokenOut, ControlReply, FlushCacheReq, SchedulerReady, SchedulerStats, ServerInfoReq,
-    ShutdownReq, TokenizedGenerateReq, TokenOut,
+    AbortReq,
+    BatchTokenOut,
+    ControlReply,
+    FlushCacheReq,
+    SchedulerReady,
+    SchedulerStats,
+    ServerInfoReq,
+    ShutdownReq,
+    TokenizedGenerateReq,
+    TokenOut,
 )
 from sglang_pd.server_args import ServerArgs
 
@@ -46,7 +54,7 @@ def run_scheduler_process(args: ServerArgs, paths: ipc.IpcPaths) -> None:
         logger.error("scheduler failed to start: %s", e)
         ipc.send(to_main, ControlReply(request_id=-1, ok=False, payload={"error": f"{type(e).__name__}: {e}"}))
         time.sleep(0.2)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     ipc.send(to_main, _ready(core))
     SchedulerLoop(core, inbox, to_detok, to_main).run()
 
@@ -60,10 +68,15 @@ def _ready(core: EngineCore) -> SchedulerReady:
         max_total_tokens=core.scheduler.kv.capacity_tokens,
         page_size=core.scheduler.kv.page_size,
         eos_token_ids=list(mc.eos_token_ids),
-        model_config={"architecture": mc.architecture, "model_type": mc.model_type,
-                      "num_hidden_layers": mc.num_hidden_layers, "hidden_size": mc.hidden_size,
-                      "vocab_size": mc.vocab_size, "dtype": str(core.runtime.dtype).replace("torch.", ""),
-                      "device": str(core.runtime.device)},
+        model_config={
+            "architecture": mc.architecture,
+            "model_type": mc.model_type,
+            "num_hidden_layers": mc.num_hidden_layers,
+            "hidden_size": mc.hidden_size,
+            "vocab_size": mc.vocab_size,
+            "dtype": str(core.runtime.dtype).replace("torch.", ""),
+            "device": str(core.runtime.device),
+        },
     )
 
 
@@ -116,16 +129,22 @@ class SchedulerLoop:
 
     def handle(self, msg: Any) -> None:
         if isinstance(msg, TokenizedGenerateReq):
-            req = Req(rid=msg.rid, prompt_ids=list(msg.input_ids), params=msg.params, seed=msg.seed,
-                      logprob=msg.logprob, bootstrap=msg.bootstrap)
+            req = Req(
+                rid=msg.rid,
+                prompt_ids=list(msg.input_ids),
+                params=msg.params,
+                seed=msg.seed,
+                logprob=msg.logprob,
+                bootstrap=msg.bootstrap,
+            )
             self.prompt_tokens += len(req.prompt_ids)
             failed = self.core.submit(req)
             if failed is not None:
                 self._send_tokens([failed])
         elif isinstance(msg, AbortReq):
-            req = self.core.scheduler.abort(msg.rid, msg.message)
-            if req is not None:
-                self._send_tokens([req])
+            aborted = self.core.scheduler.abort(msg.rid, msg.message)
+            if aborted is not None:
+                self._send_tokens([aborted])
         elif isinstance(msg, FlushCacheReq):
             ok = not self.core.scheduler.has_work() and self.core.scheduler.kv.flush_cache()
             ipc.send(self.to_main, ControlReply(msg.request_id, ok))
@@ -202,7 +221,8 @@ class SchedulerLoop:
             output_top_logprobs=[[[v, t, None] for v, t in top] for top in rec.output_top[sent:]] if lp else [],
             input_token_logprobs=[[v, t, None] for v, t in rec.input_token] if lp and first else None,
             input_top_logprobs=[None if t is None else [[v, i, None] for v, i in t] for t in rec.input_top]
-            if lp and first and req.logprob.top_logprobs_num > 0 else None,
+            if lp and first and req.logprob.top_logprobs_num > 0
+            else None,
             skip_special_tokens=p.skip_special_tokens,
             spaces_between_special_tokens=p.spaces_between_special_tokens,
             no_stop_trim=p.no_stop_trim,
@@ -234,8 +254,14 @@ class SchedulerLoop:
 
 
 def _abort_out(rid: str, message: str) -> TokenOut:
-    return TokenOut(rid=rid, new_token_ids=[], prompt_tokens=0, completion_tokens=0, cached_tokens=0,
-                    finish_reason=FinishReason("abort", message=message).to_dict())
+    return TokenOut(
+        rid=rid,
+        new_token_ids=[],
+        prompt_tokens=0,
+        completion_tokens=0,
+        cached_tokens=0,
+        finish_reason=FinishReason("abort", message=message).to_dict(),
+    )
 
 
 def _finish_dict(reason: FinishReason | None) -> dict[str, Any] | None:

@@ -18,8 +18,9 @@ import itertools
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -30,8 +31,16 @@ from sglang_pd.server import messages
 from sglang_pd.server.errors import APIError
 from sglang_pd.server.ipc import IpcPaths
 from sglang_pd.server.messages import (
-    AbortReq, BatchStrOut, ControlReply, FlushCacheReq, SchedulerReady, SchedulerStats, ServerInfoReq, ShutdownReq,
-    StrOut, TokenizedGenerateReq,
+    AbortReq,
+    BatchStrOut,
+    ControlReply,
+    FlushCacheReq,
+    SchedulerReady,
+    SchedulerStats,
+    ServerInfoReq,
+    ShutdownReq,
+    StrOut,
+    TokenizedGenerateReq,
 )
 from sglang_pd.server.metrics import ServerMetrics
 from sglang_pd.server.req_state import GenerateChunk, ReqState
@@ -46,7 +55,9 @@ class TokenizerManager:
     def __init__(self, args: ServerArgs, paths: IpcPaths, metrics: ServerMetrics) -> None:
         self.args = args
         self.metrics = metrics
-        self.tokenizer: Any = None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or args.model_path)
+        self.tokenizer: Any = (
+            None if args.skip_tokenizer_init else load_tokenizer(args.tokenizer_path or args.model_path)
+        )
         self.chat_template = _read_template(args.chat_template)
         self.ctx = zmq.asyncio.Context()
         self.to_scheduler = self.ctx.socket(zmq.PUSH)
@@ -133,15 +144,26 @@ class TokenizerManager:
         lp, boot = item.logprob, item.bootstrap
         mode = self.args.disaggregation_mode
         if mode != "null" and boot is None:
-            raise APIError(400, f"this is a {mode} server: requests need bootstrap_host, bootstrap_port and "
-                                "bootstrap_room (send them through the router)", "bootstrap_room")
+            raise APIError(
+                400,
+                f"this is a {mode} server: requests need bootstrap_host, bootstrap_port and "
+                "bootstrap_room (send them through the router)",
+                "bootstrap_room",
+            )
         if mode == "null":
             boot = None  # a colocated server ignores bootstrap fields
         top_logprobs_num = min(lp.top_logprobs_num, ready.vocab_size)  # more than the vocabulary: all of it
         return TokenizedGenerateReq(
-            item.rid, ids, item.params.to_dict(), request_seed(item, self._seeds), lp.return_logprob,
-            top_logprobs_num, lp.start_len,
-            boot.host if boot else None, boot.port if boot else None, boot.room if boot else None,
+            item.rid,
+            ids,
+            item.params.to_dict(),
+            request_seed(item, self._seeds),
+            lp.return_logprob,
+            top_logprobs_num,
+            lp.start_len,
+            boot.host if boot else None,
+            boot.port if boot else None,
+            boot.room if boot else None,
         )
 
     def check_capacity(self, new: int = 1) -> None:
@@ -209,7 +231,7 @@ class TokenizerManager:
         try:
             await asyncio.wait_for(self._send(msg_cls(rid)), timeout)
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise APIError(503, f"the scheduler did not answer within {timeout:g}s") from None
         finally:
             self._replies.pop(rid, None)
@@ -257,16 +279,22 @@ class TokenizerManager:
         if finish is not None and state.kv_transfer is not None and state.kv_transfer.get("bytes"):
             self.metrics.kv_transfer(state.kv_transfer)
         if finish is not None:
-            self.metrics.finished(state.prompt_tokens, len(state.output_ids), state.cached_tokens, now - state.created,
-                                  finish.get("type") == "abort")
+            self.metrics.finished(
+                state.prompt_tokens,
+                len(state.output_ids),
+                state.cached_tokens,
+                now - state.created,
+                finish.get("type") == "abort",
+            )
 
     async def _control_loop(self) -> None:
         while True:
             msg = messages.decode(await self.from_sched.recv())
             if isinstance(msg, SchedulerStats):
                 self.stats = msg
-                self.metrics.set_scheduler_stats(msg.num_running_reqs, msg.num_queue_reqs, msg.token_usage,
-                                                 msg.cache_hit_rate, msg.num_retractions)
+                self.metrics.set_scheduler_stats(
+                    msg.num_running_reqs, msg.num_queue_reqs, msg.token_usage, msg.cache_hit_rate, msg.num_retractions
+                )
                 self.metrics.set_disagg_stats(msg.disagg)
             elif isinstance(msg, ControlReply):
                 fut = self._replies.get(msg.request_id)
@@ -299,7 +327,9 @@ def _read_template(value: str | None) -> str | None:
 def _rejection(chunk: GenerateChunk) -> APIError | None:
     """The client error of a request the scheduler refused before producing any token (a 4xx abort), else None."""
     reason = chunk.state.finish_reason if chunk.finished else None
-    code = reason.get("status_code") if reason else None
+    if reason is None:
+        return None
+    code = reason.get("status_code")
     if isinstance(code, int) and 400 <= code < 500 and not chunk.state.output_ids:
         return APIError(code, str(reason.get("message") or "request refused"))
     return None

@@ -94,9 +94,7 @@ def quiet_token_ids(tok: Any) -> list[int]:
     """Ids greedy decoding should rarely pick: specials other than EOS, non-printable byte fragments."""
     eos = SPECIAL_TOKENS.index(IM_END)
     specials = [i for i in range(len(SPECIAL_TOKENS)) if i != eos]
-    fragments = [
-        i for i in range(len(SPECIAL_TOKENS), tok.get_vocab_size()) if not _is_plain_text(tok.decode([i]))
-    ]
+    fragments = [i for i in range(len(SPECIAL_TOKENS), tok.get_vocab_size()) if not _is_plain_text(tok.decode([i]))]
     return specials + fragments
 
 

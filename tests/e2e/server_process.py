@@ -11,7 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -43,17 +42,33 @@ def free_port_block(count: int, attempts: int = 200) -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_path: str, *extra: str, startup_timeout: float = 180.0,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, model_path: str, *extra: str, startup_timeout: float = 180.0, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="sglang-pd-server-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "sglang_pd.launch_server", "--model-path", model_path,
-               "--host", "127.0.0.1", "--port", str(self.port), *extra]
-        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "UCX_WARN_UNUSED_ENV_VARS": "n", **(env or {})}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                     start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "sglang_pd.launch_server",
+            "--model-path",
+            model_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *extra,
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "UCX_WARN_UNUSED_ENV_VARS": "n",
+            **(env or {}),
+        }
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        )
         self._wait_healthy(startup_timeout)
 
     def _wait_healthy(self, timeout: float) -> None:

@@ -39,9 +39,19 @@ def ckpt(tiny_model_dir: Callable[..., Path], tmp_path_factory: pytest.TempPathF
     vocab = len(AutoTokenizer.from_pretrained(src))
     # initializer_range 0.2 instead of 0.02 spreads the logits (std ~1.6 rather than ~0.16), so greedy
     # decoding has no near-ties that float32 summation order could flip.
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-                         bos_token_id=0, pad_token_id=1, eos_token_id=3, initializer_range=0.2)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=3,
+        initializer_range=0.2,
+    )
     torch.manual_seed(1234)
     LlamaForCausalLM(config).save_pretrained(out)
     for name in TOKENIZER_FILES:
@@ -59,9 +69,21 @@ def tok(ckpt: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def srv(ckpt: Path) -> ServerProcess:
-    s = ServerProcess(str(ckpt), "--served-model-name", "hf-llama", "--api-key", API_KEY,
-                      "--max-payload-size", str(PAYLOAD_LIMIT), "--max-running-requests", "1",
-                      "--max-queued-requests", "0", "--page-size", "4")
+    s = ServerProcess(
+        str(ckpt),
+        "--served-model-name",
+        "hf-llama",
+        "--api-key",
+        API_KEY,
+        "--max-payload-size",
+        str(PAYLOAD_LIMIT),
+        "--max-running-requests",
+        "1",
+        "--max-queued-requests",
+        "0",
+        "--page-size",
+        "4",
+    )
     yield s
     s.stop()
 
@@ -90,8 +112,9 @@ def test_models_route(client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize("prompt_kind", ["text", "token-ids"])
-def test_completion_greedy_equals_transformers(client: openai.OpenAI, tok: Any, hf_greedy: Callable,
-                                               prompt_kind: str) -> None:
+def test_completion_greedy_equals_transformers(
+    client: openai.OpenAI, tok: Any, hf_greedy: Callable, prompt_kind: str
+) -> None:
     ids = tok.encode(PROMPT)
     prompt: Any = PROMPT if prompt_kind == "text" else ids
     expected = tok.decode(hf_greedy(ids))
@@ -99,8 +122,11 @@ def test_completion_greedy_equals_transformers(client: openai.OpenAI, tok: Any, 
     out = client.completions.create(model="hf-llama", prompt=prompt, **GREEDY)
     assert out.choices[0].text == expected and out.choices[0].finish_reason == "length"
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), N_NEW)
-    chunks = list(client.completions.create(model="hf-llama", prompt=prompt, stream=True,
-                                            stream_options={"include_usage": True}, **GREEDY))
+    chunks = list(
+        client.completions.create(
+            model="hf-llama", prompt=prompt, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
     assert chunks[-1].usage.completion_tokens == N_NEW
 
@@ -126,8 +152,9 @@ def assert_envelope(r: requests.Response, status: int) -> dict[str, Any]:
     return err
 
 
-def post(srv: ServerProcess, path: str, body: Any = None, data: bytes | None = None,
-         key: str | None = API_KEY) -> requests.Response:
+def post(
+    srv: ServerProcess, path: str, body: Any = None, data: bytes | None = None, key: str | None = API_KEY
+) -> requests.Response:
     headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
     if data is not None:
         headers["Content-Type"] = "application/json"
@@ -137,15 +164,22 @@ def post(srv: ServerProcess, path: str, body: Any = None, data: bytes | None = N
 COMPLETION = {"model": "hf-llama", "prompt": "Hello", "max_tokens": 4}
 CHAT = {"model": "hf-llama", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
 BAD_OPENAI = [  # (extra body fields, the param the error must name), sent to both routes
-    ({"max_tokens": "many"}, "max_tokens"), ({"temperature": "hot"}, "temperature"), ({"stream": "yes"}, "stream"),
-    ({"top_p": [1]}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -5}, "max_tokens"),
-    ({"temperature": -0.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"max_tokens": "many"}, "max_tokens"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"stream": "yes"}, "stream"),
+    ({"top_p": [1]}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -5}, "max_tokens"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
     ({"top_p": -0.1}, "top_p"),
 ]
 
 
-@pytest.mark.parametrize("route, base", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)],
-                         ids=["completions", "chat"])
+@pytest.mark.parametrize(
+    "route, base", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)], ids=["completions", "chat"]
+)
 def test_bad_openai_inputs_are_400(srv: ServerProcess, client: openai.OpenAI, route: str, base: dict) -> None:
     for extra, param in BAD_OPENAI:
         err = assert_envelope(post(srv, route, {**base, **extra}), 400)
@@ -160,18 +194,32 @@ def test_bad_openai_inputs_are_400(srv: ServerProcess, client: openai.OpenAI, ro
 
 
 def test_wrong_shapes_and_empty_prompts_are_400(srv: ServerProcess, client: openai.OpenAI) -> None:
-    for body in ({**COMPLETION, "prompt": ""}, {**COMPLETION, "prompt": []}, {**COMPLETION, "prompt": {"a": 1}},
-                 {**COMPLETION, "prompt": [[]]}, {**CHAT, "messages": []}, {**CHAT, "messages": "Hello"},
-                 {**CHAT, "messages": [{"role": "user", "content": 5}]}, {"max_tokens": 4}):
+    for body in (
+        {**COMPLETION, "prompt": ""},
+        {**COMPLETION, "prompt": []},
+        {**COMPLETION, "prompt": {"a": 1}},
+        {**COMPLETION, "prompt": [[]]},
+        {**CHAT, "messages": []},
+        {**CHAT, "messages": "Hello"},
+        {**CHAT, "messages": [{"role": "user", "content": 5}]},
+        {"max_tokens": 4},
+    ):
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
         assert_envelope(post(srv, path, body), 400)
-    for body in ({"text": "", "sampling_params": {"max_new_tokens": 2}},
-                 {"input_ids": [], "sampling_params": {"max_new_tokens": 2}},
-                 {"text": "Hi", "sampling_params": {"max_new_tokens": -1}},
-                 {"text": "Hi", "sampling_params": {"temperature": -1}},
-                 {"text": "Hi", "sampling_params": {"top_p": 0}},
-                 {"text": "Hi", "sampling_params": "greedy"}, {"input_ids": ["a"]}, {"input_ids": "abc"},
-                 {"input_ids": [10**9]}, {"text": "Hi", "stream": "no"}, {"text": ["a", 3]}, []):
+    for body in (
+        {"text": "", "sampling_params": {"max_new_tokens": 2}},
+        {"input_ids": [], "sampling_params": {"max_new_tokens": 2}},
+        {"text": "Hi", "sampling_params": {"max_new_tokens": -1}},
+        {"text": "Hi", "sampling_params": {"temperature": -1}},
+        {"text": "Hi", "sampling_params": {"top_p": 0}},
+        {"text": "Hi", "sampling_params": "greedy"},
+        {"input_ids": ["a"]},
+        {"input_ids": "abc"},
+        {"input_ids": [10**9]},
+        {"text": "Hi", "stream": "no"},
+        {"text": ["a", 3]},
+        [],
+    ):
         assert_envelope(post(srv, "/generate", body), 400)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="hf-llama", prompt="", max_tokens=4)
@@ -233,8 +281,9 @@ def test_api_key_required(srv: ServerProcess) -> None:
 
 def test_full_queue_is_503_with_retry_after(srv: ServerProcess, client: openai.OpenAI) -> None:
     # --max-running-requests 1 --max-queued-requests 0: one long stream fills the server.
-    stream = client.completions.create(model="hf-llama", prompt="Hi", max_tokens=CONTEXT - 10, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model="hf-llama", prompt="Hi", max_tokens=CONTEXT - 10, stream=True, extra_body={"ignore_eos": True}
+    )
     chunks = iter(stream)
     next(chunks)  # the request is admitted and running
     try:
@@ -263,12 +312,15 @@ def test_still_healthy_afterwards(srv: ServerProcess, client: openai.OpenAI, tok
     assert "Traceback" not in log and "internal server error" not in log.lower(), log[-3000:]
 
 
-@pytest.mark.parametrize("body", [
-    pytest.param({"text": 42}, id="text-int"),
-    pytest.param({"input_ids": 5}, id="input_ids-int"),
-    pytest.param({"text": "Hi", "top_logprobs_num": "2"}, id="top_logprobs_num-str"),
-    pytest.param({"text": "Hi", "return_logprob": "yes"}, id="return_logprob-str"),
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"text": 42}, id="text-int"),
+        pytest.param({"input_ids": 5}, id="input_ids-int"),
+        pytest.param({"text": "Hi", "top_logprobs_num": "2"}, id="top_logprobs_num-str"),
+        pytest.param({"text": "Hi", "return_logprob": "yes"}, id="return_logprob-str"),
+    ],
+)
 def test_native_wrong_types_are_400(srv: ServerProcess, body: dict) -> None:
     r = post(srv, "/generate", body)
     assert requests.get(srv.url + "/health", timeout=10).status_code == 200

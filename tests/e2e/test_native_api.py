@@ -21,8 +21,11 @@ def wait_idle(url: str, timeout: float) -> dict:
     while True:
         sched = requests.get(url + "/get_server_info", timeout=5).json()["scheduler"]
         pool = sched["pool"]
-        if sched["num_running_reqs"] == 0 and sched["num_queue_reqs"] == 0 and \
-                pool["free_pages"] + pool["evictable_pages"] == pool["total_pages"]:
+        if (
+            sched["num_running_reqs"] == 0
+            and sched["num_queue_reqs"] == 0
+            and pool["free_pages"] + pool["evictable_pages"] == pool["total_pages"]
+        ):
             return sched
         if time.monotonic() > deadline:
             raise AssertionError(f"server not idle after {timeout}s: {sched}")
@@ -40,14 +43,18 @@ def test_generate_matches_offline_engine(server, engine):
     prompts = ["Hello world", "The quick brown fox", "a"]
     expected = engine.generate(prompt=prompts, sampling_params=GREEDY)
     for prompt, exp in zip(prompts, expected):
-        got = requests.post(server.url + "/generate", json={"text": prompt, "sampling_params": GREEDY}, timeout=60).json()
+        got = requests.post(
+            server.url + "/generate", json={"text": prompt, "sampling_params": GREEDY}, timeout=60
+        ).json()
         assert got["output_ids"] == exp["output_ids"] and got["text"] == exp["text"]
         assert got["meta_info"]["finish_reason"] == {"type": "length", "length": 24}
         assert got["meta_info"]["prompt_tokens"] == exp["meta_info"]["prompt_tokens"]
     ids = [5, 6, 7, 8]
     got = requests.post(server.url + "/generate", json={"input_ids": ids, "sampling_params": GREEDY}, timeout=60).json()
     assert got["output_ids"] == engine.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
-    batch = requests.post(server.url + "/generate", json={"text": prompts, "sampling_params": GREEDY}, timeout=60).json()
+    batch = requests.post(
+        server.url + "/generate", json={"text": prompts, "sampling_params": GREEDY}, timeout=60
+    ).json()
     assert [b["output_ids"] for b in batch] == [e["output_ids"] for e in expected]
 
 
@@ -60,7 +67,7 @@ def test_streaming_is_cumulative_and_ends_with_done(server, engine):
             if line:
                 events.append(line.decode())
     assert events[-1] == "data: [DONE]"
-    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
     # Events are cumulative; chunks that queue up while the handler writes are coalesced, so there is
     # at most one event per token and every event brings at least one new token.
     counts = [len(c["output_ids"]) for c in chunks]
@@ -79,9 +86,11 @@ def test_64_concurrent_clients(server, engine):
 
     async def run() -> list[list[int]]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+
             async def one(p: list[int]) -> list[int]:
                 async with s.post(server.url + "/generate", json={"input_ids": p, "sampling_params": sp}) as r:
                     return (await r.json())["output_ids"]
+
             return await asyncio.gather(*(one(p) for p in prompts))
 
     assert asyncio.run(run()) == expected
@@ -90,8 +99,12 @@ def test_64_concurrent_clients(server, engine):
 
 def test_client_disconnect_frees_pages_within_a_second(server):
     long = {"temperature": 0, "max_new_tokens": 1900, "ignore_eos": True}
-    with requests.post(server.url + "/generate", json={"input_ids": [9, 10], "sampling_params": long, "stream": True},
-                       stream=True, timeout=60) as r:
+    with requests.post(
+        server.url + "/generate",
+        json={"input_ids": [9, 10], "sampling_params": long, "stream": True},
+        stream=True,
+        timeout=60,
+    ) as r:
         lines = r.iter_lines()
         next(lines)  # the request is running; leaving the block closes the connection
     t0 = time.monotonic()
@@ -141,25 +154,38 @@ def test_unknown_route_and_info_routes(server):
 
 
 def test_flush_cache_abort_and_metrics(server):
-    requests.post(server.url + "/generate", json={"input_ids": list(range(4, 40)), "sampling_params": GREEDY}, timeout=60)
+    requests.post(
+        server.url + "/generate", json={"input_ids": list(range(4, 40)), "sampling_params": GREEDY}, timeout=60
+    )
     sched = wait_idle(server.url, 5)
     assert sched["pool"]["cached_pages"] > 0
     assert requests.post(server.url + "/flush_cache", timeout=10).status_code == 200
     assert wait_idle(server.url, 5)["pool"]["cached_pages"] == 0
 
     long = {"temperature": 0, "max_new_tokens": 1900, "ignore_eos": True}
-    with requests.post(server.url + "/generate", json={"input_ids": [3, 4], "sampling_params": long, "stream": True,
-                                                        "rid": "to-abort"}, stream=True, timeout=60) as r:
+    with requests.post(
+        server.url + "/generate",
+        json={"input_ids": [3, 4], "sampling_params": long, "stream": True, "rid": "to-abort"},
+        stream=True,
+        timeout=60,
+    ) as r:
         lines = r.iter_lines()
         next(lines)
         assert requests.post(server.url + "/abort_request", json={"rid": "to-abort"}, timeout=5).status_code == 200
         last = [ln for ln in lines if ln][-2]
-    assert json.loads(last[len(b"data: "):])["meta_info"]["finish_reason"]["type"] == "abort"
+    assert json.loads(last[len(b"data: ") :])["meta_info"]["finish_reason"]["type"] == "abort"
 
     text = requests.get(server.url + "/metrics", timeout=5).text
-    for name in ("sglang:prompt_tokens_total", "sglang:generation_tokens_total", "sglang:num_running_reqs",
-                 "sglang:time_to_first_token_seconds_bucket", "sglang:e2e_request_latency_seconds_count",
-                 "sglang:token_usage", "sglang:cache_hit_rate", "sglang:inter_token_latency_seconds_count"):
+    for name in (
+        "sglang:prompt_tokens_total",
+        "sglang:generation_tokens_total",
+        "sglang:num_running_reqs",
+        "sglang:time_to_first_token_seconds_bucket",
+        "sglang:e2e_request_latency_seconds_count",
+        "sglang:token_usage",
+        "sglang:cache_hit_rate",
+        "sglang:inter_token_latency_seconds_count",
+    ):
         assert name in text, name
     before = _counter(text, "sglang:generation_tokens_total")
     requests.post(server.url + "/generate", json={"input_ids": [5], "sampling_params": GREEDY}, timeout=60)

@@ -52,8 +52,16 @@ def test_completion_greedy_matches_native_and_streams(server: Any, client: opena
     assert out.choices[0].text == ref["text"] and out.choices[0].finish_reason == "length"
     assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (7, 12, 19)
     assert out.usage.prompt_tokens_details.cached_tokens >= 0
-    chunks = list(client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=12, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=model,
+            prompt=PROMPT_IDS,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == ref["text"]
     assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens == 12 and chunks[-2].choices[0].finish_reason == "length"
@@ -65,8 +73,16 @@ def test_chat_stream_matches_non_stream(client: openai.OpenAI, model: str) -> No
     assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
     assert out.choices[0].message.role == "assistant" and out.choices[0].message.content
     assert out.usage.completion_tokens == 10 and out.choices[0].finish_reason == "length"
-    chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=10, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=MESSAGES,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
     assert chunks[0].object == "chat.completion.chunk"
     body = [c for c in chunks if c.choices]
@@ -80,16 +96,18 @@ def test_chat_stream_matches_non_stream(client: openai.OpenAI, model: str) -> No
 
 def test_n_with_seed_distinct_and_reproducible(client: openai.OpenAI, model: str) -> None:
     def run() -> list[str]:
-        out = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, n=3, seed=11,
-                                        temperature=2.0)
+        out = client.completions.create(
+            model=model, prompt="Once upon a time", max_tokens=12, n=3, seed=11, temperature=2.0
+        )
         assert [c.index for c in out.choices] == [0, 1, 2] and out.usage.completion_tokens == 36
         return [c.text for c in out.choices]
 
     first = run()
     assert len(set(first)) > 1 and run() == first
-    chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, n=2, seed=5,
-                                          temperature=2.0)
-    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content != chat.choices[1].message.content
+    chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, n=2, seed=5, temperature=2.0)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content != chat.choices[
+        1
+    ].message.content
 
 
 def test_several_prompts_index_order(server: Any, client: openai.OpenAI, model: str) -> None:
@@ -99,8 +117,11 @@ def test_several_prompts_index_order(server: Any, client: openai.OpenAI, model: 
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
     assert [c.text for c in out.choices] == [refs[0], refs[0], refs[1], refs[1]]
     assert out.usage.prompt_tokens == 14 and out.usage.completion_tokens == 24
-    chunks = list(client.completions.create(model=model, prompt=[PROMPT_IDS, other], n=2, max_tokens=6,
-                                            temperature=0, stream=True))
+    chunks = list(
+        client.completions.create(
+            model=model, prompt=[PROMPT_IDS, other], n=2, max_tokens=6, temperature=0, stream=True
+        )
+    )
     texts = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(4)]
     assert texts == [c.text for c in out.choices]
 
@@ -112,12 +133,18 @@ def test_stop_string_and_stop_token_ids(server: Any, client: openai.OpenAI, mode
     expected = text[: text.index(stop)]
     out = client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=12, temperature=0, stop=[stop])
     assert out.choices[0].text == expected and out.choices[0].finish_reason == "stop"
-    streamed = list(client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=12, temperature=0,
-                                              stop=stop, stream=True))
+    streamed = list(
+        client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=12, temperature=0, stop=stop, stream=True)
+    )
     assert "".join(c.choices[0].text for c in streamed) == expected
     stop_id = ref["output_ids"][2]
-    out = client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=12, temperature=0.7,
-                                    extra_body={"stop_token_ids": [stop_id], "top_k": 1})
+    out = client.completions.create(
+        model=model,
+        prompt=PROMPT_IDS,
+        max_tokens=12,
+        temperature=0.7,
+        extra_body={"stop_token_ids": [stop_id], "top_k": 1},
+    )
     assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens <= 3
 
 
@@ -129,12 +156,12 @@ def test_completion_logprobs(server: Any, client: openai.OpenAI, model: str) -> 
         assert value <= 0 and 1 <= len(top) <= 4 and value == pytest.approx(max(top.values()), abs=1e-5)
         assert top[token] == pytest.approx(value, abs=1e-5)
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
-    chunks = list(client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=8, temperature=0,
-                                            logprobs=3, stream=True))
+    chunks = list(
+        client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=8, temperature=0, logprobs=3, stream=True)
+    )
     streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     assert streamed == lp.tokens
-    echo = client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=2, temperature=0, logprobs=1,
-                                     echo=True)
+    echo = client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=2, temperature=0, logprobs=1, echo=True)
     elp = echo.choices[0].logprobs
     assert len(elp.tokens) == 9 and elp.token_logprobs[0] is None and elp.top_logprobs[0] is None
     tail = native(server, PROMPT_IDS, 2)["text"]
@@ -142,8 +169,9 @@ def test_completion_logprobs(server: Any, client: openai.OpenAI, model: str) -> 
 
 
 def test_chat_logprobs(client: openai.OpenAI, model: str) -> None:
-    out = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=6, temperature=0,
-                                         logprobs=True, top_logprobs=4)
+    out = client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=4
+    )
     content = out.choices[0].logprobs.content
     assert len(content) == 6
     for item in content:
@@ -159,32 +187,59 @@ def test_max_completion_tokens_and_extras(client: openai.OpenAI, model: str) -> 
     assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "length"
     parts = [{"role": "user", "content": [{"type": "text", "text": "Tell me a story."}]}]
     assert client.chat.completions.create(model=model, messages=parts, max_tokens=2).usage.completion_tokens >= 1
-    out = client.completions.create(model=model, prompt="Hi", max_tokens=5, extra_body={
-        "min_tokens": 5, "ignore_eos": True, "top_k": 3, "min_p": 0.05, "repetition_penalty": 1.1,
-        "skip_special_tokens": False, "no_stop_trim": True, "rid": "openai-extras-1"})
+    out = client.completions.create(
+        model=model,
+        prompt="Hi",
+        max_tokens=5,
+        extra_body={
+            "min_tokens": 5,
+            "ignore_eos": True,
+            "top_k": 3,
+            "min_p": 0.05,
+            "repetition_penalty": 1.1,
+            "skip_special_tokens": False,
+            "no_stop_trim": True,
+            "rid": "openai-extras-1",
+        },
+    )
     assert out.usage.completion_tokens == 5 and out.id == "cmpl-openai-extras-1"
 
 
 COMPLETION_BAD = [
-    ({"max_tokens": 0}, "max_tokens"), ({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"),
-    ({"n": 0}, "n"), ({"logprobs": 6}, "logprobs"), ({"prompt": ""}, "prompt"), ({"prompt": []}, "prompt"),
-    ({"stop": 5}, "stop"), ({"max_tokens": "many"}, "max_tokens"), ({"prompt": [99999]}, "prompt"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"n": 0}, "n"),
+    ({"logprobs": 6}, "logprobs"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"stop": 5}, "stop"),
+    ({"max_tokens": "many"}, "max_tokens"),
+    ({"prompt": [99999]}, "prompt"),
     ({"max_tokens": 2047}, "prompt"),
 ]
 CHAT_BAD = [
-    ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
-    ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"temperature": -1}, "temperature"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
-     "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"temperature": -1}, "temperature"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+        "messages",
+    ),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"), ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"top_logprobs": 3}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
     ({"max_tokens": 2040}, "messages"),
 ]
 
 
-@pytest.mark.parametrize("route, body, param", [("completions", b, p) for b, p in COMPLETION_BAD]
-                         + [("chat/completions", b, p) for b, p in CHAT_BAD])
+@pytest.mark.parametrize(
+    "route, body, param",
+    [("completions", b, p) for b, p in COMPLETION_BAD] + [("chat/completions", b, p) for b, p in CHAT_BAD],
+)
 def test_bad_requests_are_400(client: openai.OpenAI, model: str, route: str, body: dict, param: str) -> None:
     create = client.completions.create if route == "completions" else client.chat.completions.create
     base = {"model": model, "prompt": "Hi"} if route == "completions" else {"model": model, "messages": MESSAGES}
@@ -198,8 +253,10 @@ def test_bad_requests_are_400(client: openai.OpenAI, model: str, route: str, bod
 
 
 def test_unknown_model_404_and_server_stays_healthy(server: Any, client: openai.OpenAI, model: str) -> None:
-    for call in (lambda: client.completions.create(model="gpt-x", prompt="Hi", max_tokens=2),
-                 lambda: client.chat.completions.create(model="gpt-x", messages=MESSAGES, max_tokens=2)):
+    for call in (
+        lambda: client.completions.create(model="gpt-x", prompt="Hi", max_tokens=2),
+        lambda: client.chat.completions.create(model="gpt-x", messages=MESSAGES, max_tokens=2),
+    ):
         with pytest.raises(openai.NotFoundError) as info:
             call()
         assert info.value.body["message"] == "The model `gpt-x` does not exist." and info.value.body["code"] == 404

@@ -8,19 +8,23 @@ import time
 
 import pytest
 import requests
-
 from server_process import ServerProcess, free_port
 from test_pd_cluster import GREEDY, wait_idle
 
-FAST = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "3", "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "4",
-        "SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "0.5", "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": "2"}
+FAST = {
+    "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "3",
+    "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "4",
+    "SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "0.5",
+    "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": "2",
+}
 PAGE = ("--page-size", "4")
 
 
 def start_p(model: str, env: dict[str, str], *extra: str) -> tuple[ServerProcess, int]:
     boot = free_port()
-    return ServerProcess(model, *PAGE, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(boot),
-                         *extra, env=env), boot
+    return ServerProcess(
+        model, *PAGE, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(boot), *extra, env=env
+    ), boot
 
 
 def start_d(model: str, env: dict[str, str], *extra: str) -> ServerProcess:
@@ -28,8 +32,14 @@ def start_d(model: str, env: dict[str, str], *extra: str) -> ServerProcess:
 
 
 def leg(url: str, boot: int, room: int, prompt: list[int], sp: dict | None = None, timeout: float = 60) -> dict:
-    body = {"input_ids": prompt, "sampling_params": sp or GREEDY, "bootstrap_host": "127.0.0.1",
-            "bootstrap_port": boot, "bootstrap_room": room, "rid": f"room-{room}"}
+    body = {
+        "input_ids": prompt,
+        "sampling_params": sp or GREEDY,
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": boot,
+        "bootstrap_room": room,
+        "rid": f"room-{room}",
+    }
     return requests.post(url + "/generate", json=body, timeout=timeout).json()
 
 
@@ -159,8 +169,12 @@ def test_decode_dies_mid_transfer(tiny_llama):
         with concurrent.futures.ThreadPoolExecutor(1) as ex:
             ex.submit(lambda: _quiet(leg, d.url, boot, 31, list(range(4, 60))))  # D registers room 31 with P
             deadline = time.monotonic() + 10
-            while requests.get(d.url + "/get_server_info", timeout=5).json()["scheduler"]["disagg"].get(
-                    "num_decode_registered_reqs", 0) == 0:  # P has D's registration
+            while (
+                requests.get(d.url + "/get_server_info", timeout=5)
+                .json()["scheduler"]["disagg"]
+                .get("num_decode_registered_reqs", 0)
+                == 0
+            ):  # P has D's registration
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             d.kill()

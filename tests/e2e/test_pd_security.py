@@ -46,7 +46,9 @@ def key(cluster) -> ClusterKey:
 
 @pytest.fixture(scope="module")
 def boot_port(cluster) -> int:
-    return int(requests.get(cluster.prefill[0] + "/get_server_info", timeout=10).json()["disaggregation_bootstrap_port"])
+    return int(
+        requests.get(cluster.prefill[0] + "/get_server_info", timeout=10).json()["disaggregation_bootstrap_port"]
+    )
 
 
 def bootstrap(key: ClusterKey | None, host: str, port: int, room: int) -> dict:
@@ -84,12 +86,17 @@ def test_a_live_request_room_cannot_be_taken(cluster, key, boot_port) -> None:
         assert r.status_code == 409 and "already in use" in r.json()["error"]["message"], r.text
         # 3. a token for another room does not cover this one
         other = bootstrap(key, "127.0.0.1", boot_port, room + 1)
-        r = post(d_url, {**evil, **bootstrap(None, "127.0.0.1", boot_port, room), "bootstrap_token": other["bootstrap_token"]})
+        r = post(
+            d_url,
+            {**evil, **bootstrap(None, "127.0.0.1", boot_port, room), "bootstrap_token": other["bootstrap_token"]},
+        )
         assert r.status_code == 403, r.text
         p_out = post(p_url, {**legit, "rid": f"legit-p-{room}"}).json()
         d_out = d_leg.result(timeout=60).json()
     assert d_out["meta_info"]["finish_reason"]["type"] == "length", d_out
-    reference = post(cluster.url, {"input_ids": PROMPT, "sampling_params": GREEDY}).json()  # a fresh room, via the router
+    reference = post(
+        cluster.url, {"input_ids": PROMPT, "sampling_params": GREEDY}
+    ).json()  # a fresh room, via the router
     assert d_out["output_ids"] == reference["output_ids"], "the legitimate request's output changed"
     assert p_out["output_ids"] == d_out["output_ids"][:1]
 
@@ -135,8 +142,11 @@ def test_decode_never_dials_a_host_that_was_not_signed(cluster, key, boot_port, 
             for url in (cluster.decode[0], cluster.prefill[0]):
                 r = post(url, {**base, **fields})
                 assert r.status_code == 403, r.text
-        r = requests.post(cluster.decode[0] + "/v1/completions", json={"model": tiny_llama, "prompt": PROMPT, "max_tokens": 4,
-                                                                        **unsigned}, timeout=30)
+        r = requests.post(
+            cluster.decode[0] + "/v1/completions",
+            json={"model": tiny_llama, "prompt": PROMPT, "max_tokens": 4, **unsigned},
+            timeout=30,
+        )
         assert r.status_code == 403, r.text
         time.sleep(0.5)
         assert stranger.connections == 0, "a decode worker dialed a host nobody signed"
@@ -176,26 +186,44 @@ def test_a_forged_pool_offer_is_not_mapped(cluster, key, boot_port, tmp_path) ->
     route = Route.from_json(requests.get(f"http://127.0.0.1:{boot_port}/route", timeout=5).json())
     desc = EngineDescription(**route.engine)
     num_pages = 16
-    kv = torch.zeros(desc.num_layers, 2, num_pages, desc.page_size, desc.num_kv_heads, desc.head_dim,
-                     dtype=getattr(torch, desc.dtype))
+    kv = torch.zeros(
+        desc.num_layers,
+        2,
+        num_pages,
+        desc.page_size,
+        desc.num_kv_heads,
+        desc.head_dim,
+        dtype=getattr(torch, desc.dtype),
+    )
     victim = tmp_path / "victim.bin"
     content = os.urandom(kv.numel() * kv.element_size())
     victim.write_bytes(content)
     fd = os.open(victim, os.O_RDWR)
     st = os.fstat(fd)
-    d = create_transfer("decode", "ucx", kv, desc, TransferConfig(), "127.0.0.1", 0, data_host="127.0.0.1",
-                        cluster_key=key)
+    d = create_transfer(
+        "decode", "ucx", kv, desc, TransferConfig(), "127.0.0.1", 0, data_host="127.0.0.1", cluster_key=key
+    )
     assert isinstance(d, DecodeTransfer)
     try:
         d.start()
         # Fault injection on a private attribute: the offer names our file, with its true pid/fd/size/id.
-        d._offer = PoolOffer("shm", boot_id(), num_pages, len(content), 0, pid=os.getpid(), fd=fd,  # type: ignore[attr-defined]
-                             file_id=[st.st_dev, st.st_ino]).to_dict()
+        d._offer = PoolOffer(
+            "shm",
+            boot_id(),
+            num_pages,
+            len(content),
+            0,
+            pid=os.getpid(),
+            fd=fd,  # type: ignore[attr-defined]
+            file_id=[st.st_dev, st.st_ino],
+        ).to_dict()
         room = random.randrange(1 << 62)
         pages = list(range(2, 2 + -(-len(PROMPT) // desc.page_size)))
         d.register(room, "127.0.0.1", boot_port, pages)
-        p_out = post(cluster.prefill[0], {"input_ids": PROMPT, "sampling_params": GREEDY,
-                                          **bootstrap(key, "127.0.0.1", boot_port, room)}).json()
+        p_out = post(
+            cluster.prefill[0],
+            {"input_ids": PROMPT, "sampling_params": GREEDY, **bootstrap(key, "127.0.0.1", boot_port, room)},
+        ).json()
         deadline = time.monotonic() + 30
         while d.poll(room) not in (KVPoll.Success, KVPoll.Failed):
             assert time.monotonic() < deadline, "the forged link's room never settled"
@@ -214,8 +242,11 @@ def test_a_forged_pool_offer_is_not_mapped(cluster, key, boot_port, tmp_path) ->
 
 
 def test_a_loopback_worker_listens_on_loopback_only(cluster) -> None:
-    workers = [pid for pid in process_tree(cluster.proc.pid)
-               if b"sglang_pd.launch_server" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    workers = [
+        pid
+        for pid in process_tree(cluster.proc.pid)
+        if b"sglang_pd.launch_server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
     assert len(workers) == 2
     pids = [pid for w in workers for pid in process_tree(w)]  # main, scheduler and detokenizer processes
     addrs = listening_tcp(pids)
@@ -229,16 +260,25 @@ def test_a_worker_started_later_joins_with_the_cluster_secret(cluster, key, tiny
     """What a runtime-registered worker needs on a signed cluster: the secret (here the same file)."""
     from server_process import ServerProcess
 
-    extra = ServerProcess(tiny_llama, *PAGE, "--disaggregation-mode", "decode", "--register-with", cluster.url,
-                          "--cluster-secret-file", cluster.info["cluster_secret_file"])
+    extra = ServerProcess(
+        tiny_llama,
+        *PAGE,
+        "--disaggregation-mode",
+        "decode",
+        "--register-with",
+        cluster.url,
+        "--cluster-secret-file",
+        cluster.info["cluster_secret_file"],
+    )
     try:
         deadline = time.monotonic() + 30
         while extra.url not in [w["url"] for w in requests.get(cluster.url + "/workers", timeout=5).json()["workers"]]:
             assert time.monotonic() < deadline, "the signed registration was not accepted"
             time.sleep(0.2)
         with concurrent.futures.ThreadPoolExecutor(4) as ex:
-            outs = list(ex.map(lambda _: post(cluster.url, {"input_ids": PROMPT, "sampling_params": GREEDY}).json(),
-                               range(4)))
+            outs = list(
+                ex.map(lambda _: post(cluster.url, {"input_ids": PROMPT, "sampling_params": GREEDY}).json(), range(4))
+            )
         assert len({tuple(o["output_ids"]) for o in outs}) == 1 and len(outs[0]["output_ids"]) == 12, outs
         assert "direct copies into our KV pool" in extra.logs(), "the new decode worker never linked with P"
     finally:

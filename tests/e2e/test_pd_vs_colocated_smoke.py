@@ -11,12 +11,33 @@ from server_process import REPO, free_port_block
 
 def test_pd_vs_colocated_cpu_smoke(tiny_model_dir, tmp_path) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "bench" / "pd_vs_colocated.py"), "--device", "cpu",
-           "--model-path", str(tiny_model_dir("llama")), "--workloads", "mixed", "--request-rates", "4",
-           "--num-prompts", "4", "--warmup-requests", "1", "--base-port", str(free_port_block(21)),
-           "--out-dir", str(out), "--startup-timeout", "120", "--timeout", "150",
-           "--bench-arg=--random-input-len=24", "--bench-arg=--random-output-len=6",
-           "--bench-arg=--chat-long-input-len=64"]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "pd_vs_colocated.py"),
+        "--device",
+        "cpu",
+        "--model-path",
+        str(tiny_model_dir("llama")),
+        "--workloads",
+        "mixed",
+        "--request-rates",
+        "4",
+        "--num-prompts",
+        "4",
+        "--warmup-requests",
+        "1",
+        "--base-port",
+        str(free_port_block(21)),
+        "--out-dir",
+        str(out),
+        "--startup-timeout",
+        "120",
+        "--timeout",
+        "150",
+        "--bench-arg=--random-input-len=24",
+        "--bench-arg=--random-output-len=6",
+        "--bench-arg=--chat-long-input-len=64",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(line) for line in (out / "raw.jsonl").read_text().splitlines()]
@@ -34,11 +55,31 @@ def test_pd_vs_colocated_cpu_smoke(tiny_model_dir, tmp_path) -> None:
 
 
 def test_pd_vs_colocated_reports_a_cluster_that_fails_to_start(tiny_model_dir, tmp_path) -> None:
-    cmd = [sys.executable, str(REPO / "bench" / "pd_vs_colocated.py"), "--device", "cpu",
-           "--model-path", str(tiny_model_dir("llama")), "--systems", "pd", "--workloads", "long",
-           "--worker-arg=--no-such-flag", "--base-port", str(free_port_block(21)), "--out-dir", str(tmp_path),
-           "--startup-timeout", "60", "--timeout", "90"]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "pd_vs_colocated.py"),
+        "--device",
+        "cpu",
+        "--model-path",
+        str(tiny_model_dir("llama")),
+        "--systems",
+        "pd",
+        "--workloads",
+        "long",
+        "--worker-arg=--no-such-flag",
+        "--base-port",
+        str(free_port_block(21)),
+        "--out-dir",
+        str(tmp_path),
+        "--startup-timeout",
+        "60",
+        "--timeout",
+        "90",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1  # nothing completed
-    assert "- failed: pd: cluster exited (1); last log line: sglang-pd-server: error: unrecognized arguments" in proc.stdout
+    assert (
+        "- failed: pd: cluster exited (1); last log line: sglang-pd-server: error: unrecognized arguments"
+        in proc.stdout
+    )
     assert "| (no data) |" in (tmp_path / "long.md").read_text()

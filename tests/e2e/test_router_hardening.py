@@ -35,8 +35,20 @@ from pd_common.cluster_auth import UNSIGNED_WARNING, ClusterKey, body_digest
 
 pytestmark = pytest.mark.timeout(120)
 SECRET = b"e2e-cluster-secret-0123456789"
-FAST = ("--health-check-interval-secs", "0.2", "--health-failure-threshold", "2", "--health-success-threshold", "2",
-        "--retry-initial-backoff-ms", "1", "--retry-max-backoff-ms", "5", "--log-level", "info")
+FAST = (
+    "--health-check-interval-secs",
+    "0.2",
+    "--health-failure-threshold",
+    "2",
+    "--health-success-threshold",
+    "2",
+    "--retry-initial-backoff-ms",
+    "1",
+    "--retry-max-backoff-ms",
+    "5",
+    "--log-level",
+    "info",
+)
 MOCK_PD_PROBLEMS = ("needs a scalar", "exactly one choice", "bad bootstrap_room")  # the router must never cause these
 
 
@@ -71,15 +83,34 @@ def secret_file(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def pd_cluster(secret_file):
     """Two mock prefill + one mock decode process behind a real PD router holding the cluster secret."""
-    procs = [MockProcess("--role", "prefill", "--name", "p0"), MockProcess("--role", "prefill", "--name", "p1"),
-             MockProcess("--role", "decode", "--name", "d")]
+    procs = [
+        MockProcess("--role", "prefill", "--name", "p0"),
+        MockProcess("--role", "prefill", "--name", "p1"),
+        MockProcess("--role", "decode", "--name", "d"),
+    ]
     router = None
     try:
-        router = RouterProcess("--pd-disaggregation", "--prefill", procs[0].url, "9100", "--prefill", procs[1].url, "9101",
-                               "--decode", procs[2].url, "--cluster-secret-file", secret_file, "--policy", "round_robin",
-                               "--cb-failure-threshold", "1",  # any worker fault opens it
-                               "--health-check-timeout-secs", "20",  # a slow probe on a busy machine is no failure
-                               *FAST, wait_ready=True)
+        router = RouterProcess(
+            "--pd-disaggregation",
+            "--prefill",
+            procs[0].url,
+            "9100",
+            "--prefill",
+            procs[1].url,
+            "9101",
+            "--decode",
+            procs[2].url,
+            "--cluster-secret-file",
+            secret_file,
+            "--policy",
+            "round_robin",
+            "--cb-failure-threshold",
+            "1",  # any worker fault opens it
+            "--health-check-timeout-secs",
+            "20",  # a slow probe on a busy machine is no failure
+            *FAST,
+            wait_ready=True,
+        )
         yield router, procs
     finally:
         if router is not None:
@@ -92,12 +123,21 @@ def pd_cluster(secret_file):
 # Two kinds of bodies per route: plausible ones (valid shapes, edge values, integral floats where
 # integers go, batches and n > 1 that PD mode splits) that reach the workers, and wild ones (any JSON
 # in any field, huge integers, NaN, client-set bootstrap fields) that the router must refuse cleanly.
-LEAF = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-                 st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
-ANY = st.recursive(LEAF, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
-                   max_leaves=8)
-EDGE_INT = st.one_of(st.integers(min_value=-2, max_value=6), st.sampled_from([2**63 - 1, 2**63, 2**64, -(2**63) - 1]),
-                     st.floats(min_value=-2, max_value=1e20))
+LEAF = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+)
+ANY = st.recursive(
+    LEAF, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=8
+)
+EDGE_INT = st.one_of(
+    st.integers(min_value=-2, max_value=6),
+    st.sampled_from([2**63 - 1, 2**63, 2**64, -(2**63) - 1]),
+    st.floats(min_value=-2, max_value=1e20),
+)
 TOKEN = st.one_of(st.integers(min_value=0, max_value=600), st.integers(min_value=0, max_value=600).map(float))
 IDS = st.lists(TOKEN, min_size=1, max_size=5)
 BAD_IDS = st.lists(st.one_of(st.integers(min_value=-1, max_value=600), st.just(2**64), st.floats()), max_size=5)
@@ -105,8 +145,11 @@ TEXT = st.text(min_size=1, max_size=8)
 PROMPT = st.one_of(TEXT, IDS, st.lists(TEXT, min_size=1, max_size=3), st.lists(IDS, min_size=1, max_size=2))
 WILD_PROMPT = st.one_of(st.text(max_size=8), BAD_IDS, st.lists(BAD_IDS, max_size=2), ANY)
 N = st.one_of(st.integers(min_value=1, max_value=3), st.just(2.0))
-BOOTSTRAP = st.dictionaries(st.sampled_from(["bootstrap_host", "bootstrap_port", "bootstrap_room", "bootstrap_token"]),
-                            st.one_of(st.text(max_size=10), EDGE_INT), max_size=2)
+BOOTSTRAP = st.dictionaries(
+    st.sampled_from(["bootstrap_host", "bootstrap_port", "bootstrap_room", "bootstrap_token"]),
+    st.one_of(st.text(max_size=10), EDGE_INT),
+    max_size=2,
+)
 
 
 def optional(**fields: Any) -> Any:
@@ -117,57 +160,152 @@ def merged(*parts: Any) -> Any:
     return st.tuples(*parts).map(lambda ds: {k: v for d in ds for k, v in d.items()})
 
 
-SAMPLING = optional(max_new_tokens=st.one_of(st.integers(min_value=0, max_value=8), st.just(4.0)),
-                    temperature=st.floats(min_value=0, max_value=2), top_p=st.floats(min_value=0.01, max_value=1),
-                    top_k=st.integers(min_value=-1, max_value=50), min_p=st.floats(min_value=0, max_value=1), n=N,
-                    seed=st.integers(min_value=0, max_value=2**63 - 1), stop=st.one_of(TEXT, st.lists(TEXT, max_size=2)),
-                    stop_token_ids=IDS, ignore_eos=st.booleans(), repetition_penalty=st.floats(min_value=0.1, max_value=2))
-WILD_SAMPLING = st.dictionaries(st.sampled_from(["max_new_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed",
-                                                 "stop", "stop_token_ids", "ignore_eos", "repetition_penalty"]),
-                                st.one_of(EDGE_INT, ANY, BAD_IDS), max_size=4)
+SAMPLING = optional(
+    max_new_tokens=st.one_of(st.integers(min_value=0, max_value=8), st.just(4.0)),
+    temperature=st.floats(min_value=0, max_value=2),
+    top_p=st.floats(min_value=0.01, max_value=1),
+    top_k=st.integers(min_value=-1, max_value=50),
+    min_p=st.floats(min_value=0, max_value=1),
+    n=N,
+    seed=st.integers(min_value=0, max_value=2**63 - 1),
+    stop=st.one_of(TEXT, st.lists(TEXT, max_size=2)),
+    stop_token_ids=IDS,
+    ignore_eos=st.booleans(),
+    repetition_penalty=st.floats(min_value=0.1, max_value=2),
+)
+WILD_SAMPLING = st.dictionaries(
+    st.sampled_from(
+        [
+            "max_new_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "n",
+            "seed",
+            "stop",
+            "stop_token_ids",
+            "ignore_eos",
+            "repetition_penalty",
+        ]
+    ),
+    st.one_of(EDGE_INT, ANY, BAD_IDS),
+    max_size=4,
+)
 GENERATE = st.one_of(
-    merged(st.one_of(st.fixed_dictionaries({"text": st.one_of(TEXT, st.lists(TEXT, min_size=1, max_size=3))}),
-                     st.fixed_dictionaries({"input_ids": st.one_of(IDS, st.lists(IDS, min_size=1, max_size=2))})),
-           optional(sampling_params=SAMPLING, stream=st.booleans(), return_logprob=st.booleans(),
-                    logprob_start_len=st.integers(min_value=-1, max_value=3), top_logprobs_num=st.integers(0, 3),
-                    rid=st.text(min_size=1, max_size=6)), BOOTSTRAP),
-    merged(optional(text=WILD_PROMPT, input_ids=WILD_PROMPT, sampling_params=st.one_of(WILD_SAMPLING, ANY),
-                    stream=st.one_of(st.booleans(), ANY), return_logprob=st.one_of(st.booleans(), ANY),
-                    logprob_start_len=EDGE_INT, top_logprobs_num=EDGE_INT, rid=st.one_of(st.text(max_size=6), ANY)),
-           BOOTSTRAP))
+    merged(
+        st.one_of(
+            st.fixed_dictionaries({"text": st.one_of(TEXT, st.lists(TEXT, min_size=1, max_size=3))}),
+            st.fixed_dictionaries({"input_ids": st.one_of(IDS, st.lists(IDS, min_size=1, max_size=2))}),
+        ),
+        optional(
+            sampling_params=SAMPLING,
+            stream=st.booleans(),
+            return_logprob=st.booleans(),
+            logprob_start_len=st.integers(min_value=-1, max_value=3),
+            top_logprobs_num=st.integers(0, 3),
+            rid=st.text(min_size=1, max_size=6),
+        ),
+        BOOTSTRAP,
+    ),
+    merged(
+        optional(
+            text=WILD_PROMPT,
+            input_ids=WILD_PROMPT,
+            sampling_params=st.one_of(WILD_SAMPLING, ANY),
+            stream=st.one_of(st.booleans(), ANY),
+            return_logprob=st.one_of(st.booleans(), ANY),
+            logprob_start_len=EDGE_INT,
+            top_logprobs_num=EDGE_INT,
+            rid=st.one_of(st.text(max_size=6), ANY),
+        ),
+        BOOTSTRAP,
+    ),
+)
 OPENAI: dict[str, Any] = {
-    "model": st.just("mock-model"), "max_tokens": st.integers(min_value=1, max_value=8), "temperature": st.floats(0, 2),
-    "top_p": st.floats(min_value=0.01, max_value=1), "n": N, "stop": st.one_of(TEXT, st.lists(TEXT, max_size=2)),
-    "seed": st.integers(min_value=0, max_value=2**40), "top_k": st.integers(min_value=-1, max_value=20),
-    "stop_token_ids": IDS, "rid": st.text(min_size=1, max_size=6)}
+    "model": st.just("mock-model"),
+    "max_tokens": st.integers(min_value=1, max_value=8),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(min_value=0.01, max_value=1),
+    "n": N,
+    "stop": st.one_of(TEXT, st.lists(TEXT, max_size=2)),
+    "seed": st.integers(min_value=0, max_value=2**40),
+    "top_k": st.integers(min_value=-1, max_value=20),
+    "stop_token_ids": IDS,
+    "rid": st.text(min_size=1, max_size=6),
+}
 WILD_OPENAI: dict[str, Any] = {
-    "model": ANY, "max_tokens": EDGE_INT, "temperature": EDGE_INT, "top_p": EDGE_INT, "n": EDGE_INT, "stop": ANY,
-    "seed": EDGE_INT, "stream": ANY, "stream_options": ANY, "top_k": EDGE_INT, "stop_token_ids": st.one_of(BAD_IDS, ANY),
-    "logit_bias": ANY, "rid": ANY}
-STREAMING: Any = st.one_of(st.just({}), st.just({"stream": True}), st.just({"stream": True, "stream_options": {"include_usage": True}}))
+    "model": ANY,
+    "max_tokens": EDGE_INT,
+    "temperature": EDGE_INT,
+    "top_p": EDGE_INT,
+    "n": EDGE_INT,
+    "stop": ANY,
+    "seed": EDGE_INT,
+    "stream": ANY,
+    "stream_options": ANY,
+    "top_k": EDGE_INT,
+    "stop_token_ids": st.one_of(BAD_IDS, ANY),
+    "logit_bias": ANY,
+    "rid": ANY,
+}
+STREAMING: Any = st.one_of(
+    st.just({}), st.just({"stream": True}), st.just({"stream": True, "stream_options": {"include_usage": True}})
+)
 COMPLETIONS = st.one_of(
-    merged(st.fixed_dictionaries({"prompt": PROMPT}), optional(echo=st.booleans(), logprobs=st.integers(0, 2), **OPENAI),
-           STREAMING, BOOTSTRAP),
-    merged(optional(prompt=WILD_PROMPT, echo=ANY, logprobs=EDGE_INT, best_of=EDGE_INT, **WILD_OPENAI), BOOTSTRAP))
-MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
-                                 "content": st.one_of(TEXT, st.lists(st.fixed_dictionaries(
-                                     {"type": st.just("text"), "text": TEXT}), min_size=1, max_size=2))})
+    merged(
+        st.fixed_dictionaries({"prompt": PROMPT}),
+        optional(echo=st.booleans(), logprobs=st.integers(0, 2), **OPENAI),
+        STREAMING,
+        BOOTSTRAP,
+    ),
+    merged(optional(prompt=WILD_PROMPT, echo=ANY, logprobs=EDGE_INT, best_of=EDGE_INT, **WILD_OPENAI), BOOTSTRAP),
+)
+MESSAGE = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "system", "assistant"]),
+        "content": st.one_of(
+            TEXT, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), min_size=1, max_size=2)
+        ),
+    }
+)
 CHAT = st.one_of(
-    merged(st.fixed_dictionaries({"messages": st.lists(MESSAGE, min_size=1, max_size=3)}),
-           optional(logprobs=st.booleans(), max_completion_tokens=st.integers(1, 8), **OPENAI), STREAMING, BOOTSTRAP),
-    merged(optional(messages=st.one_of(st.lists(st.one_of(MESSAGE, ANY), max_size=3), ANY), logprobs=ANY,
-                    top_logprobs=EDGE_INT, max_completion_tokens=EDGE_INT, **WILD_OPENAI), BOOTSTRAP))
-RAW = st.one_of(st.binary(max_size=40), st.just(b"[" * 5000 + b"]" * 5000), st.just(b'{"text": "x"' + b"}" * 3),
-                st.builds(lambda d: b'{"text": "x", "sampling_params": ' + b'{"a": ' * d + b"1" + b"}" * d + b"}",
-                          st.integers(min_value=30, max_value=3000)))
+    merged(
+        st.fixed_dictionaries({"messages": st.lists(MESSAGE, min_size=1, max_size=3)}),
+        optional(logprobs=st.booleans(), max_completion_tokens=st.integers(1, 8), **OPENAI),
+        STREAMING,
+        BOOTSTRAP,
+    ),
+    merged(
+        optional(
+            messages=st.one_of(st.lists(st.one_of(MESSAGE, ANY), max_size=3), ANY),
+            logprobs=ANY,
+            top_logprobs=EDGE_INT,
+            max_completion_tokens=EDGE_INT,
+            **WILD_OPENAI,
+        ),
+        BOOTSTRAP,
+    ),
+)
+RAW = st.one_of(
+    st.binary(max_size=40),
+    st.just(b"[" * 5000 + b"]" * 5000),
+    st.just(b'{"text": "x"' + b"}" * 3),
+    st.builds(
+        lambda d: b'{"text": "x", "sampling_params": ' + b'{"a": ' * d + b"1" + b"}" * d + b"}",
+        st.integers(min_value=30, max_value=3000),
+    ),
+)
 
 
 def check(router: RouterProcess, path: str, body: Any, session: requests.Session) -> None:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()  # NaN/Infinity kept: the router must 400
     r = session.post(router.url + path, data=data, headers={"Content-Type": "application/json"}, timeout=30)
     if not (200 <= r.status_code < 300 or 400 <= r.status_code < 500):
-        raise AssertionError(f"{r.status_code} {r.text[:500]} for {data[:300]!r}; workers: {workers(router)}; "
-                             f"router log: {router.logs(tail=2000)}")
+        raise AssertionError(
+            f"{r.status_code} {r.text[:500]} for {data[:300]!r}; workers: {workers(router)}; "
+            f"router log: {router.logs(tail=2000)}"
+        )
     if r.status_code >= 400:
         err = r.json()["error"]
         assert err["code"] == r.status_code and isinstance(err["message"], str)
@@ -178,16 +316,22 @@ def check(router: RouterProcess, path: str, body: Any, session: requests.Session
         r.json()
 
 
-FUZZ = settings(max_examples=150, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                       HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
 
 
-@pytest.mark.parametrize("path,bodies", [("/generate", st.one_of(GENERATE, RAW)),
-                                         ("/v1/completions", COMPLETIONS), ("/v1/chat/completions", CHAT)])
+@pytest.mark.parametrize(
+    "path,bodies",
+    [("/generate", st.one_of(GENERATE, RAW)), ("/v1/completions", COMPLETIONS), ("/v1/chat/completions", CHAT)],
+)
 def test_fuzzed_bodies_get_2xx_or_a_4xx_envelope_and_no_traceback(pd_cluster, path, bodies):
     router, _ = pd_cluster
     with requests.Session() as session:
+
         @FUZZ
         @given(body=bodies)
         def one(body: Any) -> None:
@@ -212,8 +356,9 @@ def test_health_generate_and_client_errors_100_times_leave_the_cluster_serving(p
     requests.post(d.url + "/_mock/knobs", json={"latency_ms": 20}, timeout=5)  # D answers after P, as a real one
     with requests.Session() as s:
         for _ in range(100):
-            r = s.post(router.url + "/generate", json={"text": "poison", "sampling_params": {"max_new_tokens": 2}},
-                       timeout=30)
+            r = s.post(
+                router.url + "/generate", json={"text": "poison", "sampling_params": {"max_new_tokens": 2}}, timeout=30
+            )
             assert r.status_code == 400 and "injected failure" in r.json()["error"]["message"]
     for mock in (p0, p1, d):
         requests.post(mock.url + "/_mock/knobs", json={"latency_ms": 0, "fail_first": 0}, timeout=5)
@@ -226,7 +371,9 @@ def test_health_generate_and_client_errors_100_times_leave_the_cluster_serving(p
         for c in mock_calls(mock):
             if c["path"] == "/generate":
                 b = c["body"]
-                key.verify("bootstrap", [b["bootstrap_host"], b["bootstrap_port"], b["bootstrap_room"]], b["bootstrap_token"])
+                key.verify(
+                    "bootstrap", [b["bootstrap_host"], b["bootstrap_port"], b["bootstrap_room"]], b["bootstrap_token"]
+                )
     assert UNSIGNED_WARNING not in router.logs(tail=None)
     no_traceback(router)
 
@@ -269,26 +416,51 @@ def test_management_routes_from_a_non_loopback_caller(secret_file):
         assert requests.post(remote + "/generate", json={"text": "x"}, timeout=30).status_code == 200
         assert requests.get(open_router.url + "/workers", timeout=10).status_code == 200  # loopback
 
-        admin = RouterProcess("--host", "0.0.0.0", "--worker-urls", d.url, "--api-key", "infer",
-                              "--cluster-secret-file", secret_file, *FAST, wait_ready=True,
-                              env={"SGLANG_ROUTER_ADMIN_API_KEY": "admin-key"})
+        admin = RouterProcess(
+            "--host",
+            "0.0.0.0",
+            "--worker-urls",
+            d.url,
+            "--api-key",
+            "infer",
+            "--cluster-secret-file",
+            secret_file,
+            *FAST,
+            wait_ready=True,
+            env={"SGLANG_ROUTER_ADMIN_API_KEY": "admin-key"},
+        )
         routers.append(admin)
         remote = admin.url.replace("127.0.0.1", ip)
         infer, key = {"Authorization": "Bearer infer"}, {"Authorization": "Bearer admin-key"}
         assert requests.get(remote + "/workers", headers=infer, timeout=10).status_code == 403
         assert requests.get(admin.url + "/workers", headers=infer, timeout=10).status_code == 403  # loopback too
-        assert requests.post(remote + "/abort_request", json={"abort_all": True}, headers=infer, timeout=10).status_code == 403
+        assert (
+            requests.post(remote + "/abort_request", json={"abort_all": True}, headers=infer, timeout=10).status_code
+            == 403
+        )
         assert requests.get(remote + "/workers", headers=key, timeout=10).status_code == 200
         assert requests.post(remote + "/generate", json={"text": "x"}, headers=infer, timeout=30).status_code == 200
         body = json.dumps({"url": extra.url, "role": "regular"}).encode()
         token = ClusterKey(SECRET).sign("register", body_digest("POST", "/workers", body))
-        r = requests.post(remote + "/workers", data=body, timeout=10,
-                          headers={"X-SGLang-PD-Signature": token, "Content-Type": "application/json"})
+        r = requests.post(
+            remote + "/workers",
+            data=body,
+            timeout=10,
+            headers={"X-SGLang-PD-Signature": token, "Content-Type": "application/json"},
+        )
         assert r.status_code == 201, r.text  # a worker signing its registration needs no admin key
         assert extra.url in workers(admin, headers=key)
-        r = requests.post(remote + "/workers", data=body, timeout=10, headers={
-            "X-SGLang-PD-Signature": ClusterKey(b"not-the-cluster-secret!").sign("register", body_digest("POST", "/workers", body)),
-            "Content-Type": "application/json"})
+        r = requests.post(
+            remote + "/workers",
+            data=body,
+            timeout=10,
+            headers={
+                "X-SGLang-PD-Signature": ClusterKey(b"not-the-cluster-secret!").sign(
+                    "register", body_digest("POST", "/workers", body)
+                ),
+                "Content-Type": "application/json",
+            },
+        )
         assert r.status_code == 401
         for router in routers:
             assert "--allow-remote-admin" not in router.logs(tail=None)

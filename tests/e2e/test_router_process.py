@@ -34,8 +34,10 @@ def wait_for(pred, timeout: float, what: str) -> None:
 
 @pytest.fixture()
 def pd_mocks():
-    procs = [MockProcess("--role", "prefill", "--name", "p"), MockProcess("--role", "decode", "--name", "d",
-                                                                          "--token-delay-ms", "20")]
+    procs = [
+        MockProcess("--role", "prefill", "--name", "p"),
+        MockProcess("--role", "decode", "--name", "d", "--token-delay-ms", "20"),
+    ]
     yield procs
     for p in procs:
         p.stop()
@@ -46,7 +48,9 @@ def test_openai_client_through_a_pd_router_that_started_empty(pd_mocks):
     router = RouterProcess("--pd-disaggregation", *FAST)
     try:
         assert requests.get(router.url + "/health", timeout=5).status_code == 503
-        r = requests.post(router.url + "/workers", json={"url": p.url, "role": "prefill", "bootstrap_port": 8998}, timeout=10)
+        r = requests.post(
+            router.url + "/workers", json={"url": p.url, "role": "prefill", "bootstrap_port": 8998}, timeout=10
+        )
         assert r.status_code == 201
         r = requests.post(router.url + "/workers", json={"url": d.url, "role": "decode"}, timeout=10)
         assert r.status_code == 201
@@ -54,8 +58,9 @@ def test_openai_client_through_a_pd_router_that_started_empty(pd_mocks):
         client = openai.OpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0, timeout=20)
         out = client.completions.create(model="mock-model", prompt="hi", max_tokens=4, n=2)
         assert [c.index for c in out.choices] == [0, 1] and out.choices[0].text == "w0 w1 w2 w3 "
-        chunks = list(client.chat.completions.create(model="mock-model", messages=[{"role": "user", "content": "x"}],
-                                                     stream=True))
+        chunks = list(
+            client.chat.completions.create(model="mock-model", messages=[{"role": "user", "content": "x"}], stream=True)
+        )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "w0 w1 w2 w3 "
         calls = requests.get(d.url + "/_mock/calls", timeout=5).json()["calls"]
         assert all(c["body"]["bootstrap_host"] == "127.0.0.1" for c in calls if c["path"].startswith("/v1"))
@@ -83,7 +88,9 @@ def test_sigterm_lets_in_flight_streams_finish_then_exits_0(pd_mocks):
     wait_for(lambda: requests.get(d.url + "/_mock/calls", timeout=5).json()["calls"], 10, "stream started")
     assert router.terminate(timeout=30) == 0
     t.join(timeout=30)
-    assert result["status"] == 200 and str(result["body"]).endswith("data: [DONE]\n\n") and '"error"' not in result["body"]
+    assert (
+        result["status"] == 200 and str(result["body"]).endswith("data: [DONE]\n\n") and '"error"' not in result["body"]
+    )
 
 
 def test_port_in_use_exits_1():
@@ -93,8 +100,14 @@ def test_port_in_use_exits_1():
 
         from router_support.procs import REPO
 
-        out = subprocess.run([sys.executable, "-m", "router.launch_router", "--port", str(first.port)],
-                             capture_output=True, text=True, timeout=30, cwd=REPO, check=False)
+        out = subprocess.run(
+            [sys.executable, "-m", "router.launch_router", "--port", str(first.port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=REPO,
+            check=False,
+        )
         assert out.returncode == 1 and "cannot listen" in out.stderr
     finally:
         first.stop()

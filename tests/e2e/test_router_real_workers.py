@@ -37,15 +37,35 @@ def cluster(tiny_llama, tmp_path_factory):
     # the router could not verify would be refused (401) even from loopback.
     secret = tmp_path_factory.mktemp("secret") / "cluster.secret"
     secret.write_bytes(b"real-workers-cluster-secret-0123")
-    router = RouterProcess("--policy", "round_robin", "--health-check-interval-secs", "0.5",
-                           "--health-failure-threshold", "2", "--health-success-threshold", "1", "--log-level", "warning",
-                           "--cluster-secret-file", str(secret))
+    router = RouterProcess(
+        "--policy",
+        "round_robin",
+        "--health-check-interval-secs",
+        "0.5",
+        "--health-failure-threshold",
+        "2",
+        "--health-success-threshold",
+        "1",
+        "--log-level",
+        "warning",
+        "--cluster-secret-file",
+        str(secret),
+    )
     workers: list[ServerProcess] = []
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(ServerProcess, tiny_llama, *WORKER_FLAGS, "--register-with", router.url,
-                                   "--cluster-secret-file", str(secret)),
-                       pool.submit(ServerProcess, tiny_llama, *WORKER_FLAGS)]
+            futures = [
+                pool.submit(
+                    ServerProcess,
+                    tiny_llama,
+                    *WORKER_FLAGS,
+                    "--register-with",
+                    router.url,
+                    "--cluster-secret-file",
+                    str(secret),
+                ),
+                pool.submit(ServerProcess, tiny_llama, *WORKER_FLAGS),
+            ]
             workers = [f.result() for f in futures]
         yield router, workers
     finally:
@@ -60,7 +80,9 @@ def registry(router: RouterProcess) -> dict[str, dict[str, Any]]:
 
 def served_requests(worker: ServerProcess) -> float:
     text = requests.get(worker.url + "/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("sglang:num_requests_total"))
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("sglang:num_requests_total")
+    )
 
 
 def wait_for(pred: Any, timeout: float, what: str) -> None:
@@ -88,15 +110,27 @@ def test_a_self_registered_worker_serves_through_the_openai_client(cluster):
     whole = client.chat.completions.create(**chat).choices[0].message.content
     pieces = client.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True})
     assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == whole
-    native = requests.post(router.url + "/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 4}},
-                           headers={"x-request-id": "e2e-1"}, timeout=30)
+    native = requests.post(
+        router.url + "/generate",
+        json={"text": "hi", "sampling_params": {"max_new_tokens": 4}},
+        headers={"x-request-id": "e2e-1"},
+        timeout=30,
+    )
     assert native.status_code == 200 and native.headers["x-request-id"] == "e2e-1"
     assert native.json()["meta_info"]["completion_tokens"] == 4
     for _ in range(3):  # one real one-token generation through the router, not a fan-out to the workers
         probe = requests.get(router.url + "/health_generate", timeout=60)
         assert probe.status_code == 200 and probe.json()["worker"] == a.url, probe.text
-    forged = requests.post(router.url + "/generate", json={"text": "hi", "bootstrap_room": 7, "bootstrap_host": "10.0.0.1",
-                                                           "sampling_params": {"max_new_tokens": 2}}, timeout=30)
+    forged = requests.post(
+        router.url + "/generate",
+        json={
+            "text": "hi",
+            "bootstrap_room": 7,
+            "bootstrap_host": "10.0.0.1",
+            "sampling_params": {"max_new_tokens": 2},
+        },
+        timeout=30,
+    )
     assert forged.status_code == 200  # a client's bootstrap fields never reach a worker
     assert "Traceback" not in router.logs(tail=None)
 
@@ -107,7 +141,9 @@ def test_a_worker_added_at_runtime_serves_new_requests(cluster):
     r = requests.post(router.url + "/workers", json={"url": b.url, "role": "regular"}, timeout=30)
     assert r.status_code == 201 and r.json()["worker"]["status"] == "healthy"
     for _ in range(4):
-        r = requests.post(router.url + "/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 2}}, timeout=30)
+        r = requests.post(
+            router.url + "/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 2}}, timeout=30
+        )
         assert r.status_code == 200
     assert served_requests(b) >= before + 2
 
@@ -173,8 +209,9 @@ def test_a_worker_killed_mid_stream_errors_the_client_fast_and_is_ejected(cluste
     router, workers = cluster
     client = openai.OpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0, timeout=60)
     model = client.models.list().data[0].id
-    stream = client.completions.create(model=model, prompt="long", max_tokens=1900, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=model, prompt="long", max_tokens=1900, stream=True, extra_body={"ignore_eos": True}
+    )
     next(iter(stream))
     busy = [url for url, w in registry(router).items() if w["active_requests"] > 0]
     assert len(busy) == 1

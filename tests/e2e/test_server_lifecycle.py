@@ -11,15 +11,15 @@ import time
 
 import pytest
 import requests
-
 from server_process import REPO, ServerProcess
 
 LONG = {"temperature": 0, "max_new_tokens": 1900, "ignore_eos": True}
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sglang_pd.launch_server", *args], capture_output=True, text=True,
-                          timeout=60, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "sglang_pd.launch_server", *args], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
 
 
 @pytest.mark.parametrize(
@@ -57,8 +57,18 @@ def test_config_file_and_cli_precedence(tiny_llama, tmp_path):
 
 @pytest.fixture(scope="module")
 def strict_server(tiny_llama):
-    srv = ServerProcess(tiny_llama, "--api-key", "sekret", "--max-payload-size", "2000",
-                        "--max-running-requests", "1", "--max-queued-requests", "0", "--enable-metrics")
+    srv = ServerProcess(
+        tiny_llama,
+        "--api-key",
+        "sekret",
+        "--max-payload-size",
+        "2000",
+        "--max-running-requests",
+        "1",
+        "--max-queued-requests",
+        "0",
+        "--enable-metrics",
+    )
     yield srv
     srv.stop()
 
@@ -76,8 +86,13 @@ def test_api_key_payload_limit_and_full_queue(strict_server):
     r = requests.post(url + "/generate", data="x" * 5000, headers=auth, timeout=10)
     assert r.status_code == 413 and r.json()["error"]["code"] == 413
     # One request running fills the batch; with no queue allowed the next gets 503 + Retry-After.
-    with requests.post(url + "/generate", json={"input_ids": [1, 2], "sampling_params": LONG, "stream": True},
-                       headers=auth, stream=True, timeout=60) as running:
+    with requests.post(
+        url + "/generate",
+        json={"input_ids": [1, 2], "sampling_params": LONG, "stream": True},
+        headers=auth,
+        stream=True,
+        timeout=60,
+    ) as running:
         assert running.status_code == 200, running.text
         lines = running.iter_lines()  # keep the iterator: dropping it makes requests close the connection
         assert b"output_ids" in next(lines)
@@ -91,11 +106,17 @@ def test_sigterm_drains_then_aborts_and_exits_zero(tiny_llama):
     results: dict[str, object] = {}
 
     def long_request() -> None:
-        r = requests.post(srv.url + "/generate", json={"input_ids": [1, 2], "sampling_params": {**LONG, "max_new_tokens": 2000}}, timeout=60)
+        r = requests.post(
+            srv.url + "/generate",
+            json={"input_ids": [1, 2], "sampling_params": {**LONG, "max_new_tokens": 2000}},
+            timeout=60,
+        )
         results["long"] = r.json()
 
     def short_request() -> None:
-        r = requests.post(srv.url + "/generate", json={"input_ids": [3], "sampling_params": {"max_new_tokens": 8}}, timeout=60)
+        r = requests.post(
+            srv.url + "/generate", json={"input_ids": [3], "sampling_params": {"max_new_tokens": 8}}, timeout=60
+        )
         results["short"] = r.json()
 
     threads = [threading.Thread(target=long_request), threading.Thread(target=short_request)]

@@ -22,12 +22,15 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from server_process import ServerProcess
 from test_pd_cluster import wait_idle
 
-FUZZ = settings(max_examples=150, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 EDGE_INTS = [2**64, 10**30, -(2**64), -(2**63) - 1, 2**63, 2**63 - 1, -(2**63), 2**31, -2, -1, 0]
 ENVELOPE = {"message", "type", "param", "code"}
 
@@ -35,8 +38,11 @@ ENVELOPE = {"message", "type", "param", "code"}
 ints = st.one_of(st.integers(-3, 700), st.sampled_from(EDGE_INTS), st.integers(-(2**80), 2**80))
 floats = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, 0.5, 1.0, 2.0, -0.1, 1e308])
 scalars = st.none() | st.booleans() | ints | floats | st.text(max_size=12)
-junk = st.recursive(scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids,
-                                                                                        max_size=4), max_leaves=12)
+junk = st.recursive(
+    scalars,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids, max_size=4),
+    max_leaves=12,
+)
 edge_ints = st.sampled_from(EDGE_INTS)
 nasty = st.one_of(edge_ints, st.lists(edge_ints, min_size=1, max_size=2), ints, floats, junk)
 nasty = st.one_of(edge_ints, nasty)  # edge integers half the time
@@ -46,28 +52,76 @@ token_ids = st.lists(st.integers(0, 639), min_size=1, max_size=6)
 prompt_text = st.text(min_size=1, max_size=30)
 unit = st.floats(0.01, 1)
 VALID_SAMPLING = dict(
-    temperature=st.floats(0, 2), top_p=unit, top_k=st.integers(-1, 50), min_p=st.floats(0, 1),
-    repetition_penalty=st.floats(0.5, 2), frequency_penalty=st.floats(-2, 2), presence_penalty=st.floats(-2, 2),
-    stop=st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=3), stop_token_ids=token_ids,
-    ignore_eos=st.booleans(), n=st.integers(1, 3), seed=st.integers(0, 2**63 - 1),
+    temperature=st.floats(0, 2),
+    top_p=unit,
+    top_k=st.integers(-1, 50),
+    min_p=st.floats(0, 1),
+    repetition_penalty=st.floats(0.5, 2),
+    frequency_penalty=st.floats(-2, 2),
+    presence_penalty=st.floats(-2, 2),
+    stop=st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=3),
+    stop_token_ids=token_ids,
+    ignore_eos=st.booleans(),
+    n=st.integers(1, 3),
+    seed=st.integers(0, 2**63 - 1),
     logit_bias=st.dictionaries(st.integers(0, 639).map(str), st.floats(-100, 100), max_size=3),
     skip_special_tokens=st.booleans(),
 )
-NATIVE_TOP = dict(return_logprob=st.booleans(), logprob_start_len=st.integers(-1, 8), top_logprobs_num=st.integers(0, 5),
-                  rid=st.uuids().map(str), stream=st.booleans())
-OPENAI_TOP = dict(model=st.just("tiny"), stream=st.booleans(), user=st.text(max_size=5),
-                  **{k: v for k, v in VALID_SAMPLING.items() if k != "n"}, n=st.integers(1, 2))
+NATIVE_TOP = dict(
+    return_logprob=st.booleans(),
+    logprob_start_len=st.integers(-1, 8),
+    top_logprobs_num=st.integers(0, 5),
+    rid=st.uuids().map(str),
+    stream=st.booleans(),
+)
+OPENAI_TOP = dict(
+    model=st.just("tiny"),
+    stream=st.booleans(),
+    user=st.text(max_size=5),
+    **{k: v for k, v in VALID_SAMPLING.items() if k != "n"},
+    n=st.integers(1, 2),
+)
 COMPLETION_TOP = dict(echo=st.booleans(), logprobs=st.integers(0, 5), **OPENAI_TOP)
 CHAT_TOP = dict(logprobs=st.booleans(), top_logprobs=st.integers(0, 5), **OPENAI_TOP)
 # fields a mutation may hit besides the valid ones (limits, vendor extras, unsupported, routing)
-TOP_EXTRAS = ["max_tokens", "max_completion_tokens", "n", "best_of", "stream_options", "suffix", "tools",
-              "response_format", "chat_template_kwargs", "bootstrap_room", "input_ids", "text", "prompt",
-              "messages", "sampling_params", "logit_bias", "stop_token_ids"]
+TOP_EXTRAS = [
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "best_of",
+    "stream_options",
+    "suffix",
+    "tools",
+    "response_format",
+    "chat_template_kwargs",
+    "bootstrap_room",
+    "input_ids",
+    "text",
+    "prompt",
+    "messages",
+    "sampling_params",
+    "logit_bias",
+    "stop_token_ids",
+]
 SAMPLING_EXTRAS = ["max_new_tokens", "min_new_tokens", "json_schema", "sampling_seed", "n"]
 # integer fields: where values beyond a bound or beyond 64 bits used to get through, so mutations favour them
-INT_FIELDS = ["top_k", "n", "max_new_tokens", "min_new_tokens", "seed", "stop_token_ids", "logprob_start_len",
-              "top_logprobs_num", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "best_of",
-              "min_tokens", "logit_bias"]
+INT_FIELDS = [
+    "top_k",
+    "n",
+    "max_new_tokens",
+    "min_new_tokens",
+    "seed",
+    "stop_token_ids",
+    "logprob_start_len",
+    "top_logprobs_num",
+    "max_tokens",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "best_of",
+    "min_tokens",
+    "logit_bias",
+]
 
 
 @st.composite
@@ -87,24 +141,39 @@ def mutated(draw: st.DrawFn, body: dict[str, Any], top: list[str], nested: str |
 def native_bodies(draw: st.DrawFn) -> dict[str, Any]:
     body = draw(st.fixed_dictionaries({}, optional=NATIVE_TOP))
     key = draw(st.sampled_from(["text", "prompt", "input_ids"]))
-    body[key] = draw(token_ids | st.lists(token_ids, min_size=1, max_size=3) if key == "input_ids"
-                     else prompt_text | st.lists(prompt_text, min_size=1, max_size=3))
-    body["sampling_params"] = {**draw(st.fixed_dictionaries({}, optional=VALID_SAMPLING)),
-                               "max_new_tokens": draw(small_limit)}
+    body[key] = draw(
+        token_ids | st.lists(token_ids, min_size=1, max_size=3)
+        if key == "input_ids"
+        else prompt_text | st.lists(prompt_text, min_size=1, max_size=3)
+    )
+    body["sampling_params"] = {
+        **draw(st.fixed_dictionaries({}, optional=VALID_SAMPLING)),
+        "max_new_tokens": draw(small_limit),
+    }
     return draw(mutated(body, list(NATIVE_TOP), "sampling_params"))
 
 
 @st.composite
 def completion_bodies(draw: st.DrawFn) -> dict[str, Any]:
     body = draw(st.fixed_dictionaries({"max_tokens": small_limit}, optional=COMPLETION_TOP))
-    body["prompt"] = draw(st.one_of(prompt_text, st.lists(prompt_text, min_size=1, max_size=3), token_ids,
-                                    st.lists(token_ids, min_size=1, max_size=3)))
+    body["prompt"] = draw(
+        st.one_of(
+            prompt_text,
+            st.lists(prompt_text, min_size=1, max_size=3),
+            token_ids,
+            st.lists(token_ids, min_size=1, max_size=3),
+        )
+    )
     return draw(mutated(body, list(COMPLETION_TOP)))
 
 
-message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
-                                 "content": prompt_text | st.lists(st.fixed_dictionaries(
-                                     {"type": st.just("text"), "text": prompt_text}), min_size=1, max_size=2)})
+message = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "system", "assistant"]),
+        "content": prompt_text
+        | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": prompt_text}), min_size=1, max_size=2),
+    }
+)
 
 
 @st.composite

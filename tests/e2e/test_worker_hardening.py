@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from cluster import Cluster
-from pd_common.cluster_auth import load_cluster_key
 from test_pd_cluster import wait_idle
+
+from pd_common.cluster_auth import load_cluster_key
 
 PAGE = ("--page-size", "4")
 ROUTER = ("--policy", "round_robin", "--health-check-interval-secs", "0.5", "--health-success-threshold", "1")
@@ -45,11 +45,13 @@ POISON: list[tuple[str, str, str]] = [
     ("/generate", '{"input_ids": [1, 2], "sampling_params": {"top_k": %s}}' % BIG, "out of range"),
     ("/generate", '{"input_ids": [1, 2], "sampling_params": {"top_k": %s}}' % INT64, "top_k"),
     ("/generate", '{"input_ids": [1, 2], "return_logprob": true, "logprob_start_len": %s}' % BIG, "out of range"),
-    ("/generate", '{"input_ids": [1, 2], "return_logprob": true, "logprob_start_len": %s}' % INT64,
-     "logprob_start_len"),
+    (
+        "/generate",
+        '{"input_ids": [1, 2], "return_logprob": true, "logprob_start_len": %s}' % INT64,
+        "logprob_start_len",
+    ),
     ("/generate", '{"input_ids": [1, 2], "return_logprob": true, "top_logprobs_num": %s}' % BIG, "out of range"),
-    ("/generate", '{"input_ids": [1, 2], "return_logprob": true, "top_logprobs_num": %s}' % INT64,
-     "top_logprobs_num"),
+    ("/generate", '{"input_ids": [1, 2], "return_logprob": true, "top_logprobs_num": %s}' % INT64, "top_logprobs_num"),
     ("/generate", '{"input_ids": [1, 2], "sampling_params": {"n": 1000}}', "n"),
     ("/generate", '{"input_ids": [1, 2], "sampling_params": {"temperature": NaN}}', "NaN"),
     ("/generate", '{"input_ids": [1, 2], "x": %s%s}' % ("[" * 100_000, "]" * 100_000), "deeper"),
@@ -57,8 +59,11 @@ POISON: list[tuple[str, str, str]] = [
     ("/v1/completions", '{"prompt": [1, 2], "max_tokens": %s}' % INT64, "max_tokens"),
     ("/v1/completions", '{"prompt": [1, 2], "n": 1000}', "n"),
     ("/v1/completions", '{"prompt": [1, 2], "top_k": %s}' % BIG, "out of range"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "stop_token_ids": [%s]}' % INT64,
-     "stop_token_ids"),
+    (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": "hi"}], "stop_token_ids": [%s]}' % INT64,
+        "stop_token_ids",
+    ),
 ]
 
 
@@ -79,8 +84,9 @@ def worker_logs(cluster: Cluster) -> str:
 
 
 def assert_serving(cluster: Cluster) -> None:
-    out = requests.post(cluster.url + "/generate", json={"input_ids": [5, 6, 7], "sampling_params": GREEDY},
-                        timeout=60).json()
+    out = requests.post(
+        cluster.url + "/generate", json={"input_ids": [5, 6, 7], "sampling_params": GREEDY}, timeout=60
+    ).json()
     assert out["meta_info"]["finish_reason"]["type"] == "length" and len(out["output_ids"]) == 4, out
     wait_idle(cluster.prefill + cluster.decode)
     for url in cluster.prefill + cluster.decode:
@@ -109,7 +115,12 @@ def signed_bootstrap(cluster: Cluster, boot_port: int) -> dict:
     assert key is not None
     room = random.randrange(1 << 62)
     token = key.sign("bootstrap", ["127.0.0.1", boot_port, room])
-    return {"bootstrap_host": "127.0.0.1", "bootstrap_port": boot_port, "bootstrap_room": room, "bootstrap_token": token}
+    return {
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": boot_port,
+        "bootstrap_room": room,
+        "bootstrap_token": token,
+    }
 
 
 def with_bootstrap(body: str, boot: dict) -> str:
@@ -136,8 +147,11 @@ def vanish(url: str, path: str, body: dict) -> None:
     host, port = url.removeprefix("http://").split(":")
     raw = json.dumps(body).encode()
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(raw)}\r\n\r\n".encode()
+            + raw
+        )
         sock.shutdown(socket.SHUT_WR)
         sock.settimeout(0.3)
         with contextlib.suppress(OSError):
@@ -152,7 +166,9 @@ def test_clients_vanishing_as_streams_start_are_quiet(cluster, boot_port):
     for url in cluster.prefill + cluster.decode:
         for i in range(20):
             boot = signed_bootstrap(cluster, boot_port)
-            calls.append((url, "/generate" if i % 2 else "/v1/chat/completions", {**(native if i % 2 else chat), **boot}))
+            calls.append(
+                (url, "/generate" if i % 2 else "/v1/chat/completions", {**(native if i % 2 else chat), **boot})
+            )
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda c: vanish(*c), calls))
     wait_idle(cluster.prefill + cluster.decode, timeout=30)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from oracle import ARCHS
 
 sys.path.append(str(Path(__file__).resolve().parents[2] / "bench"))  # after the pd_kernels/ package
@@ -35,8 +34,9 @@ def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 def run(path: Path, ids: list[list[int]], n: int, **kw: object) -> list[dict]:
     from sglang_pd import Engine
 
-    engine = Engine(model_path=str(path), device="cuda", page_size=16, max_total_tokens=65536,
-                    skip_tokenizer_init=True, **kw)
+    engine = Engine(
+        model_path=str(path), device="cuda", page_size=16, max_total_tokens=65536, skip_tokenizer_init=True, **kw
+    )
     try:
         sp = {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}
         return engine.generate(input_ids=ids, sampling_params=sp, return_logprob=True, top_logprobs_num=2)

@@ -28,9 +28,18 @@ def llama8b_dummy(tiny: Path, out: Path) -> Path:
     """Llama-3.1-8B shapes (config only, --load-format dummy) with the tiny tokenizer for convenience."""
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                rope_theta=500000.0, dtype="bfloat16").save_pretrained(out)
+    LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        dtype="bfloat16",
+    ).save_pretrained(out)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny / f, out / f)
     return out
@@ -72,13 +81,20 @@ def test_pd_equals_colocated_on_two_gpus(model, tiny_model_dir, tmp_path):
         want = greedy(colo.url, prompts, 24)
     finally:
         colo.stop()
-    c = Cluster(str(path), 1, 1, worker_args=(*COMMON, *extra), device="cuda",
-                router_args=("--health-check-interval-secs", "0.5", "--health-success-threshold", "1"),
-                env={"NCCL_NVLS_ENABLE": "0"})
+    c = Cluster(
+        str(path),
+        1,
+        1,
+        worker_args=(*COMMON, *extra),
+        device="cuda",
+        router_args=("--health-check-interval-secs", "0.5", "--health-success-threshold", "1"),
+        env={"NCCL_NVLS_ENABLE": "0"},
+    )
     try:
         got = greedy(c.url, prompts, 24)
-        meta = requests.post(c.url + "/generate", json={"input_ids": prompts[-1], "sampling_params": {"max_new_tokens": 1}},
-                             timeout=300).json()["meta_info"]
+        meta = requests.post(
+            c.url + "/generate", json={"input_ids": prompts[-1], "sampling_params": {"max_new_tokens": 1}}, timeout=300
+        ).json()["meta_info"]
         print(json.dumps({"model": model, "kv_transfer_1500_tokens": meta.get("kv_transfer")}))
     finally:
         c.stop()

@@ -15,8 +15,18 @@ from test_pd_gpu import Cluster, ServerProcess, greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
 # Two workers on one card: each takes a small fixed pool instead of a share of the card's memory.
-COMMON = ("--page-size", "16", "--max-total-tokens", "65536", "--chunked-prefill-size", "1024",
-          "--mem-fraction-static", "0.3", "--dtype", "float32")
+COMMON = (
+    "--page-size",
+    "16",
+    "--max-total-tokens",
+    "65536",
+    "--chunked-prefill-size",
+    "1024",
+    "--mem-fraction-static",
+    "0.3",
+    "--dtype",
+    "float32",
+)
 
 
 @pytest.mark.parametrize("path", ["direct", "ucx"])
@@ -30,12 +40,21 @@ def test_pd_on_one_gpu_equals_colocated(path, tiny_model_dir):
     finally:
         colo.stop()
     env = {"SGLANG_DISAGGREGATION_DIRECT_COPY": "1" if path == "direct" else "0"}
-    c = Cluster(tiny, 1, 1, worker_args=COMMON, device="cuda", gpu_ids=(0, 0), env=env,
-                router_args=("--health-check-interval-secs", "0.5", "--health-success-threshold", "1"))
+    c = Cluster(
+        tiny,
+        1,
+        1,
+        worker_args=COMMON,
+        device="cuda",
+        gpu_ids=(0, 0),
+        env=env,
+        router_args=("--health-check-interval-secs", "0.5", "--health-success-threshold", "1"),
+    )
     try:
         got = greedy(c.url, prompts, 24)
-        meta = requests.post(c.url + "/generate", json={"input_ids": prompts[-1], "sampling_params": {"max_new_tokens": 1}},
-                             timeout=300).json()["meta_info"]
+        meta = requests.post(
+            c.url + "/generate", json={"input_ids": prompts[-1], "sampling_params": {"max_new_tokens": 1}}, timeout=300
+        ).json()["meta_info"]
     finally:
         c.stop()
     assert meta["kv_transfer"]["path"] == path, meta

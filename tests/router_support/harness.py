@@ -23,9 +23,16 @@ from router.config import RouterConfig
 from router.state import RouterState
 from router_support.mock_worker import MockWorker
 
-FAST = {"health_check_interval_secs": 0.1, "health_check_timeout_secs": 1.0, "health_failure_threshold": 2,
-        "health_success_threshold": 2, "retry_initial_backoff_ms": 1, "retry_max_backoff_ms": 5,
-        "request_timeout_secs": 20.0, "seed": 1234}
+FAST = {
+    "health_check_interval_secs": 0.1,
+    "health_check_timeout_secs": 1.0,
+    "health_failure_threshold": 2,
+    "health_success_threshold": 2,
+    "retry_initial_backoff_ms": 1,
+    "retry_max_backoff_ms": 5,
+    "request_timeout_secs": 20.0,
+    "seed": 1234,
+}
 
 
 @dataclass
@@ -90,9 +97,11 @@ async def mocks(*knobs: dict[str, Any]) -> AsyncIterator[list[MockWorker]]:
 
 async def ready(router: Router, timeout: float = 5.0) -> None:
     async with aiohttp.ClientSession() as s:
+
         async def ok() -> bool:
             async with s.get(router.url + "/health") as r:
                 return r.status == 200
+
         await wait_until(ok, timeout, "router readiness")
 
 

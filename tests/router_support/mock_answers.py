@@ -46,8 +46,9 @@ def _per(body: dict[str, Any], name: str, i: int) -> Any:
     return v[i] if isinstance(v, list) else v
 
 
-def generate_answers(body: dict[str, Any], count: int, name: str, role: str, aborted: bool,
-                     abort_message: str = "aborted") -> dict[str, Any]:
+def generate_answers(
+    body: dict[str, Any], count: int, name: str, role: str, aborted: bool, abort_message: str = "aborted"
+) -> dict[str, Any]:
     items, is_batch = _items(body)
     outs: list[list[dict[str, Any]]] = []  # per choice: its cumulative states
     for i, item in enumerate(items):
@@ -57,8 +58,11 @@ def generate_answers(body: dict[str, Any], count: int, name: str, role: str, abo
         ids = prompt_ids(item)
         for c in range(n):
             rid = base if n == 1 else f"{base}-{c}"
-            outs.append(_generate_states(rid, ids, count, name, role, aborted, bool(_per(body, "return_logprob", i)),
-                                         abort_message))
+            outs.append(
+                _generate_states(
+                    rid, ids, count, name, role, aborted, bool(_per(body, "return_logprob", i)), abort_message
+                )
+            )
     multi = is_batch or len(outs) > 1
     whole = [states[-1] for states in outs]
     events: list[bytes] = []
@@ -68,26 +72,48 @@ def generate_answers(body: dict[str, Any], count: int, name: str, role: str, abo
     return {"whole": whole if multi else whole[0], "events": events}
 
 
-def _generate_states(rid: str, ids: list[int], count: int, name: str, role: str, aborted: bool,
-                     logprob: bool, abort_message: str = "aborted") -> list[dict[str, Any]]:
+def _generate_states(
+    rid: str,
+    ids: list[int],
+    count: int,
+    name: str,
+    role: str,
+    aborted: bool,
+    logprob: bool,
+    abort_message: str = "aborted",
+) -> list[dict[str, Any]]:
     count = 1 if aborted else count
     states = []
     for t in range(1, count + 1):
         done = t == count
-        finish = ({"type": "abort", "message": abort_message} if aborted else {"type": "length", "length": count}) if done else None
-        meta: dict[str, Any] = {"id": rid, "finish_reason": finish, "prompt_tokens": len(ids), "completion_tokens": t,
-                                "cached_tokens": 0, "e2e_latency": 0.0, "served_by": name}
+        finish = (
+            ({"type": "abort", "message": abort_message} if aborted else {"type": "length", "length": count})
+            if done
+            else None
+        )
+        meta: dict[str, Any] = {
+            "id": rid,
+            "finish_reason": finish,
+            "prompt_tokens": len(ids),
+            "completion_tokens": t,
+            "cached_tokens": 0,
+            "e2e_latency": 0.0,
+            "served_by": name,
+        }
         if logprob:
-            meta["input_token_logprobs"] = [] if role == "decode" else [
-                [v, tok, None] for v, tok in zip(prompt_logprobs(ids, role), ids)]
+            meta["input_token_logprobs"] = (
+                [] if role == "decode" else [[v, tok, None] for v, tok in zip(prompt_logprobs(ids, role), ids)]
+            )
             meta["output_token_logprobs"] = [[-0.1, 100 + s, None] for s in range(t)]
-        states.append({"text": "".join(f"w{s} " for s in range(t)), "output_ids": [100 + s for s in range(t)],
-                       "meta_info": meta})
+        states.append(
+            {"text": "".join(f"w{s} " for s in range(t)), "output_ids": [100 + s for s in range(t)], "meta_info": meta}
+        )
     return states
 
 
-def completion_answers(path: str, body: dict[str, Any], count: int, name: str, role: str,
-                       aborted: bool) -> dict[str, Any]:
+def completion_answers(
+    path: str, body: dict[str, Any], count: int, name: str, role: str, aborted: bool
+) -> dict[str, Any]:
     chat = path.endswith("chat/completions")
     if chat:
         prompts: list[Any] = ["".join(str(m.get("content", "")) for m in body.get("messages", []))]
@@ -97,8 +123,12 @@ def completion_answers(path: str, body: dict[str, Any], count: int, name: str, r
     n = int(body.get("n") or 1)
     rid = body.get("rid") or "mock"
     total = len(prompts) * n
-    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "created": int(time.time()), "model": body.get("model") or "mock-model",
-            "system_fingerprint": name}
+    meta = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}",
+        "created": int(time.time()),
+        "model": body.get("model") or "mock-model",
+        "system_fingerprint": name,
+    }
     obj = "chat.completion" if chat else "text_completion"
     count = 1 if aborted else count
     finish = "abort" if aborted else "length"
@@ -110,13 +140,41 @@ def completion_answers(path: str, body: dict[str, Any], count: int, name: str, r
             k = i * n + j
             text = "".join(f"w{s} " for s in range(count))
             if chat:
-                choices.append({"index": k, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                                "finish_reason": finish})
-                events.append(sse({**meta, "object": "chat.completion.chunk",
-                                   "choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))
+                choices.append(
+                    {
+                        "index": k,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                )
+                events.append(
+                    sse(
+                        {
+                            **meta,
+                            "object": "chat.completion.chunk",
+                            "choices": [
+                                {"index": k, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                            ],
+                        }
+                    )
+                )
                 for s in range(count):
-                    events.append(sse({**meta, "object": "chat.completion.chunk", "choices": [
-                        {"index": k, "delta": {"content": f"w{s} "}, "finish_reason": finish if s == count - 1 else None}]}))
+                    events.append(
+                        sse(
+                            {
+                                **meta,
+                                "object": "chat.completion.chunk",
+                                "choices": [
+                                    {
+                                        "index": k,
+                                        "delta": {"content": f"w{s} "},
+                                        "finish_reason": finish if s == count - 1 else None,
+                                    }
+                                ],
+                            }
+                        )
+                    )
                 continue
             prefix = (prompt if isinstance(prompt, str) else "") if echo else ""
             lp = _legacy_logprobs(ids if echo else [], count, role) if lp_k is not None else None
@@ -128,11 +186,28 @@ def completion_answers(path: str, body: dict[str, Any], count: int, name: str, r
                     hi = len(ids if echo else []) + s + 1
                     piece_lp = {key: v[lo:hi] for key, v in lp.items()}
                 piece = (prefix if s == 0 else "") + f"w{s} "
-                events.append(sse({**meta, "object": obj, "choices": [
-                    {"index": k, "text": piece, "logprobs": piece_lp, "finish_reason": finish if s == count - 1 else None}]}))
-    usage = {"prompt_tokens": sum(len(prompt_ids(p)) for p in prompts), "completion_tokens": total * count,
-             "total_tokens": sum(len(prompt_ids(p)) for p in prompts) + total * count,
-             "prompt_tokens_details": {"cached_tokens": 0}}
+                events.append(
+                    sse(
+                        {
+                            **meta,
+                            "object": obj,
+                            "choices": [
+                                {
+                                    "index": k,
+                                    "text": piece,
+                                    "logprobs": piece_lp,
+                                    "finish_reason": finish if s == count - 1 else None,
+                                }
+                            ],
+                        }
+                    )
+                )
+    usage = {
+        "prompt_tokens": sum(len(prompt_ids(p)) for p in prompts),
+        "completion_tokens": total * count,
+        "total_tokens": sum(len(prompt_ids(p)) for p in prompts) + total * count,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     if (body.get("stream_options") or {}).get("include_usage"):
         events.append(sse({**meta, "object": obj + (".chunk" if chat else ""), "choices": [], "usage": usage}))
     return {"whole": {**meta, "object": obj, "choices": choices, "usage": usage}, "events": events}

@@ -108,9 +108,13 @@ class MockWorker:
         r.add_get("/health_generate", self.health)
         r.add_post("/abort_request", self.abort)
         r.add_get("/get_model_info", self.json(lambda: {"model_path": "mock-model", "served_by": self.knobs.name}))
-        r.add_get("/get_server_info", self.json(lambda: {"name": self.knobs.name, "role": self.knobs.role,
-                                                         "max_total_num_tokens": 1000}))
-        r.add_get("/v1/models", self.json(lambda: {"object": "list", "data": [{"id": "mock-model", "object": "model"}]}))
+        r.add_get(
+            "/get_server_info",
+            self.json(lambda: {"name": self.knobs.name, "role": self.knobs.role, "max_total_num_tokens": 1000}),
+        )
+        r.add_get(
+            "/v1/models", self.json(lambda: {"object": "list", "data": [{"id": "mock-model", "object": "model"}]})
+        )
         r.add_route("*", "/flush_cache", self.json(lambda: {"flushed": True}))
         r.add_get("/metrics", self.json(lambda: {"active": self.active}))
         r.add_post("/_mock/knobs", self.set_knobs)
@@ -121,6 +125,7 @@ class MockWorker:
         async def handler(request: web.Request) -> web.Response:
             self.calls.append(Call(request.path, None, lower(request.headers)))
             return web.json_response(make())
+
         return handler
 
     async def start(self, port: int = 0, host: str = "127.0.0.1") -> str:
@@ -184,8 +189,9 @@ class MockWorker:
             await asyncio.sleep(k.latency_ms / 1000)
         if k.fail_first > 0:
             self.knobs.fail_first -= 1
-            return web.json_response(envelope(k.fail_status, f"{k.name}: injected failure", k.fail_param),
-                                     status=k.fail_status)
+            return web.json_response(
+                envelope(k.fail_status, f"{k.name}: injected failure", k.fail_param), status=k.fail_status
+            )
         problem = self._pd_problem(body)
         if problem:
             return web.json_response(envelope(400, problem), status=400)
@@ -229,8 +235,9 @@ class MockWorker:
         except ConnectionError:  # the router went away (it aborts, or its client left): quietly, as a worker should
             return resp
 
-    async def _write_events(self, request: web.Request, resp: web.StreamResponse, events: list[bytes],
-                            aborted: asyncio.Event) -> web.StreamResponse:
+    async def _write_events(
+        self, request: web.Request, resp: web.StreamResponse, events: list[bytes], aborted: asyncio.Event
+    ) -> web.StreamResponse:
         k = self.knobs
         await resp.prepare(request)
         for i, event in enumerate(events):
@@ -274,8 +281,13 @@ class MockProcess:
         tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         repo = os.path.dirname(tests_dir)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, repo, os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen([sys.executable, "-m", "router_support.mock_worker", "--port", str(self.port), *flags],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tests_dir)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router_support.mock_worker", "--port", str(self.port), *flags],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=tests_dir,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -300,8 +312,11 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     for f in dataclasses.fields(Knobs):
-        kind = str if f.name in ("name", "role", "api_key", "health_reason", "abort_message", "fail_param") else (
-            float if "float" in str(f.type) else int)
+        kind = (
+            str
+            if f.name in ("name", "role", "api_key", "health_reason", "abort_message", "fail_param")
+            else (float if "float" in str(f.type) else int)
+        )
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     args = vars(p.parse_args())
     host, port = args.pop("host"), args.pop("port")

@@ -22,17 +22,22 @@ def free_port() -> int:
 
 
 class RouterProcess:
-    def __init__(self, *flags: str, timeout: float = 30.0, wait_ready: bool = False,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *flags: str, timeout: float = 30.0, wait_ready: bool = False, env: dict[str, str] | None = None
+    ) -> None:
         """``flags`` after the defaults (a later ``--host 0.0.0.0`` wins); ``env`` added to the environment."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="sglang-pd-router-", suffix=".log", delete=False)  # noqa: SIM115
-        env = {**os.environ, **(env or {}),
-               "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "router.launch_router", "--host", "127.0.0.1",
-                                      "--port", str(self.port), *flags], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=REPO, start_new_session=True)
+        env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router.launch_router", "--host", "127.0.0.1", "--port", str(self.port), *flags],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
         self._wait("/health" if wait_ready else "/liveness", timeout)
 
     def _wait(self, path: str, timeout: float) -> None:

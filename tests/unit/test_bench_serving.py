@@ -10,8 +10,9 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,11 +35,27 @@ from serving_lib.sse import SSEParser  # noqa: E402
 
 def make_cfg(**over: Any) -> BenchConfig:
     base: dict[str, Any] = dict(
-        base_url="http://127.0.0.1:1", backend="sglang", model=None, tokenizer=None,
-        dataset_name="random-ids", random_input_len=32, random_output_len=8, random_range_ratio=0.5,
-        random_vocab_size=None, num_prompts=4, request_rate=math.inf, max_concurrency=None, seed=1,
-        stream=True, ignore_eos=True, warmup_requests=0, request_timeout_s=30.0, output_file=None,
-        disable_tqdm=True, api_key=None)
+        base_url="http://127.0.0.1:1",
+        backend="sglang",
+        model=None,
+        tokenizer=None,
+        dataset_name="random-ids",
+        random_input_len=32,
+        random_output_len=8,
+        random_range_ratio=0.5,
+        random_vocab_size=None,
+        num_prompts=4,
+        request_rate=math.inf,
+        max_concurrency=None,
+        seed=1,
+        stream=True,
+        ignore_eos=True,
+        warmup_requests=0,
+        request_timeout_s=30.0,
+        output_file=None,
+        disable_tqdm=True,
+        api_key=None,
+    )
     return BenchConfig(**{**base, **over})
 
 
@@ -56,6 +73,7 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 # ---------------------------------------------------------------- datasets and arrivals
+
 
 def test_random_ids_lengths_vocab_and_seed() -> None:
     a = random_ids_prompts(500, 100, 40, 0.5, vocab_size=300, seed=7, special_ids=[0, 1, 2])
@@ -103,10 +121,11 @@ def test_poisson_gaps_mean_rate_and_inf() -> None:
 
 # ---------------------------------------------------------------- SSE and per-backend stream rules
 
+
 def split_every_way(blob: bytes) -> Iterator[list[bytes]]:
     for i in range(len(blob) + 1):
         yield [blob[:i], blob[i:]]
-    yield [blob[i:i + 1] for i in range(len(blob))]
+    yield [blob[i : i + 1] for i in range(len(blob))]
 
 
 def test_sse_parser_any_split() -> None:
@@ -136,8 +155,7 @@ def sse(*objs: Any) -> bytes:
 
 
 def sg(text: str, n: int, finish: str | None = None) -> dict[str, Any]:
-    meta = {"prompt_tokens": 5, "completion_tokens": n,
-            "finish_reason": {"type": finish} if finish else None}
+    meta = {"prompt_tokens": 5, "completion_tokens": n, "finish_reason": {"type": finish} if finish else None}
     return {"text": text, "output_ids": list(range(n)), "meta_info": meta}
 
 
@@ -177,15 +195,23 @@ def test_openai_stream_usage_is_the_count(backend: str) -> None:
     chat = backend == "openai-chat"
     usage = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}}
     first = [sse({"choices": [{"delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})] if chat else []
-    chunks = [(0.05, c) for c in first] + [(0.1, sse(oa("a", chat=chat))), (0.2, sse(oa("b", chat=chat))),
-                                           (0.4, sse(oa("cd", "length", chat), usage, b"[DONE]"))]
+    chunks = [(0.05, c) for c in first] + [
+        (0.1, sse(oa("a", chat=chat))),
+        (0.2, sse(oa("b", chat=chat))),
+        (0.4, sse(oa("cd", "length", chat), usage, b"[DONE]")),
+    ]
     rec = replay(backend, chunks)
     assert rec.success and rec.ttft == pytest.approx(0.1)  # the role-only chunk is not content
     assert rec.itl == pytest.approx((0.1, 0.2)) and rec.output_len == 5 and rec.prompt_len == 7
     assert rec.output_len_reported and rec.generated_text == "abcd" and rec.finish_reason == "length"
     # Continuous usage on every chunk tells how many tokens a chunk carried.
-    cont = replay(backend, [(0.1, sse({**oa("a", chat=chat), "usage": {"completion_tokens": 1}})),
-                            (0.3, sse({**oa("bc", chat=chat), "usage": {"completion_tokens": 3}}, b"[DONE]"))])
+    cont = replay(
+        backend,
+        [
+            (0.1, sse({**oa("a", chat=chat), "usage": {"completion_tokens": 1}})),
+            (0.3, sse({**oa("bc", chat=chat), "usage": {"completion_tokens": 3}}, b"[DONE]")),
+        ],
+    )
     assert cont.itl == pytest.approx((0.1, 0.1)) and cont.output_len == 3
     # Without usage the count falls back to content chunks (the runner retokenizes when it can).
     bare = replay(backend, [(0.1, sse(oa("a", chat=chat))), (0.2, sse(oa("b", chat=chat), b"[DONE]"))])
@@ -196,27 +222,47 @@ def test_payloads() -> None:
     ids = Prompt(None, (5, 6, 7), 3, 4)
     text = Prompt("hi there", None, 2, 4)
     assert build_payload(make_cfg(), None, ids) == {
-        "input_ids": [5, 6, 7], "stream": True,
-        "sampling_params": {"max_new_tokens": 4, "temperature": 0.0, "ignore_eos": True}}
+        "input_ids": [5, 6, 7],
+        "stream": True,
+        "sampling_params": {"max_new_tokens": 4, "temperature": 0.0, "ignore_eos": True},
+    }
     assert build_payload(make_cfg(stream=False), None, text)["text"] == "hi there"
     oa_body = build_payload(make_cfg(backend="openai"), "m", ids)
-    assert oa_body == {"model": "m", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0.0, "stream": True,
-                       "stream_options": {"include_usage": True}, "ignore_eos": True}
+    assert oa_body == {
+        "model": "m",
+        "prompt": [5, 6, 7],
+        "max_tokens": 4,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
     chat = build_payload(make_cfg(backend="openai-chat", ignore_eos=False, stream=False), "m", text)
-    assert chat == {"model": "m", "messages": [{"role": "user", "content": "hi there"}],
-                    "max_completion_tokens": 4, "temperature": 0.0, "stream": False}
+    assert chat == {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi there"}],
+        "max_completion_tokens": 4,
+        "temperature": 0.0,
+        "stream": False,
+    }
 
 
 # ---------------------------------------------------------------- metrics and report
 
-def rec(ttft: float, latency: float, out: int, itl: Sequence[float], prompt: int = 10,
-        ok: bool = True) -> RequestRecord:
+
+def rec(
+    ttft: float, latency: float, out: int, itl: Sequence[float], prompt: int = 10, ok: bool = True
+) -> RequestRecord:
     return RequestRecord(ok, "" if ok else "HTTP 500: boom", prompt, out, ttft, tuple(itl), latency)
 
 
 def test_metrics_definitions_against_numpy() -> None:
-    records = [rec(0.1, 1.0, 10, [0.1] * 9), rec(0.2, 0.5, 4, [0.05, 0.1, 0.15], prompt=20),
-               rec(0.3, 0.3, 1, []), rec(0.0, 0.7, 0, [], ok=False)]
+    records = [
+        rec(0.1, 1.0, 10, [0.1] * 9),
+        rec(0.2, 0.5, 4, [0.05, 0.1, 0.15], prompt=20),
+        rec(0.3, 0.3, 1, []),
+        rec(0.0, 0.7, 0, [], ok=False),
+    ]
     m = compute_metrics(records, duration=2.0)
     assert (m.completed, m.failed, m.total_input_tokens, m.total_output_tokens) == (3, 1, 40, 15)
     assert m.total_output_tokens_retokenized is None
@@ -242,8 +288,15 @@ def test_report_table_and_json_line(tmp_path: Path) -> None:
     errors = summarize_errors(records)
     assert errors == [{"message": "HTTP 500: boom", "count": 1}]
     table = format_table(make_cfg(), m, errors)
-    for row in ("Successful requests:", "Failed requests:", "Mean TTFT (ms):", "P99 ITL (ms):",
-                "Median TPOT (ms):", "Concurrency:", "Total token throughput (tok/s):"):
+    for row in (
+        "Successful requests:",
+        "Failed requests:",
+        "Mean TTFT (ms):",
+        "P99 ITL (ms):",
+        "Median TPOT (ms):",
+        "Concurrency:",
+        "Total token throughput (tok/s):",
+    ):
         assert row in table
     assert "Mean TTFT (ms):                          100.00" in table
     out = tmp_path / "runs.jsonl"
@@ -259,6 +312,7 @@ def test_report_table_and_json_line(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- end to end against a test double
+
 
 class TokenStreamTestDouble:
     """TEST DOUBLE, not the real server (which does not exist yet): an aiohttp app serving
@@ -330,7 +384,7 @@ class TokenStreamTestDouble:
                 await asyncio.sleep(self.itl * k)
             sent += k
             finish = "length" if sent == n else None
-            delta = "".join(words[sent - k:sent])
+            delta = "".join(words[sent - k : sent])
             await resp.write(sse(self._event(kind, "".join(words[:sent]), sent, p_len, finish, delta, stream=True)))
         if kind != "/generate":
             await resp.write(sse({"choices": [], "usage": {"prompt_tokens": p_len, "completion_tokens": n}}))
@@ -338,8 +392,9 @@ class TokenStreamTestDouble:
         return resp
 
     @staticmethod
-    def _event(kind: str, text: str, n: int, p_len: int, finish: str | None, delta: str,
-               stream: bool = False) -> dict[str, Any]:
+    def _event(
+        kind: str, text: str, n: int, p_len: int, finish: str | None, delta: str, stream: bool = False
+    ) -> dict[str, Any]:
         if kind == "/generate":
             meta = {"prompt_tokens": p_len, "completion_tokens": n, "finish_reason": finish and {"type": finish}}
             return {"text": text, "output_ids": list(range(n)), "meta_info": meta}
@@ -354,9 +409,24 @@ class TokenStreamTestDouble:
 
 
 def run_cli(port: int, out: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any] | None]:
-    cmd = [sys.executable, str(BENCH_DIR / "serving.py"), "--base-url", f"http://127.0.0.1:{port}",
-           "--num-prompts", "12", "--random-input-len", "16", "--random-output-len", "8",
-           "--random-range-ratio", "1.0", "--disable-tqdm", "--output-file", str(out), *extra]
+    cmd = [
+        sys.executable,
+        str(BENCH_DIR / "serving.py"),
+        "--base-url",
+        f"http://127.0.0.1:{port}",
+        "--num-prompts",
+        "12",
+        "--random-input-len",
+        "16",
+        "--random-output-len",
+        "8",
+        "--random-range-ratio",
+        "1.0",
+        "--disable-tqdm",
+        "--output-file",
+        str(out),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     lines = out.read_text().splitlines() if out.exists() else []
     return proc, (json.loads(lines[-1]) if lines else None)
@@ -379,8 +449,17 @@ def test_cli_end_to_end_streaming(tmp_path: Path, backend: str, per_chunk: int) 
 
 def test_cli_chat_with_tokenizer_and_no_stream(tmp_path: Path, tokenizer: Any) -> None:
     with TokenStreamTestDouble() as server:
-        proc, row = run_cli(server.port, tmp_path / "r.jsonl", "--backend", "openai-chat", "--tokenizer",
-                            tokenizer.path, "--request-rate", "50", "--disable-stream")
+        proc, row = run_cli(
+            server.port,
+            tmp_path / "r.jsonl",
+            "--backend",
+            "openai-chat",
+            "--tokenizer",
+            tokenizer.path,
+            "--request-rate",
+            "50",
+            "--disable-stream",
+        )
     assert proc.returncode == 0, proc.stderr
     assert row is not None and row["dataset_name"] == "random" and row["request_rate"] == 50.0
     assert row["completed"] == 12 and row["total_output_tokens"] == 96 and not row["stream"]

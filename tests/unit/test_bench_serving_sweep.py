@@ -9,8 +9,9 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,6 +54,7 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 # ---------------------------------------------------------------- datasets
 
+
 def test_shared_prefix_ids_groups_really_share() -> None:
     prompts = shared_prefix_prompts(5, 4, 40, 7, 9, vocab_size=300, seed=3, special_ids=[0, 1])
     assert len(prompts) == 20 and all(p.prompt_len == 47 == len(p.input_ids or ()) for p in prompts)
@@ -75,8 +77,15 @@ def test_shared_prefix_text_with_tokenizer(tokenizer: Any) -> None:
     for p in prompts:
         assert p.prompt_len == len(tokenizer.encode(p.text, add_special_tokens=False))
         assert 40 <= p.prompt_len <= 70
-    cfg = make_cfg(dataset_name="generated-shared-prefix", gsp_num_groups=2, gsp_prompts_per_group=3,
-                   gsp_system_prompt_len=16, gsp_question_len=4, gsp_output_len=6, backend="openai-chat")
+    cfg = make_cfg(
+        dataset_name="generated-shared-prefix",
+        gsp_num_groups=2,
+        gsp_prompts_per_group=3,
+        gsp_system_prompt_len=16,
+        gsp_question_len=4,
+        gsp_output_len=6,
+        backend="openai-chat",
+    )
     assert len(build_prompts(cfg, tokenizer, tokenizer.vocab_size)) == 6  # --num-prompts does not apply
     with pytest.raises(ValueError, match="needs --tokenizer"):
         build_prompts(cfg, None, 256)
@@ -96,8 +105,15 @@ def test_chat_synthetic_lengths_mean_clamp_and_seed() -> None:
     assert a == chat.chat_synthetic_prompts(30, 256, 64, 0.1, 512, 500, 5)
     assert a != chat.chat_synthetic_prompts(30, 256, 64, 0.1, 512, 500, 6)
     assert all(p.input_ids is not None and len(p.input_ids) == p.prompt_len for p in a)
-    cfg = make_cfg(dataset_name="chat-synthetic", num_prompts=30, random_input_len=256, random_output_len=64,
-                   chat_long_fraction=0.1, chat_long_input_len=512, seed=5)
+    cfg = make_cfg(
+        dataset_name="chat-synthetic",
+        num_prompts=30,
+        random_input_len=256,
+        random_output_len=64,
+        chat_long_fraction=0.1,
+        chat_long_input_len=512,
+        seed=5,
+    )
     assert build_prompts(cfg, None, 500) == a
 
 
@@ -110,6 +126,7 @@ def test_burstiness_keeps_the_mean_changes_the_spread() -> None:
 
 
 # ---------------------------------------------------------------- SLO and goodput
+
 
 def rec(ttft: float, latency: float, out: int, itl: Sequence[float], ok: bool = True) -> RequestRecord:
     return RequestRecord(ok, "" if ok else "HTTP 500: boom", 10, out, ttft, tuple(itl), latency)
@@ -147,8 +164,16 @@ def test_goodput_in_table_and_json() -> None:
     cfg = make_cfg(slo=slo, tag="pd", labels=(("workload", "long"),))
     m = compute_metrics(records, 2.0, slo)
     table = format_table(cfg, m)
-    for row in ("Tag:", "Request goodput (req/s):                 0.50", "SLO attainment (%):                      50.00",
-                "ttft<=1000ms itl<=150ms", "P90 TTFT (ms):", "P90 TPOT (ms):", "P90 ITL (ms):", "P99 E2E Latency"):
+    for row in (
+        "Tag:",
+        "Request goodput (req/s):                 0.50",
+        "SLO attainment (%):                      50.00",
+        "ttft<=1000ms itl<=150ms",
+        "P90 TTFT (ms):",
+        "P90 TPOT (ms):",
+        "P90 ITL (ms):",
+        "P99 E2E Latency",
+    ):
         assert row in table
     row = json.loads(json.dumps(result_json(cfg, "m", m, flush_status="ok"), allow_nan=False))
     assert (row["tag"], row["labels"], row["flush_cache"]) == ("pd", {"workload": "long"}, "ok")
@@ -162,6 +187,7 @@ def test_goodput_in_table_and_json() -> None:
 
 
 # ---------------------------------------------------------------- flush-cache, progress, flags
+
 
 async def _flush_against(statuses: list[int]) -> tuple[str, int]:
     import aiohttp
@@ -201,11 +227,37 @@ def test_progress_counter_and_disabled() -> None:
 
 
 def test_flags_to_config() -> None:
-    args = serving.build_parser().parse_args([
-        "--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "3", "--gsp-prompts-per-group", "2",
-        "--gsp-system-prompt-len", "100", "--gsp-question-len", "10", "--gsp-output-len", "7", "--flush-cache",
-        "--goodput", "ttft:2000", "itl:150", "--tag", "pd", "--label", "workload=long", "--label", "run=a=b",
-        "--burstiness", "0.5", "--request-rate", "4", "--disable-tqdm"])
+    args = serving.build_parser().parse_args(
+        [
+            "--dataset-name",
+            "generated-shared-prefix",
+            "--gsp-num-groups",
+            "3",
+            "--gsp-prompts-per-group",
+            "2",
+            "--gsp-system-prompt-len",
+            "100",
+            "--gsp-question-len",
+            "10",
+            "--gsp-output-len",
+            "7",
+            "--flush-cache",
+            "--goodput",
+            "ttft:2000",
+            "itl:150",
+            "--tag",
+            "pd",
+            "--label",
+            "workload=long",
+            "--label",
+            "run=a=b",
+            "--burstiness",
+            "0.5",
+            "--request-rate",
+            "4",
+            "--disable-tqdm",
+        ]
+    )
     cfg = serving.config_from_args(args)
     assert (cfg.gsp_num_groups, cfg.gsp_prompts_per_group, cfg.gsp_system_prompt_len) == (3, 2, 100)
     assert (cfg.gsp_question_len, cfg.gsp_output_len, cfg.flush_cache, cfg.burstiness) == (10, 7, True, 0.5)
@@ -213,38 +265,85 @@ def test_flags_to_config() -> None:
     assert cfg.labels == (("workload", "long"), ("run", "a=b")) and cfg.plot_dir is None
     chat_args = serving.build_parser().parse_args(["--dataset-name", "chat-synthetic", "--chat-long-fraction", "0.2"])
     assert serving.config_from_args(chat_args).chat_long_fraction == 0.2
-    for bad in (["--goodput", "ttft"], ["--label", "novalue"], ["--chat-long-fraction", "2"], ["--gsp-num-groups", "0"]):
+    for bad in (
+        ["--goodput", "ttft"],
+        ["--label", "novalue"],
+        ["--chat-long-fraction", "2"],
+        ["--gsp-num-groups", "0"],
+    ):
         with pytest.raises(SystemExit):
             serving.main(bad)
 
 
 def test_cli_gsp_goodput_flush_plot(tmp_path: Path) -> None:
     with TokenStreamTestDouble(ttft=0.02, itl=0.005) as server:  # the double has no /flush_cache: a foreign server
-        proc, row = run_cli(server.port, tmp_path / "r.jsonl", "--dataset-name", "generated-shared-prefix",
-                            "--gsp-num-groups", "2", "--gsp-prompts-per-group", "3", "--gsp-system-prompt-len", "20",
-                            "--gsp-question-len", "4", "--gsp-output-len", "5", "--flush-cache", "--request-rate", "200",
-                            "--goodput", "ttft:5000", "itl:1000", "--tag", "pd", "--label", "workload=gsp",
-                            "--plot", str(tmp_path / "png"))
+        proc, row = run_cli(
+            server.port,
+            tmp_path / "r.jsonl",
+            "--dataset-name",
+            "generated-shared-prefix",
+            "--gsp-num-groups",
+            "2",
+            "--gsp-prompts-per-group",
+            "3",
+            "--gsp-system-prompt-len",
+            "20",
+            "--gsp-question-len",
+            "4",
+            "--gsp-output-len",
+            "5",
+            "--flush-cache",
+            "--request-rate",
+            "200",
+            "--goodput",
+            "ttft:5000",
+            "itl:1000",
+            "--tag",
+            "pd",
+            "--label",
+            "workload=gsp",
+            "--plot",
+            str(tmp_path / "png"),
+        )
     assert proc.returncode == 0, proc.stderr
     assert "POST /flush_cache: unsupported" in proc.stderr
     assert row is not None and row["completed"] == 6 and row["total_input_tokens"] == 6 * 24
     assert row["flush_cache"] == "unsupported" and row["slo_attainment_pct"] == 100.0
-    assert row["tag"] == "pd" and row["labels"] == {"workload": "gsp"} and row["gsp_num_groups"] == row["num_prompts"] - 4
+    assert (
+        row["tag"] == "pd" and row["labels"] == {"workload": "gsp"} and row["gsp_num_groups"] == row["num_prompts"] - 4
+    )
     pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
-    assert {"pd_gsp_rate200_ttft_cdf.png", "pd_gsp_rate200_itl_cdf.png", "pd_gsp_rate200_e2e_cdf.png",
-            "gsp_throughput_vs_rate.png", "gsp_goodput_vs_rate.png"} <= set(pngs)
+    assert {
+        "pd_gsp_rate200_ttft_cdf.png",
+        "pd_gsp_rate200_itl_cdf.png",
+        "pd_gsp_rate200_e2e_cdf.png",
+        "gsp_throughput_vs_rate.png",
+        "gsp_goodput_vs_rate.png",
+    } <= set(pngs)
 
 
 # ---------------------------------------------------------------- plots and comparison tables
+
 
 def sweep_rows() -> list[dict[str, Any]]:
     rows = []
     for tag, itl, tput in (("pd", 20.0, 900.0), ("colocated", 50.0, 1000.0)):
         for rate in (1.0, 2.0, 4.0):
-            rows.append({"tag": tag, "labels": {"workload": "long"}, "request_rate": rate, "completed": 10,
-                         "failed": 0, "p99_itl_ms": itl * rate, "p99_ttft_ms": 100 * rate,
-                         "output_throughput": tput * rate, "request_goodput": 1.0 / rate,
-                         "slo_attainment_pct": 100.0 / rate, "goodput_slo": {"ttft": 3000.0, "itl": 150.0}})
+            rows.append(
+                {
+                    "tag": tag,
+                    "labels": {"workload": "long"},
+                    "request_rate": rate,
+                    "completed": 10,
+                    "failed": 0,
+                    "p99_itl_ms": itl * rate,
+                    "p99_ttft_ms": 100 * rate,
+                    "output_throughput": tput * rate,
+                    "request_goodput": 1.0 / rate,
+                    "slo_attainment_pct": 100.0 / rate,
+                    "goodput_slo": {"ttft": 3000.0, "itl": 150.0},
+                }
+            )
     rows.append({**rows[0], "p99_itl_ms": 7.0})  # a rerun of (pd, 1.0): replaces the first
     rows.append({**rows[1], "request_rate": "inf"})  # no place on a rate axis
     rows.append({**rows[1], "labels": {"workload": "mixed"}, "request_rate": 8.0})
@@ -263,8 +362,12 @@ def test_sweep_series_and_select() -> None:
 
 def test_plot_sweep_and_cdfs_write_pngs(tmp_path: Path) -> None:
     written = plot_sweep(select_rows(sweep_rows(), {"labels.workload": "long"}), tmp_path, "long_", "long")
-    assert sorted(p.name for p in written) == ["long_goodput_vs_rate.png", "long_p99_itl_vs_rate.png",
-                                               "long_p99_ttft_vs_rate.png", "long_throughput_vs_rate.png"]
+    assert sorted(p.name for p in written) == [
+        "long_goodput_vs_rate.png",
+        "long_p99_itl_vs_rate.png",
+        "long_p99_ttft_vs_rate.png",
+        "long_throughput_vs_rate.png",
+    ]
     assert all(p.read_bytes().startswith(PNG_MAGIC) and p.stat().st_size > 5000 for p in written)
     only_itl = [{"tag": "pd", "request_rate": 1.0, "p99_itl_ms": 5.0, "request_goodput": None}]
     assert [p.name for p in plot_sweep(only_itl, tmp_path / "b")] == ["p99_itl_vs_rate.png"]  # no data, no chart
@@ -277,8 +380,19 @@ def test_plot_sweep_and_cdfs_write_pngs(tmp_path: Path) -> None:
 def test_plots_module_cli(tmp_path: Path) -> None:
     src = tmp_path / "runs.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in sweep_rows()))
-    cmd = [sys.executable, "-m", "bench.serving_lib.plots", "--input", str(src), "--out-dir", str(tmp_path / "o"),
-           "--where", "labels.workload=long", "--prefix", "long_"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.serving_lib.plots",
+        "--input",
+        str(src),
+        "--out-dir",
+        str(tmp_path / "o"),
+        "--where",
+        "labels.workload=long",
+        "--prefix",
+        "long_",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.split()) == 4 and (tmp_path / "o" / "long_p99_itl_vs_rate.png").exists()
@@ -292,19 +406,25 @@ def test_workload_table_ratios() -> None:
     assert len(table) == 2 + 3 and table[0].startswith("| rate req/s | ok pd | ok colocated | p99 ITL ms pd |")
     assert table[2].startswith("| 1 | 10/10 | 10/10 | 7.0 | 50.0 | 0.14x | 100 | 100 | 1.00x | 900 | 1000 | 0.90x |")
     mixed = workload_table(rows, "mixed").splitlines()
-    assert mixed[2].startswith("| 8 | 10/10 | not run | 40.0 | n/a | n/a | ") and "(no data)" in workload_table(rows, "chat")
+    assert mixed[2].startswith("| 8 | 10/10 | not run | 40.0 | n/a | n/a | ") and "(no data)" in workload_table(
+        rows, "chat"
+    )
 
 
 # ---------------------------------------------------------------- pd_vs_colocated.py, the parts that need no cluster
+
 
 def test_pd_vs_colocated_points_are_the_same_for_both_systems(tmp_path: Path) -> None:
     args = pd_vs_colocated.parse_args(["--bench-arg=--random-input-len=32", "--worker-arg=--mem-fraction-static=0.85"])
     assert args.systems == ["pd", "colocated"] and args.workloads == ["long", "mixed"] and args.device == "cuda"
     assert args.goodput == ["ttft:3000", "itl:150"] and args.worker_arg == ["--mem-fraction-static=0.85"]
     assert pd_vs_colocated.num_prompts(args, 0.5) == 24 and pd_vs_colocated.num_prompts(args, 3.0) == 120
-    cmds = {s: pd_vs_colocated.bench_command(args, "http://r", s, "long", 2.0, 128256, tmp_path / "raw.jsonl",
-                                             ("machine=m", "command=python x --y=z"))
-            for s in ("pd", "colocated")}
+    cmds = {
+        s: pd_vs_colocated.bench_command(
+            args, "http://r", s, "long", 2.0, 128256, tmp_path / "raw.jsonl", ("machine=m", "command=python x --y=z")
+        )
+        for s in ("pd", "colocated")
+    }
     strip = [x for x in cmds["pd"] if x not in ("pd",)]
     assert strip == [x for x in cmds["colocated"] if x != "colocated"]  # only the tag differs
     cmd = cmds["pd"]

@@ -27,7 +27,9 @@ KEY = ClusterKey(b"k" * 32)
 OTHER = ClusterKey(b"o" * 32)
 
 
-def signed(host: str = "10.0.0.1", port: int = 8998, room: object = 12345, key: ClusterKey = KEY, **extra: object) -> dict:
+def signed(
+    host: str = "10.0.0.1", port: int = 8998, room: object = 12345, key: ClusterKey = KEY, **extra: object
+) -> dict:
     body = {"bootstrap_host": host, "bootstrap_port": port, "bootstrap_room": room, **extra}
     body["bootstrap_token"] = key.sign("bootstrap", [host, port, room])
     return body
@@ -35,8 +37,10 @@ def signed(host: str = "10.0.0.1", port: int = 8998, room: object = 12345, key: 
 
 def test_a_valid_token_passes_and_covers_every_item() -> None:
     assert parse_bootstrap(signed(), 1, KEY) == [BootstrapInfo("10.0.0.1", 8998, 12345)]
-    assert parse_bootstrap(signed(room=[5, 9]), 2, KEY) == [BootstrapInfo("10.0.0.1", 8998, 5),
-                                                            BootstrapInfo("10.0.0.1", 8998, 9)]
+    assert parse_bootstrap(signed(room=[5, 9]), 2, KEY) == [
+        BootstrapInfo("10.0.0.1", 8998, 5),
+        BootstrapInfo("10.0.0.1", 8998, 9),
+    ]
     assert [i.room for i in parse_bootstrap(signed(room=7), 3, KEY)] == [7, 8, 9]  # room + k, signed once
 
 
@@ -57,8 +61,12 @@ def test_missing_malformed_foreign_and_expired_tokens_are_refused() -> None:
             parse_bootstrap({**unsigned, "bootstrap_token": token}, 1, KEY)
     with pytest.raises(BootstrapAuthError, match="does not match"):
         parse_bootstrap(signed(key=OTHER), 1, KEY)
-    old = {"bootstrap_host": "h", "bootstrap_port": 1, "bootstrap_room": 2,
-           "bootstrap_token": KEY.sign("bootstrap", ["h", 1, 2], ttl_s=1, now=time.time() - 3600)}
+    old = {
+        "bootstrap_host": "h",
+        "bootstrap_port": 1,
+        "bootstrap_room": 2,
+        "bootstrap_token": KEY.sign("bootstrap", ["h", 1, 2], ttl_s=1, now=time.time() - 3600),
+    }
     with pytest.raises(BootstrapAuthError, match="expired"):
         parse_bootstrap(old, 1, KEY)
     # a token for another purpose (e.g. a captured registration signature) does not pass either
@@ -82,7 +90,9 @@ def test_field_errors_stay_400_and_auth_errors_become_403() -> None:
     out = attach_bootstrap([Item()], signed(), KEY)
     assert out[0].bootstrap == BootstrapInfo("10.0.0.1", 8998, 12345)
     # no key: the fields are taken as they come (a token, if any, is ignored); none at all: None
-    assert parse_bootstrap({"bootstrap_host": "h", "bootstrap_port": 1, "bootstrap_room": 2}, 1) == [BootstrapInfo("h", 1, 2)]
+    assert parse_bootstrap({"bootstrap_host": "h", "bootstrap_port": 1, "bootstrap_room": 2}, 1) == [
+        BootstrapInfo("h", 1, 2)
+    ]
     assert parse_bootstrap({}, 2, KEY) == [None, None]
 
 
@@ -90,7 +100,9 @@ def test_secret_from_flag_or_env_never_printed(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv(ENV_VAR, raising=False)
     secret = tmp_path / "secret"
     secret.write_text("s" * 40 + "\n")
-    args = parse_server_args(["--model-path", "m", "--disaggregation-mode", "decode", "--cluster-secret-file", str(secret)])
+    args = parse_server_args(
+        ["--model-path", "m", "--disaggregation-mode", "decode", "--cluster-secret-file", str(secret)]
+    )
     key = args.cluster_key()
     assert key is not None and key.secret == b"s" * 40
     assert args.bootstrap_key() is key
@@ -137,8 +149,13 @@ def test_registration_is_signed_over_the_bytes_sent(tmp_path, monkeypatch) -> No
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         try:
-            args = ServerArgs(model_path="m", disaggregation_mode="prefill", port=31000, cluster_secret_file=str(secret),
-                              register_with=f"http://127.0.0.1:{port}")
+            args = ServerArgs(
+                model_path="m",
+                disaggregation_mode="prefill",
+                port=31000,
+                cluster_secret_file=str(secret),
+                register_with=f"http://127.0.0.1:{port}",
+            )
             assert await registration.register(args)
             await registration.deregister(args)
         finally:
@@ -151,8 +168,11 @@ def test_registration_is_signed_over_the_bytes_sent(tmp_path, monkeypatch) -> No
     assert json.loads(post_body) == {"url": "http://127.0.0.1:31000", "role": "prefill", "bootstrap_port": 8998}
     key.verify("register", body_digest("POST", "/workers", post_body), post_headers["X-SGLang-PD-Signature"])
     # a withdrawal is signed over the worker it names (the decoded query), so its token removes no other worker
-    key.verify("register", body_digest("DELETE", "/workers?url=http://127.0.0.1:31000", b""),
-               del_headers["X-SGLang-PD-Signature"])
+    key.verify(
+        "register",
+        body_digest("DELETE", "/workers?url=http://127.0.0.1:31000", b""),
+        del_headers["X-SGLang-PD-Signature"],
+    )
     with pytest.raises(ValueError):  # signed over the body: another body does not verify
         key.verify("register", body_digest("POST", "/workers", post_body + b" "), post_headers["X-SGLang-PD-Signature"])
 

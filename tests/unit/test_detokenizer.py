@@ -50,15 +50,23 @@ def groups(ids: Sequence[int], sizes: Iterable[int]) -> list[list[int]]:
     return out
 
 
-def run(detok: IncrementalDetokenizer, chunks: list[list[int]], finish: dict[str, Any] | None,
-        rid: str = "r", **opts: Any) -> list[str]:
+def run(
+    detok: IncrementalDetokenizer, chunks: list[list[int]], finish: dict[str, Any] | None, rid: str = "r", **opts: Any
+) -> list[str]:
     """Feed ``chunks`` as one request; the last message carries ``finish``. Returns the deltas."""
     deltas, done = [], 0
     for i, chunk in enumerate(chunks):
         done += len(chunk)
         last = i == len(chunks) - 1
-        out = TokenOut(rid, chunk, prompt_tokens=3, completion_tokens=done, cached_tokens=0,
-                       finish_reason=finish if last else None, **opts)
+        out = TokenOut(
+            rid,
+            chunk,
+            prompt_tokens=3,
+            completion_tokens=done,
+            cached_tokens=0,
+            finish_reason=finish if last else None,
+            **opts,
+        )
         deltas.append(detok.feed(out))
     return deltas
 
@@ -123,8 +131,7 @@ def stop_at(tok: Any, ids: list[int], stop: str) -> list[int]:
     raise AssertionError(f"{stop!r} never appears")
 
 
-STOPS = [("mixed", "stop here"), ("mixed", "日本"), ("mixed", "🙂"), ("accents", "é"), ("ascii", "fox"),
-         ("ascii", "e")]
+STOPS = [("mixed", "stop here"), ("mixed", "日本"), ("mixed", "🙂"), ("accents", "é"), ("ascii", "fox"), ("ascii", "e")]
 
 
 @pytest.mark.parametrize("name, stop", STOPS)
@@ -145,8 +152,13 @@ def test_stop_string_never_shown_partially_and_cut(tok: Any, name: str, stop: st
 @pytest.mark.parametrize("name, stop", STOPS[:3])
 def test_no_stop_trim_keeps_the_stop_string(tok: Any, name: str, stop: str) -> None:
     ids = stop_at(tok, encode(tok, TEXTS[name]), stop)
-    deltas = run(IncrementalDetokenizer(tok), [[i] for i in ids], {"type": "stop", "matched": stop},
-                 stop=[stop], no_stop_trim=True)
+    deltas = run(
+        IncrementalDetokenizer(tok),
+        [[i] for i in ids],
+        {"type": "stop", "matched": stop},
+        stop=[stop],
+        no_stop_trim=True,
+    )
     assert "".join(deltas) == tok.decode(ids) and stop in "".join(deltas)
     assert "".join(deltas[:-1]).startswith(TEXTS[name][:3])  # not held back: nothing is trimmed
 
@@ -167,16 +179,24 @@ def test_matched_stop_token_id_dropped_from_text(tok: Any, sizes: tuple[int, ...
     stop_id = encode(tok, " ok")[0]  # an ordinary word token used as a stop_token_id
     deltas = run(IncrementalDetokenizer(tok), groups(ids + [stop_id], sizes), {"type": "stop", "matched": stop_id})
     assert "".join(deltas) == TEXTS["accents"]
-    kept = run(IncrementalDetokenizer(tok), groups(ids + [stop_id], sizes), {"type": "stop", "matched": stop_id},
-               no_stop_trim=True)
+    kept = run(
+        IncrementalDetokenizer(tok),
+        groups(ids + [stop_id], sizes),
+        {"type": "stop", "matched": stop_id},
+        no_stop_trim=True,
+    )
     assert "".join(kept) == tok.decode(ids + [stop_id])
 
 
 def test_eos_special_token_dropped_even_when_specials_shown(tok: Any) -> None:
     ids = encode(tok, TEXTS["emoji"])
     eos = tok.eos_token_id
-    deltas = run(IncrementalDetokenizer(tok), [[i] for i in ids + [eos]], {"type": "stop", "matched": eos},
-                 skip_special_tokens=False)
+    deltas = run(
+        IncrementalDetokenizer(tok),
+        [[i] for i in ids + [eos]],
+        {"type": "stop", "matched": eos},
+        skip_special_tokens=False,
+    )
     assert "".join(deltas) == TEXTS["emoji"] and tok.eos_token not in "".join(deltas)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from oracle import assert_pool_idle
+
 from sglang_pd import Engine
 
 
@@ -38,25 +38,42 @@ def test_text_prompt_single_and_batch(engine):
 
 
 def test_stop_token_ids_and_stop_strings(engine):
-    base = engine.generate(input_ids=[5, 6, 7], sampling_params={"temperature": 0, "max_new_tokens": 24, "ignore_eos": True})
+    base = engine.generate(
+        input_ids=[5, 6, 7], sampling_params={"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+    )
     ids = base["output_ids"]
     # stop at the 5th generated token's id (first occurrence)
     stop_id = ids[4]
     first = ids.index(stop_id)
-    out = engine.generate(input_ids=[5, 6, 7], sampling_params={"temperature": 0, "max_new_tokens": 24, "ignore_eos": True, "stop_token_ids": [stop_id]})
+    out = engine.generate(
+        input_ids=[5, 6, 7],
+        sampling_params={"temperature": 0, "max_new_tokens": 24, "ignore_eos": True, "stop_token_ids": [stop_id]},
+    )
     assert out["output_ids"] == ids[: first + 1]
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_id}
     # stop string: a piece of the text generated after a few tokens
     full_text = engine.tokenizer.decode(ids)
     prefix_text = engine.tokenizer.decode(ids[:6])
-    needle = full_text[len(prefix_text): len(prefix_text) + 3]
+    needle = full_text[len(prefix_text) : len(prefix_text) + 3]
     if len(needle.strip()) < 2:
         pytest.skip("generated text has no usable stop string")
-    out = engine.generate(input_ids=[5, 6, 7], sampling_params={"temperature": 0, "max_new_tokens": 24, "ignore_eos": True, "stop": [needle]})
+    out = engine.generate(
+        input_ids=[5, 6, 7],
+        sampling_params={"temperature": 0, "max_new_tokens": 24, "ignore_eos": True, "stop": [needle]},
+    )
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": needle}
     assert needle not in out["text"] and full_text.startswith(out["text"])
     assert len(out["output_ids"]) < 24
-    kept = engine.generate(input_ids=[5, 6, 7], sampling_params={"temperature": 0, "max_new_tokens": 24, "ignore_eos": True, "stop": [needle], "no_stop_trim": True})
+    kept = engine.generate(
+        input_ids=[5, 6, 7],
+        sampling_params={
+            "temperature": 0,
+            "max_new_tokens": 24,
+            "ignore_eos": True,
+            "stop": [needle],
+            "no_stop_trim": True,
+        },
+    )
     assert needle in kept["text"]
 
 
@@ -86,8 +103,13 @@ def test_seed_reproduces_and_n_choices(engine):
 
 def test_logprobs_match_transformers(engine, oracle):
     prompt = [11, 12, 13, 14, 15, 16, 17, 18, 19]
-    out = engine.generate(input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 6, "ignore_eos": True},
-                          return_logprob=True, logprob_start_len=0, top_logprobs_num=3)
+    out = engine.generate(
+        input_ids=prompt,
+        sampling_params={"temperature": 0, "max_new_tokens": 6, "ignore_eos": True},
+        return_logprob=True,
+        logprob_start_len=0,
+        top_logprobs_num=3,
+    )
     meta = out["meta_info"]
     full = prompt + out["output_ids"]
     ref = oracle.logprobs(full)
@@ -105,8 +127,12 @@ def test_logprobs_match_transformers(engine, oracle):
         assert top[0][1] == tok  # greedy picks the top-1
     assert len(meta["input_top_logprobs"]) == len(prompt) and meta["input_top_logprobs"][0] is None
     # start_len in the middle of the prompt; cached prefixes must not swallow the requested positions
-    out2 = engine.generate(input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 2},
-                           return_logprob=True, logprob_start_len=5)
+    out2 = engine.generate(
+        input_ids=prompt,
+        sampling_params={"temperature": 0, "max_new_tokens": 2},
+        return_logprob=True,
+        logprob_start_len=5,
+    )
     inp2 = out2["meta_info"]["input_token_logprobs"]
     assert [t for _, t, _ in inp2] == prompt[5:]
     assert inp2[0][0] == pytest.approx(float(ref[4, prompt[5]]), abs=1e-4)
@@ -116,7 +142,9 @@ def test_penalties_move_the_distribution(engine):
     prompt = [20, 21, 22, 23]
     greedy = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
     plain = engine.generate(input_ids=prompt, sampling_params=greedy)["output_ids"]
-    penal = engine.generate(input_ids=prompt, sampling_params={**greedy, "frequency_penalty": 2.0, "presence_penalty": 2.0})["output_ids"]
+    penal = engine.generate(
+        input_ids=prompt, sampling_params={**greedy, "frequency_penalty": 2.0, "presence_penalty": 2.0}
+    )["output_ids"]
     assert len(set(penal)) >= len(set(plain))
     rep = engine.generate(input_ids=prompt, sampling_params={**greedy, "repetition_penalty": 2.0})["output_ids"]
     assert len(set(rep)) >= len(set(plain))
@@ -154,7 +182,9 @@ def test_bad_inputs_raise_clear_errors(engine):
         Engine(model_path="x", not_a_flag=1)
     with pytest.raises(ValueError, match="page_size"):
         Engine(model_path="x", page_size=0)
-    assert engine.generate(input_ids=[1, 2], sampling_params={"max_new_tokens": 1})["meta_info"]["completion_tokens"] == 1
+    assert (
+        engine.generate(input_ids=[1, 2], sampling_params={"max_new_tokens": 1})["meta_info"]["completion_tokens"] == 1
+    )
 
 
 def test_request_that_can_never_fit_fails_alone(tiny_model_dir):

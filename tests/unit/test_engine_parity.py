@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from oracle import ARCHS, assert_pool_idle
+
 from sglang_pd import Engine
 
 NEW_TOKENS = 32
@@ -60,8 +60,9 @@ def test_retraction_under_a_tiny_pool(arch, tiny_model_dir, hf_oracle):
     path = tiny_model_dir(arch)
     oracle = hf_oracle(path)
     # 8 requests of up to 70 + 32 tokens in a pool of 256 tokens: they cannot all stay resident.
-    engine = Engine(model_path=str(path), max_total_tokens=256, page_size=4, chunked_prefill_size=16,
-                    schedule_conservativeness=0)  # admit greedily, so that the pool does run dry
+    engine = Engine(
+        model_path=str(path), max_total_tokens=256, page_size=4, chunked_prefill_size=16, schedule_conservativeness=0
+    )  # admit greedily, so that the pool does run dry
     prompts = make_prompts(engine.core.model_config.vocab_size, (1, 5, 16, 33, 70, 40, 20, 60), seed=1)
     outs = engine.generate(input_ids=prompts, sampling_params=GREEDY)
     assert engine.core.scheduler.num_retractions > 0

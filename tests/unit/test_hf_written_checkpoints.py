@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-
 from oracle import HFOracle, assert_pool_idle
+
 from sglang_pd import Engine
 
 
@@ -20,16 +20,34 @@ def _save(kind: str, path, **kw) -> None:
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
     }[kind]
-    base = dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
-                eos_token_id=2, bos_token_id=1)
+    base = dict(
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     torch.manual_seed(0)
     model_cls(cfg_cls(**{**base, **kw})).save_pretrained(path, max_shard_size="100KB" if kind == "qwen3" else "1GB")
 
 
 CASES = {
-    "llama-llama3rope": ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
-                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 128})),
+    "llama-llama3rope": (
+        "llama",
+        dict(
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 128,
+            }
+        ),
+    ),
     "mistral-window": ("mistral", dict(sliding_window=40, head_dim=16)),
     "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
     "qwen3-sharded": ("qwen3", dict(head_dim=12, rope_scaling={"rope_type": "linear", "factor": 2.0})),
@@ -52,6 +70,8 @@ def test_transformers_written_checkpoint(case, tmp_path):
     expected = [oracle.greedy(p, n_new) for p in prompts]
     for settings in SETTINGS:
         engine = Engine(model_path=str(tmp_path), **settings)
-        outs = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": n_new, "ignore_eos": True})
+        outs = engine.generate(
+            input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": n_new, "ignore_eos": True}
+        )
         assert [o["output_ids"] for o in outs] == expected, settings
         assert_pool_idle(engine)

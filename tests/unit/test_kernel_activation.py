@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import DEVICES, nan_empty
 
 from pd_kernels.activation import silu_and_mul, silu_and_mul_ref
-from kernel_testing import DEVICES, nan_empty
 
 
 def rand(*shape: int, device: str, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import DEVICES
 
 from pd_kernels.decode_attention import decode_attention, decode_attention_ref, default_num_kv_splits
-from kernel_testing import DEVICES
 
 LENS = [1, 2, 17, 33, 70]
 
 
-def paged_kv(lens: list[int], page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str,
-             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def paged_kv(
+    lens: list[int], page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random k/v caches [slots, Hkv, D] (null page 0 random too), page table with shuffled non-zero pages."""
     g = torch.Generator().manual_seed(seed)
     per_seq = [-(-n // page_size) for n in lens]
@@ -43,8 +44,17 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
         assert rel < 1e-2, f"relative error {rel:.3e}"
 
 
-def run_case(device: str, lens: list[int], heads: int, kv_heads: int, head_dim: int, page_size: int,
-             window: int | None, splits: int | None, block_n: int | None = None) -> None:
+def run_case(
+    device: str,
+    lens: list[int],
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    window: int | None,
+    splits: int | None,
+    block_n: int | None = None,
+) -> None:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     k, v, table, seq_lens = paged_kv(lens, page_size, kv_heads, head_dim, dtype, device)
     q = torch.randn(len(lens), heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import DEVICES
 
 from pd_kernels.extend_attention import extend_attention, extend_attention_ref
-from kernel_testing import DEVICES
 
 # (seq_len, extend_len): decode row, prefix + chunk, no rows, fresh prefill, decode row after a prefix
 SEQS = [(1, 1), (40, 23), (17, 0), (33, 33), (5, 1)]
 
 
-def paged_batch(seqs: list[tuple[int, int]], page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def paged_batch(
+    seqs: list[tuple[int, int]],
+    page_size: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: str,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """Random caches (null page 0 random too), shuffled non-zero pages, and the varlen index tensors."""
     g = torch.Generator().manual_seed(seed)
     per_seq = [-(-n // page_size) for n, _ in seqs]
@@ -41,16 +48,34 @@ def paged_batch(seqs: list[tuple[int, int]], page_size: int, kv_heads: int, head
     return {name: t.to(device) for name, t in batch.items()}
 
 
-def run_case(device: str, seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, page_size: int,
-             window: int | None, block_m: int | None = None, block_n: int | None = None) -> None:
+def run_case(
+    device: str,
+    seqs: list[tuple[int, int]],
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    window: int | None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> None:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     batch = paged_batch(seqs, page_size, kv_heads, head_dim, dtype, device)
     tokens = sum(e for _, e in seqs)
     q = torch.randn(tokens, heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     scaling = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
-    got = extend_attention(q, **batch, page_size=page_size, scaling=scaling, max_extend_len=max(e for _, e in seqs),
-                           sliding_window=window, out=out, block_m=block_m, block_n=block_n)
+    got = extend_attention(
+        q,
+        **batch,
+        page_size=page_size,
+        scaling=scaling,
+        max_extend_len=max(e for _, e in seqs),
+        sliding_window=window,
+        out=out,
+        block_m=block_m,
+        block_n=block_n,
+    )
     assert got is out
     assert torch.isfinite(out).all(), "kernel left unwritten (NaN) or non-finite elements"
     ref_batch = {**batch, "k_cache": batch["k_cache"].float(), "v_cache": batch["v_cache"].float()}
@@ -101,11 +126,13 @@ def test_extend_rejects_bad_inputs() -> None:
     batch = paged_batch([(5, 5), (9, 2)], 16, 2, 64, torch.float32, "cpu")
     q = torch.randn(7, 4, 64)
     with pytest.raises(TypeError, match="extend_lens"):
-        extend_attention(q, **{**batch, "extend_lens": batch["extend_lens"].long()}, page_size=16, scaling=0.1,
-                         max_extend_len=5)
+        extend_attention(
+            q, **{**batch, "extend_lens": batch["extend_lens"].long()}, page_size=16, scaling=0.1, max_extend_len=5
+        )
     with pytest.raises(TypeError, match="extend_starts"):
-        extend_attention(q, **{**batch, "extend_starts": batch["extend_starts"][:1]}, page_size=16, scaling=0.1,
-                         max_extend_len=5)
+        extend_attention(
+            q, **{**batch, "extend_starts": batch["extend_starts"][:1]}, page_size=16, scaling=0.1, max_extend_len=5
+        )
     with pytest.raises(TypeError, match="share"):
         extend_attention(q.double(), **batch, page_size=16, scaling=0.1, max_extend_len=5)
     with pytest.raises(ValueError, match="sliding_window"):

@@ -19,8 +19,9 @@ from pd_kernels.kv_copy import (
 )
 
 
-def pool(layers: int, pages: int, page_size: int, heads: int, head_dim: int, dtype: torch.dtype, device: str,
-         seed: int) -> torch.Tensor:
+def pool(
+    layers: int, pages: int, page_size: int, heads: int, head_dim: int, dtype: torch.dtype, device: str, seed: int
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(layers, 2, pages, page_size, heads, head_dim, generator=g).to(device=device, dtype=dtype)
 
@@ -35,9 +36,18 @@ CASES = [  # layers, src pages, dst pages, page_size, heads, head_dim, src ids, 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layers,src_pages,dst_pages,page_size,heads,head_dim,src_ids,dst_ids", CASES)
-def test_copy_pages_matches_torch(device: str, dtype: torch.dtype, layers: int, src_pages: int, dst_pages: int,
-                                  page_size: int, heads: int, head_dim: int, src_ids: list[int],
-                                  dst_ids: list[int]) -> None:
+def test_copy_pages_matches_torch(
+    device: str,
+    dtype: torch.dtype,
+    layers: int,
+    src_pages: int,
+    dst_pages: int,
+    page_size: int,
+    heads: int,
+    head_dim: int,
+    src_ids: list[int],
+    dst_ids: list[int],
+) -> None:
     src = pool(layers, src_pages, page_size, heads, head_dim, dtype, device, seed=0)
     got, want = (pool(layers, dst_pages, page_size, heads, head_dim, dtype, device, seed=1) for _ in range(2))
     s_idx = torch.tensor(src_ids, device=device)
@@ -49,9 +59,17 @@ def test_copy_pages_matches_torch(device: str, dtype: torch.dtype, layers: int, 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layers,src_pages,dst_pages,page_size,heads,head_dim,src_ids,dst_ids", CASES)
-def test_copier_with_uploaded_ids_matches_torch(device: str, layers: int, src_pages: int, dst_pages: int,
-                                                page_size: int, heads: int, head_dim: int, src_ids: list[int],
-                                                dst_ids: list[int]) -> None:
+def test_copier_with_uploaded_ids_matches_torch(
+    device: str,
+    layers: int,
+    src_pages: int,
+    dst_pages: int,
+    page_size: int,
+    heads: int,
+    head_dim: int,
+    src_ids: list[int],
+    dst_ids: list[int],
+) -> None:
     src = pool(layers, src_pages, page_size, heads, head_dim, torch.bfloat16, device, seed=0)
     got, want = (pool(layers, dst_pages, page_size, heads, head_dim, torch.bfloat16, device, seed=1) for _ in range(2))
     copier = PageCopier(src, got, block=64)
@@ -62,7 +80,7 @@ def test_copier_with_uploaded_ids_matches_torch(device: str, layers: int, src_pa
         copy_pages_ref(src, torch.tensor(src_ids, device=device), want, d_idx)
         assert torch.equal(got, want)
     both = ids.upload(src_ids + dst_ids)  # one upload for both lists: the second one's view starts unaligned
-    copier(both[:len(src_ids)], both[len(src_ids):])
+    copier(both[: len(src_ids)], both[len(src_ids) :])
     assert torch.equal(got, want)
 
 
@@ -112,8 +130,10 @@ def test_mismatched_pools_and_ids_are_refused() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2
-                    or not torch.cuda.can_device_access_peer(1, 0), reason="needs 2 GPUs with peer access")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not torch.cuda.can_device_access_peer(1, 0),
+    reason="needs 2 GPUs with peer access",
+)
 def test_peer_read_from_another_gpu_by_address() -> None:
     src = pool(4, 64, 16, 8, 128, torch.bfloat16, "cuda:0", seed=0)
     dst = pool(4, 32, 16, 8, 128, torch.bfloat16, "cuda:1", seed=1)
@@ -130,8 +150,10 @@ def test_peer_read_from_another_gpu_by_address() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2
-                    or not torch.cuda.can_device_access_peer(0, 1), reason="needs 2 GPUs with peer access")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not torch.cuda.can_device_access_peer(0, 1),
+    reason="needs 2 GPUs with peer access",
+)
 def test_copier_pushes_into_and_pulls_from_another_gpu_by_address() -> None:
     assert _direct_launch_known(), "this Triton's launch is not the one PageCopier knows: it runs the slow launch"
     for a, b in ((0, 1), (1, 0)):  # cross-device copies make torch enable peer access both ways

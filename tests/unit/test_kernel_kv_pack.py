@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import DEVICES
 
 from pd_kernels.kv_pack import pack_pages, pack_pages_ref, unpack_pages, unpack_pages_ref
-from kernel_testing import DEVICES
 from transfer import pack as transfer_pack
 
 
-def kv(layers: int, pages: int, page_size: int, heads: int, head_dim: int, dtype: torch.dtype,
-       device: str, seed: int = 0) -> torch.Tensor:
+def kv(
+    layers: int, pages: int, page_size: int, heads: int, head_dim: int, dtype: torch.dtype, device: str, seed: int = 0
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(layers, 2, pages, page_size, heads, head_dim, generator=g).to(device=device, dtype=dtype)
 
@@ -35,8 +36,9 @@ CASES = [  # layers, pages, page_size, heads, head_dim, page ids
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layers,pages,page_size,heads,head_dim,ids", CASES)
-def test_pack_then_unpack_matches_torch(device: str, dtype: torch.dtype, layers: int, pages: int,
-                                        page_size: int, heads: int, head_dim: int, ids: list[int]) -> None:
+def test_pack_then_unpack_matches_torch(
+    device: str, dtype: torch.dtype, layers: int, pages: int, page_size: int, heads: int, head_dim: int, ids: list[int]
+) -> None:
     src = kv(layers, pages, page_size, heads, head_dim, dtype, device)
     idx = torch.tensor(ids, device=device)
     packed = poisoned(src, len(ids))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import DEVICES
 
 from pd_kernels.kv_store import store_kv, store_kv_ref
-from kernel_testing import DEVICES
 from sglang_pd.mem.kv_cache import KVCache, KVCacheShape
 
 
@@ -17,8 +17,9 @@ def random_cache(shape: KVCacheShape, dtype: torch.dtype, device: str, seed: int
     return cache
 
 
-def qkv_views(tokens: int, heads: int, kv_heads: int, head_dim: int, device: str, dtype: torch.dtype,
-              seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def qkv_views(
+    tokens: int, heads: int, kv_heads: int, head_dim: int, device: str, dtype: torch.dtype, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """k, v [T, Hkv, D] views of a fused qkv [T, (H + 2 Hkv) D]."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(device=device, dtype=dtype)
@@ -43,8 +44,15 @@ CASES = [  # tokens, heads, kv_heads, head_dim, page_size, (input dtype, cache d
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tokens,heads,kv_heads,head_dim,page_size,dtypes", CASES)
-def test_matches_index_put(device: str, tokens: int, heads: int, kv_heads: int, head_dim: int,
-                           page_size: int, dtypes: tuple[torch.dtype, torch.dtype]) -> None:
+def test_matches_index_put(
+    device: str,
+    tokens: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtypes: tuple[torch.dtype, torch.dtype],
+) -> None:
     in_dtype, cache_dtype = dtypes
     shape = KVCacheShape(num_layers=2, num_pages=5, page_size=page_size, num_kv_heads=kv_heads, head_dim=head_dim)
     num_slots = shape.num_pages * page_size

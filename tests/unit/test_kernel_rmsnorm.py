@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import DEVICES, nan_empty
 
 from pd_kernels.rmsnorm import rms_norm, rms_norm_ref
-from kernel_testing import DEVICES, nan_empty
 from sglang_pd.models.layers import RMSNorm
 from sglang_pd.models.ops import torch_rms_norm as model_rms_norm
 

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import DEVICES, nan_empty
 
 from pd_kernels.rotary import apply_rotary, apply_rotary_, apply_rotary_ref
-from kernel_testing import DEVICES, nan_empty
 from sglang_pd.models.rope import RopeConfig, RotaryEmbedding
 
 MAX_POS = 4096
 ROPES = {
     "default": RopeConfig(theta=10000.0),
-    "llama3": RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                         high_freq_factor=4.0, original_max_position_embeddings=1024),
+    "llama3": RopeConfig(
+        theta=500000.0,
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=1024,
+    ),
     "yarn": RopeConfig(theta=10000.0, rope_type="yarn", factor=4.0, original_max_position_embeddings=1024),
 }
 
 
-def fused_qkv(tokens: int, heads: int, kv_heads: int, head_dim: int, device: str, dtype: torch.dtype,
-              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_qkv(
+    tokens: int, heads: int, kv_heads: int, head_dim: int, device: str, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv [T, (H + 2 Hkv) D] and its q [T, H, D], k [T, Hkv, D] views (row stride (H + 2 Hkv) D)."""
     g = torch.Generator().manual_seed(seed)
     qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g) * 2).to(device=device, dtype=dtype)
@@ -56,8 +63,9 @@ CASES = [  # tokens, heads, kv_heads, head_dim, partial_rotary_factor, rope
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tokens,heads,kv_heads,head_dim,partial,rope_name", CASES)
-def test_matches_rotary_embedding(device: str, tokens: int, heads: int, kv_heads: int, head_dim: int,
-                                  partial: float, rope_name: str) -> None:
+def test_matches_rotary_embedding(
+    device: str, tokens: int, heads: int, kv_heads: int, head_dim: int, partial: float, rope_name: str
+) -> None:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     rope_cfg = RopeConfig(**{**ROPES[rope_name].__dict__, "partial_rotary_factor": partial})
     rope = RotaryEmbedding(head_dim, rope_cfg, MAX_POS, device=device)

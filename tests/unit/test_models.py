@@ -188,22 +188,49 @@ def _hf_configs() -> dict[str, Any]:
     small = dict(vocab_size=301, hidden_size=48, intermediate_size=80, num_hidden_layers=3, max_position_embeddings=512)
     return {
         "llama_linear_bias": tf.LlamaConfig(
-            **small, num_attention_heads=6, num_key_value_heads=3, attention_bias=True, mlp_bias=True,
+            **small,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            attention_bias=True,
+            mlp_bias=True,
             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
         ),
         "llama3_tied_headdim": tf.LlamaConfig(
-            **small, num_attention_heads=4, num_key_value_heads=1, head_dim=24, tie_word_embeddings=True,
-            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 4.0,
-                             "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+            **small,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=24,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
         ),
         "mistral_window3": tf.MistralConfig(**small, num_attention_heads=4, num_key_value_heads=2, sliding_window=3),
         "qwen2_yarn_sliding": tf.Qwen2Config(
-            **small, num_attention_heads=4, num_key_value_heads=4, use_sliding_window=True, sliding_window=4,
-            max_window_layers=1, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                                                  "original_max_position_embeddings": 128},
+            **small,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "rope_theta": 10000.0,
+                "original_max_position_embeddings": 128,
+            },
         ),
         "qwen3_bias_mqa": tf.Qwen3Config(
-            **small, num_attention_heads=4, num_key_value_heads=1, head_dim=16, attention_bias=True,
+            **small,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            attention_bias=True,
             rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
         ),
     }
@@ -242,10 +269,20 @@ def _write_config(path: Path, raw: dict[str, Any]) -> Path:
 
 
 _OLD_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128, "hidden_size": 32,
-    "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "rope_theta": 50000.0,
-    "eos_token_id": [5, 6], "transformers_version": "4.44.0",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-5,
+    "torch_dtype": "bfloat16",
+    "rope_theta": 50000.0,
+    "eos_token_id": [5, 6],
+    "transformers_version": "4.44.0",
 }
 
 
@@ -255,10 +292,21 @@ _OLD_LLAMA = {
         (None, RopeConfig(theta=50000.0)),
         ({"type": "linear", "factor": 2.0}, RopeConfig(theta=50000.0, rope_type="linear", factor=2.0)),
         (
-            {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-             "original_max_position_embeddings": 128},
-            RopeConfig(50000.0, "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                       original_max_position_embeddings=128),
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 128,
+            },
+            RopeConfig(
+                50000.0,
+                "llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=128,
+            ),
         ),
         (
             {"type": "yarn", "factor": 4.0},
@@ -286,8 +334,13 @@ def test_old_rope_scaling_spelling(tmp_path: Path, rope_scaling: dict[str, Any] 
         {"rope_type": "default"},
         {"rope_type": "linear", "factor": 3.0},
         {"rope_type": "dynamic", "factor": 2.0},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 64},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
         {"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 16, "truncate": False},
     ],
@@ -296,8 +349,12 @@ def test_rope_matches_transformers_bitwise(params: dict[str, Any]) -> None:
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    hf_config = LlamaConfig(hidden_size=128, num_attention_heads=2, max_position_embeddings=256,
-                            rope_parameters={**params, "rope_theta": 10000.0})
+    hf_config = LlamaConfig(
+        hidden_size=128,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        rope_parameters={**params, "rope_theta": 10000.0},
+    )
     config = _parse(hf_config)
     hf_rope = LlamaRotaryEmbedding(hf_config)
     ours = RotaryEmbedding(config.head_dim, config.rope, config.max_position_embeddings)

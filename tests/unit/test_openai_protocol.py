@@ -63,8 +63,9 @@ def chat(**body: Any) -> Any:
     return parse_chat({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body}, MODEL, CTX)
 
 
-def state(rid: str, out: list[int], finish: dict | None, prompt: int = 3, cached: int = 0,
-          lps: bool = False) -> ReqState:
+def state(
+    rid: str, out: list[int], finish: dict | None, prompt: int = 3, cached: int = 0, lps: bool = False
+) -> ReqState:
     s = ReqState(rid, prompt, lps, 2 if lps else 0)
     s.output_ids, s.finish_reason, s.cached_tokens = list(out), finish, cached
     s.text = FakeTokenizer().decode(out)
@@ -75,12 +76,15 @@ def state(rid: str, out: list[int], finish: dict | None, prompt: int = 3, cached
 
 
 # --- completions parsing ------------------------------------------------------------------------
-@pytest.mark.parametrize("prompt, expected", [
-    ("hello", ("hello",)),
-    (["a", "b"], ("a", "b")),
-    ([1, 2, 3], ((1, 2, 3),)),
-    ([[1, 2], [3]], ((1, 2), (3,))),
-])
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("hello", ("hello",)),
+        (["a", "b"], ("a", "b")),
+        ([1, 2, 3], ((1, 2, 3),)),
+        ([[1, 2], [3]], ((1, 2), (3,))),
+    ],
+)
 def test_prompt_shapes(prompt: Any, expected: tuple) -> None:
     assert parse_prompts(prompt) == expected
 
@@ -93,15 +97,44 @@ def test_bad_prompts(prompt: Any) -> None:
 def test_completion_defaults_and_mapping() -> None:
     req = completion()
     assert req.opts.params.max_new_tokens == 16 and req.opts.n == 1 and not req.opts.stream
-    req = completion(max_tokens=5, min_tokens=2, temperature=0, top_p=0.5, top_k=3, min_p=0.1, seed=7,
-                     repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=-0.5, stop="x",
-                     stop_token_ids=[4], ignore_eos=True, skip_special_tokens=False, no_stop_trim=True,
-                     logit_bias={"5": 1.0}, user="u", n=2, best_of=2)
+    req = completion(
+        max_tokens=5,
+        min_tokens=2,
+        temperature=0,
+        top_p=0.5,
+        top_k=3,
+        min_p=0.1,
+        seed=7,
+        repetition_penalty=1.1,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        stop="x",
+        stop_token_ids=[4],
+        ignore_eos=True,
+        skip_special_tokens=False,
+        no_stop_trim=True,
+        logit_bias={"5": 1.0},
+        user="u",
+        n=2,
+        best_of=2,
+    )
     p = req.opts.params
-    assert (p.max_new_tokens, p.min_new_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == \
-        (5, 2, 0.0, 0.5, 3, 0.1, 7)
-    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.stop, p.stop_token_ids) == \
-        (1.1, 0.5, -0.5, ("x",), (4,))
+    assert (p.max_new_tokens, p.min_new_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (
+        5,
+        2,
+        0.0,
+        0.5,
+        3,
+        0.1,
+        7,
+    )
+    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.stop, p.stop_token_ids) == (
+        1.1,
+        0.5,
+        -0.5,
+        ("x",),
+        (4,),
+    )
     assert p.ignore_eos and not p.skip_special_tokens and p.no_stop_trim and p.logit_bias == {5: 1.0}
     assert completion(model=None).opts.n == 1  # model may be left out
 
@@ -119,19 +152,42 @@ def test_completion_items_index_and_rids() -> None:
     assert completion(rid="solo").items([(1,)])[0].rid == "solo"
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": "3"}, "max_tokens"), ({"max_tokens": 1.5}, "max_tokens"),
-    ({"temperature": -0.1}, "temperature"), ({"temperature": 2.5}, "temperature"), ({"temperature": "x"}, "temperature"),
-    ({"temperature": 10**400}, "temperature"), ({"top_p": float("nan")}, "top_p"),
-    ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"n": 0}, "n"), ({"n": True}, "n"),
-    ({"logprobs": 6}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"stop": 3}, "stop"), ({"stop": [1]}, "stop"),
-    ({"stream": "yes"}, "stream"), ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"stream": True, "stream_options": 3}, "stream_options"), ({"echo": 1}, "echo"), ({"suffix": "x"}, "suffix"),
-    ({"best_of": 3}, "best_of"), ({"top_k": -5}, "top_k"), ({"min_tokens": 20}, "min_tokens"),
-    ({"seed": "s"}, "seed"), ({"presence_penalty": 3}, "presence_penalty"), ({"ignore_eos": "y"}, "ignore_eos"),
-    ({"repetition_penalty": 0}, "repetition_penalty"), ({"model": 3}, "model"), ({"rid": ""}, "rid"),
-    ({"logit_bias": {"x": 1}}, "logit_bias"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": "3"}, "max_tokens"),
+        ({"max_tokens": 1.5}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": "x"}, "temperature"),
+        ({"temperature": 10**400}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"n": True}, "n"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"stop": 3}, "stop"),
+        ({"stop": [1]}, "stop"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": True, "stream_options": 3}, "stream_options"),
+        ({"echo": 1}, "echo"),
+        ({"suffix": "x"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"top_k": -5}, "top_k"),
+        ({"min_tokens": 20}, "min_tokens"),
+        ({"seed": "s"}, "seed"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"ignore_eos": "y"}, "ignore_eos"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"model": 3}, "model"),
+        ({"rid": ""}, "rid"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ],
+)
 def test_completion_bad_params(body: dict, param: str) -> None:
     err = api_error(completion, **body)
     assert err.status == 400 and err.param == param, err.message
@@ -154,37 +210,59 @@ def test_include_usage() -> None:
 
 # --- chat parsing -----------------------------------------------------------------------------------
 def test_chat_messages_normalised() -> None:
-    req = chat(messages=[
+    req = chat(
+        messages=[
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "u"},
+            {"role": "assistant", "content": None},
+            {"role": "tool", "content": "r", "tool_call_id": "c1"},
+        ]
+    )
+    assert req.messages == (
         {"role": "system", "content": "s"},
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "u"},
-        {"role": "assistant", "content": None},
+        {"role": "user", "content": "a\nb", "name": "u"},
+        {"role": "assistant", "content": ""},
         {"role": "tool", "content": "r", "tool_call_id": "c1"},
-    ])
-    assert req.messages == ({"role": "system", "content": "s"}, {"role": "user", "content": "a\nb", "name": "u"},
-                            {"role": "assistant", "content": ""},
-                            {"role": "tool", "content": "r", "tool_call_id": "c1"})
+    )
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"), ({"messages": ["hi"]}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
-    ({"messages": [{"role": "user", "content": None}]}, "messages"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
-    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"), ({"functions": [{"name": "f"}]}, "functions"),
-    ({"logprobs": "yes"}, "logprobs"), ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
-    ({"top_logprobs": 2}, "top_logprobs"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"max_tokens": -1}, "max_tokens"), ({"chat_template_kwargs": []}, "chat_template_kwargs"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": ["hi"]}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"logprobs": "yes"}, "logprobs"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"chat_template_kwargs": []}, "chat_template_kwargs"),
+    ],
+)
 def test_chat_bad_params(body: dict, param: str) -> None:
     err = api_error(chat, **body)
     assert err.status == 400 and err.param == param, err.message
 
 
 def test_chat_accepts_empty_unsupported_values() -> None:
-    req = chat(tools=[], tool_choice="none", response_format={"type": "text"}, functions=None, logprobs=True,
-               top_logprobs=3, chat_template_kwargs={"enable_thinking": False, "add_generation_prompt": False})
+    req = chat(
+        tools=[],
+        tool_choice="none",
+        response_format={"type": "text"},
+        functions=None,
+        logprobs=True,
+        top_logprobs=3,
+        chat_template_kwargs={"enable_thinking": False, "add_generation_prompt": False},
+    )
     assert req.logprobs and req.top_logprobs == 3 and req.template_kwargs == {"enable_thinking": False}
 
 
@@ -199,10 +277,18 @@ def test_chat_max_tokens() -> None:
 
 # --- builders -----------------------------------------------------------------------------------------
 def test_usage_counts_each_prompt_once() -> None:
-    states = [state("a", [1, 2], None, prompt=3, cached=0), state("b", [1], None, prompt=3, cached=2),
-              state("c", [1, 2, 3], None, prompt=5, cached=4), state("d", [], None, prompt=5, cached=1)]
-    assert usage(states, 2) == {"prompt_tokens": 8, "completion_tokens": 6, "total_tokens": 14,
-                                "prompt_tokens_details": {"cached_tokens": 6}}
+    states = [
+        state("a", [1, 2], None, prompt=3, cached=0),
+        state("b", [1], None, prompt=3, cached=2),
+        state("c", [1, 2, 3], None, prompt=5, cached=4),
+        state("d", [], None, prompt=5, cached=1),
+    ]
+    assert usage(states, 2) == {
+        "prompt_tokens": 8,
+        "completion_tokens": 6,
+        "total_tokens": 14,
+        "prompt_tokens_details": {"cached_tokens": 6},
+    }
 
 
 def test_clamp_and_token_texts() -> None:
@@ -212,8 +298,12 @@ def test_clamp_and_token_texts() -> None:
 
 
 def test_legacy_logprob_block() -> None:
-    block = logprob_block(texts(), [[None, 0, None], [-1.0, 1, None], [float("-inf"), 30, None]],
-                          [None, [[-0.5, 2, None]], [[-0.1, 3, None], [-0.2, 3, None]]], 10)
+    block = logprob_block(
+        texts(),
+        [[None, 0, None], [-1.0, 1, None], [float("-inf"), 30, None]],
+        [None, [[-0.5, 2, None]], [[-0.1, 3, None], [-0.2, 3, None]]],
+        10,
+    )
     assert block["tokens"] == ["a", "b", "<30>"]
     assert block["token_logprobs"] == [None, -1.0, MIN_LOGPROB]
     assert block["top_logprobs"] == [None, {"c": -0.5, "b": -1.0}, {"d": -0.1, "<30>": MIN_LOGPROB}]
@@ -267,11 +357,20 @@ def test_chat_response_and_logprobs() -> None:
     assert out["object"] == "chat.completion" and "usage" in out
     assert choice["message"] == {"role": "assistant", "content": "bc"} and choice["finish_reason"] == "stop"
     first = choice["logprobs"]["content"][0]
-    assert first == {"token": "b", "logprob": -0.5, "bytes": [98], "top_logprobs": [
-        {"token": "b", "logprob": -0.5, "bytes": [98]}, {"token": "z", "logprob": -2.0, "bytes": [122]}]}
+    assert first == {
+        "token": "b",
+        "logprob": -0.5,
+        "bytes": [98],
+        "top_logprobs": [
+            {"token": "b", "logprob": -0.5, "bytes": [98]},
+            {"token": "z", "logprob": -2.0, "bytes": [122]},
+        ],
+    }
     assert logprob_content(texts(), [], []) == []
-    assert chat_response(chat(), ResponseMeta("i", "chat.completion", 5, MODEL), [s], texts())["choices"][0][
-        "logprobs"] is None
+    assert (
+        chat_response(chat(), ResponseMeta("i", "chat.completion", 5, MODEL), [s], texts())["choices"][0]["logprobs"]
+        is None
+    )
 
 
 def test_chat_stream_events() -> None:
@@ -284,8 +383,11 @@ def test_chat_stream_events() -> None:
     events = stream.on_chunk(1, chunk(s1, "c", [2], False))
     s0.finish_reason = {"type": "abort", "message": "gone"}
     events += stream.on_chunk(0, chunk(s0, "b", [1], True))
-    assert [(e["choices"][0]["index"], e["choices"][0]["delta"], e["choices"][0]["finish_reason"]) for e in events] == \
-        [(1, {"content": "c"}, None), (0, {"content": "b"}, None), (0, {}, "abort")]
+    assert [(e["choices"][0]["index"], e["choices"][0]["delta"], e["choices"][0]["finish_reason"]) for e in events] == [
+        (1, {"content": "c"}, None),
+        (0, {"content": "b"}, None),
+        (0, {}, "abort"),
+    ]
     assert stream.closing() == [] and events[0]["object"] == "chat.completion.chunk"
 
 

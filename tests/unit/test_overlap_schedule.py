@@ -9,15 +9,23 @@ every page must come back.
 from __future__ import annotations
 
 import pytest
-
 from oracle import assert_pool_idle
+
 from sglang_pd import Engine
 from sglang_pd.generate_request import GenerateItem
 from sglang_pd.sampling.params import SamplingParams
 from sglang_pd.scheduler.req import LogprobRequest
 
-PROMPTS = [[5, 6, 7], list(range(3, 40)), [9] * 70, list(range(100, 117)), [11, 12], list(range(50, 95)),
-           list(range(200, 260)), [4] * 33]
+PROMPTS = [
+    [5, 6, 7],
+    list(range(3, 40)),
+    [9] * 70,
+    list(range(100, 117)),
+    [11, 12],
+    list(range(50, 95)),
+    list(range(200, 260)),
+    [4] * 33,
+]
 
 
 def _params(stop_id: int) -> list[dict]:
@@ -35,18 +43,29 @@ def _params(stop_id: int) -> list[dict]:
 
 def _run(path: str, overlap: bool, **kwargs) -> tuple[list[dict], Engine]:
     eng = Engine(model_path=path, page_size=4, chunked_prefill_size=16, disable_overlap_schedule=not overlap, **kwargs)
-    base = eng.generate(input_ids=PROMPTS[0], sampling_params={"temperature": 0, "max_new_tokens": 12, "ignore_eos": True})
+    base = eng.generate(
+        input_ids=PROMPTS[0], sampling_params={"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    )
     stop_id = base["output_ids"][6]
-    outs = eng.generate(input_ids=PROMPTS, sampling_params=_params(stop_id), return_logprob=True,
-                        logprob_start_len=[-1, 0, -1, 2, -1, 1, -1, -1], top_logprobs_num=2)
+    outs = eng.generate(
+        input_ids=PROMPTS,
+        sampling_params=_params(stop_id),
+        return_logprob=True,
+        logprob_start_len=[-1, 0, -1, 2, -1, 1, -1, -1],
+        top_logprobs_num=2,
+    )
     return outs, eng
 
 
 def _comparable(out: dict) -> tuple:
     meta = out["meta_info"]
-    return (out["output_ids"], meta["finish_reason"], [t for _, t, _ in meta["output_token_logprobs"]],
-            [round(lp, 4) for lp, _, _ in meta["output_token_logprobs"]],
-            [round(lp, 4) if lp is not None else None for lp, _, _ in meta.get("input_token_logprobs", [])])
+    return (
+        out["output_ids"],
+        meta["finish_reason"],
+        [t for _, t, _ in meta["output_token_logprobs"]],
+        [round(lp, 4) for lp, _, _ in meta["output_token_logprobs"]],
+        [round(lp, 4) if lp is not None else None for lp, _, _ in meta.get("input_token_logprobs", [])],
+    )
 
 
 @pytest.mark.parametrize("pool", [None, 160])
@@ -98,9 +117,14 @@ def test_abort_and_stop_of_in_flight_requests_free_every_page(tiny_model_dir):
     eng = Engine(model_path=path, page_size=4)
     core = eng.core
     greedy = SamplingParams.from_dict({"temperature": 0, "max_new_tokens": 40, "ignore_eos": True})
-    reqs = [core.make_req(GenerateItem(rid=f"r{i}", text=None, input_ids=tuple(range(3 + i, 20 + i)), params=greedy,
-                                       logprob=LogprobRequest()))
-            for i in range(4)]
+    reqs = [
+        core.make_req(
+            GenerateItem(
+                rid=f"r{i}", text=None, input_ids=tuple(range(3 + i, 20 + i)), params=greedy, logprob=LogprobRequest()
+            )
+        )
+        for i in range(4)
+    ]
     for r in reqs:
         assert core.submit(r) is None
     sched = core.scheduler
@@ -114,7 +138,9 @@ def test_abort_and_stop_of_in_flight_requests_free_every_page(tiny_model_dir):
     while sched.has_work():
         sched.step()
     assert [len(r.output_ids) for r in reqs] == [40, len(aborted.output_ids), 40, 40]
-    alone = eng.generate(input_ids=reqs[2].prompt_ids, sampling_params={"temperature": 0, "max_new_tokens": 40, "ignore_eos": True})
+    alone = eng.generate(
+        input_ids=reqs[2].prompt_ids, sampling_params={"temperature": 0, "max_new_tokens": 40, "ignore_eos": True}
+    )
     assert reqs[2].output_ids == alone["output_ids"]
     assert_pool_idle(eng)
     eng.shutdown()
@@ -124,10 +150,14 @@ def test_pool_is_idle_when_generate_returns_after_a_stop_token(tiny_model_dir):
     """The last request stops on a token the host sees one step late: the batch launched meanwhile
     still holds its pages, and generate() returns only after that batch is collected."""
     eng = Engine(model_path=str(tiny_model_dir("llama")), page_size=4)
-    base = eng.generate(input_ids=[5, 6, 7], sampling_params={"temperature": 0, "max_new_tokens": 12, "ignore_eos": True})
+    base = eng.generate(
+        input_ids=[5, 6, 7], sampling_params={"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    )
     stop_id = base["output_ids"][6]
-    out = eng.generate(input_ids=[5, 6, 7], sampling_params={"temperature": 0, "max_new_tokens": 12, "ignore_eos": True,
-                                                            "stop_token_ids": [stop_id]})
+    out = eng.generate(
+        input_ids=[5, 6, 7],
+        sampling_params={"temperature": 0, "max_new_tokens": 12, "ignore_eos": True, "stop_token_ids": [stop_id]},
+    )
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_id}
     assert eng.core.scheduler.inflight is None
     assert_pool_idle(eng)

@@ -13,8 +13,12 @@ TOP = ("sglang_pd", "router", "transfer", "pd_kernels", "pd_common")
 
 
 def _packages() -> list[Path]:
-    return sorted(d for top in TOP for d in [REPO / top, *(REPO / top).rglob("*")]
-                  if d.is_dir() and d.name != "__pycache__" and any(d.glob("*.py")))
+    return sorted(
+        d
+        for top in TOP
+        for d in [REPO / top, *(REPO / top).rglob("*")]
+        if d.is_dir() and d.name != "__pycache__" and any(d.glob("*.py"))
+    )
 
 
 @pytest.mark.parametrize("pkg", _packages(), ids=lambda p: str(p.relative_to(REPO)))

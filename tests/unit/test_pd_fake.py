@@ -27,20 +27,36 @@ def hub():
 
 
 def make_core(path: str, mode: str, hub, **kw) -> EngineCore:
-    args = ServerArgs(model_path=path, disaggregation_mode=mode, disaggregation_transfer_backend="fake",
-                      disaggregation_bootstrap_port=BOOT_PORT, host="127.0.0.1", **kw)
+    args = ServerArgs(
+        model_path=path,
+        disaggregation_mode=mode,
+        disaggregation_transfer_backend="fake",
+        disaggregation_bootstrap_port=BOOT_PORT,
+        host="127.0.0.1",
+        **kw,
+    )
     return EngineCore(args, transfer_hub=hub)
 
 
-def run_pd(p: EngineCore, d: EngineCore, prompts: list[list[int]], sp: dict, *, logprob: LogprobRequest = LogprobRequest(),
-           timeout: float = 30.0, router_aborts: bool = False) -> tuple[list[Req], list[Req]]:
+def run_pd(
+    p: EngineCore,
+    d: EngineCore,
+    prompts: list[list[int]],
+    sp: dict,
+    *,
+    logprob: LogprobRequest | None = None,
+    timeout: float = 30.0,
+    router_aborts: bool = False,
+) -> tuple[list[Req], list[Req]]:
     """Drive both schedulers until every request ends. ``router_aborts``: when a D request fails, abort
     its P leg as the router does."""
     rng = random.Random(0)
     p_reqs, d_reqs = [], []
     for i, prompt in enumerate(prompts):
         boot = BootstrapInfo("127.0.0.1", BOOT_PORT, rng.randrange(1 << 63))
-        item = GenerateItem(f"r{i}", None, tuple(prompt), SamplingParams.from_dict(sp), logprob, 0, boot)
+        item = GenerateItem(
+            f"r{i}", None, tuple(prompt), SamplingParams.from_dict(sp), logprob or LogprobRequest(), 0, boot
+        )
         d_reqs.append(d.make_req(item))
         p_reqs.append(p.make_req(item))
         d.submit(d_reqs[-1])
@@ -71,7 +87,9 @@ def test_pd_matches_colocated(tiny_model_dir, hub, settings):
     rng = random.Random(1)
     shared = [rng.randrange(600) for _ in range(40)]
     prompts = [[rng.randrange(600) for _ in range(n)] for n in (1, 3, 17, 50)] + [shared + [5], shared + [6, 7]]
-    expected = [o["output_ids"] for o in Engine(model_path=path, **settings).generate(input_ids=prompts, sampling_params=GREEDY)]
+    expected = [
+        o["output_ids"] for o in Engine(model_path=path, **settings).generate(input_ids=prompts, sampling_params=GREEDY)
+    ]
     p = make_core(path, "prefill", hub, **settings)
     d = make_core(path, "decode", hub, **settings)
     try:
@@ -94,8 +112,9 @@ def test_pd_logprobs_come_from_prefill(tiny_model_dir, hub):
     path = str(tiny_model_dir("qwen2"))
     prompt = [11, 12, 13, 14, 15, 16]
     lp = LogprobRequest(True, 2, 0)
-    colo = Engine(model_path=path, page_size=4).generate(input_ids=prompt, sampling_params=GREEDY, return_logprob=True,
-                                                          logprob_start_len=0, top_logprobs_num=2)
+    colo = Engine(model_path=path, page_size=4).generate(
+        input_ids=prompt, sampling_params=GREEDY, return_logprob=True, logprob_start_len=0, top_logprobs_num=2
+    )
     p = make_core(path, "prefill", hub, page_size=4)
     d = make_core(path, "decode", hub, page_size=4)
     try:

@@ -26,8 +26,15 @@ def hub():
 
 
 def item(rid: str, prompt: list[int], room: int) -> GenerateItem:
-    return GenerateItem(rid, None, tuple(prompt), SamplingParams.from_dict(GREEDY), LogprobRequest(), 0,
-                        BootstrapInfo("127.0.0.1", BOOT_PORT, room))
+    return GenerateItem(
+        rid,
+        None,
+        tuple(prompt),
+        SamplingParams.from_dict(GREEDY),
+        LogprobRequest(),
+        0,
+        BootstrapInfo("127.0.0.1", BOOT_PORT, room),
+    )
 
 
 def test_a_second_request_with_a_live_room_is_refused_on_both_sides(tiny_model_dir, hub, monkeypatch, caplog) -> None:

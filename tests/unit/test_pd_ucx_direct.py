@@ -27,8 +27,14 @@ def free_port() -> int:
 
 
 def make_core(path: str, mode: str, port: int) -> EngineCore:
-    args = ServerArgs(model_path=path, disaggregation_mode=mode, disaggregation_transfer_backend="ucx",
-                      disaggregation_bootstrap_port=port, host="127.0.0.1", page_size=4)
+    args = ServerArgs(
+        model_path=path,
+        disaggregation_mode=mode,
+        disaggregation_transfer_backend="ucx",
+        disaggregation_bootstrap_port=port,
+        host="127.0.0.1",
+        page_size=4,
+    )
     return EngineCore(args)
 
 
@@ -56,8 +62,9 @@ def test_decode_abort_keeps_pages_until_prefill_confirms(tiny_model_dir) -> None
         # Fault injection on a private method: hold P's answers back, so the drain is observable.
         p_transfer = p.scheduler.hooks.transfer  # type: ignore[attr-defined]
         p_post, held = p_transfer._post, []
-        p_transfer._post = lambda peer, msg: held.append((peer, msg)) if type(msg).__name__ == "AbortAck" \
-            else p_post(peer, msg)
+        p_transfer._post = lambda peer, msg: (
+            held.append((peer, msg)) if type(msg).__name__ == "AbortAck" else p_post(peer, msg)
+        )
         d.scheduler.abort("x", "client went away")
         assert dreq.finished and dreq.finish_reason.type == "abort"  # the client is answered at once
         step_until([d, p], lambda: bool(held), "P to receive the abort")
@@ -70,7 +77,9 @@ def test_decode_abort_keeps_pages_until_prefill_confirms(tiny_model_dir) -> None
         assert_idle(p)
         # The link goes on: the next request is served direct, end to end.
         boot2 = BootstrapInfo("127.0.0.1", port, 4243)
-        item2 = GenerateItem("y", None, tuple(range(5, 30)), SamplingParams.from_dict(GREEDY), LogprobRequest(), 0, boot2)
+        item2 = GenerateItem(
+            "y", None, tuple(range(5, 30)), SamplingParams.from_dict(GREEDY), LogprobRequest(), 0, boot2
+        )
         dreq2, preq2 = d.make_req(item2), p.make_req(item2)
         d.submit(dreq2)
         p.submit(preq2)

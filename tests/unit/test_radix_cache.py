@@ -220,9 +220,7 @@ class Running:
     new: list[int] = field(default_factory=list)
 
 
-def start(
-    pool: PagePool, cache: RadixCache, ids: list[int], kv: dict[int, tuple[int, ...]]
-) -> Running | None:
+def start(pool: PagePool, cache: RadixCache, ids: list[int], kv: dict[int, tuple[int, ...]]) -> Running | None:
     ps = cache.page_size
     m = cache.match_prefix(ids[: len(ids) - 1])
     cache.lock(m.node)
@@ -258,9 +256,7 @@ steps = st.lists(
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ps=st.sampled_from([1, 2, 4]), num_pages=st.integers(4, 40), steps=steps)
-def test_random_requests_keep_accounting(
-    ps: int, num_pages: int, steps: list[tuple[int, list[int], int]]
-) -> None:
+def test_random_requests_keep_accounting(ps: int, num_pages: int, steps: list[tuple[int, list[int], int]]) -> None:
     pool, cache = make(ps, num_pages)
     kv: dict[int, tuple[int, ...]] = {}
     running: list[Running] = []

@@ -42,8 +42,11 @@ BOUNDS: list[tuple[str, Any, Any]] = [  # (field, largest accepted value, smalle
     ("stop_token_ids", [1] * MAX_TOKEN_ID_ENTRIES, [1] * (MAX_TOKEN_ID_ENTRIES + 1)),
     ("stop_token_ids", [0], [2**64]),
     ("logit_bias", {str(INT32_MAX): 1.0}, {str(INT32_MAX + 1): 1.0}),
-    ("logit_bias", {str(i): 1.0 for i in range(MAX_TOKEN_ID_ENTRIES)},
-     {str(i): 1.0 for i in range(MAX_TOKEN_ID_ENTRIES + 1)}),
+    (
+        "logit_bias",
+        {str(i): 1.0 for i in range(MAX_TOKEN_ID_ENTRIES)},
+        {str(i): 1.0 for i in range(MAX_TOKEN_ID_ENTRIES + 1)},
+    ),
     ("logit_bias", {"7": 1.0}, {"1" * 5000: 1.0}),
 ]
 
@@ -72,14 +75,20 @@ def test_check_vocab_covers_stop_token_ids() -> None:
 # --- /generate normalisation ------------------------------------------------------------------------
 def _gen(**kw: Any) -> list:
     """normalize_generate as the HTTP server calls it."""
-    return normalize_generate(None, kw.pop("input_ids", [1, 2]), kw.pop("sampling_params", None),
-                              max_requests=MAX_REQUESTS_PER_CALL, **kw)[0]
+    return normalize_generate(
+        None, kw.pop("input_ids", [1, 2]), kw.pop("sampling_params", None), max_requests=MAX_REQUESTS_PER_CALL, **kw
+    )[0]
 
 
-@pytest.mark.parametrize("name,ok,bad", [
-    ("logprob_start_len", -1, -2), ("logprob_start_len", INT32_MAX, INT32_MAX + 1),
-    ("top_logprobs_num", 0, -1), ("top_logprobs_num", INT32_MAX, INT32_MAX + 1),
-])
+@pytest.mark.parametrize(
+    "name,ok,bad",
+    [
+        ("logprob_start_len", -1, -2),
+        ("logprob_start_len", INT32_MAX, INT32_MAX + 1),
+        ("top_logprobs_num", 0, -1),
+        ("top_logprobs_num", INT32_MAX, INT32_MAX + 1),
+    ],
+)
 def test_logprob_bounds(name: str, ok: int, bad: int) -> None:
     _gen(**{name: ok})
     with pytest.raises(ValueError, match=name):
@@ -108,11 +117,14 @@ def test_openai_n_uses_the_shared_bound() -> None:
     assert e.value.status == 400 and e.value.param == "n"
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"max_tokens": INT32_MAX + 1}, "max_tokens"),
-    ({"top_k": 2**63 - 1}, "top_k"),
-    ({"stop_token_ids": [INT32_MAX + 1]}, "stop_token_ids"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"max_tokens": INT32_MAX + 1}, "max_tokens"),
+        ({"top_k": 2**63 - 1}, "top_k"),
+        ({"stop_token_ids": [INT32_MAX + 1]}, "stop_token_ids"),
+    ],
+)
 def test_openai_sampling_bounds(body: dict, param: str) -> None:
     with pytest.raises(APIError) as e:
         parse_common(body, "m", ("max_tokens",), 16)
@@ -130,16 +142,19 @@ def _nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 
 
-@pytest.mark.parametrize("ok,bad,needle", [
-    (str(INT_MAX), str(INT_MAX + 1), "out of range"),
-    (str(INT_MIN), str(INT_MIN - 1), "out of range"),
-    ("1", "9" * 5000, "out of range"),
-    (_nested(MAX_DEPTH), _nested(MAX_DEPTH + 1), "deeper"),
-    ("[1]", _nested(100_000), "deeper"),
-    ("1e308", "1e999", "out of range"),
-    ("0.5", "NaN", "not valid JSON"),
-    ("0.5", "-Infinity", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "ok,bad,needle",
+    [
+        (str(INT_MAX), str(INT_MAX + 1), "out of range"),
+        (str(INT_MIN), str(INT_MIN - 1), "out of range"),
+        ("1", "9" * 5000, "out of range"),
+        (_nested(MAX_DEPTH), _nested(MAX_DEPTH + 1), "deeper"),
+        ("[1]", _nested(100_000), "deeper"),
+        ("1e308", "1e999", "out of range"),
+        ("0.5", "NaN", "not valid JSON"),
+        ("0.5", "-Infinity", "not valid JSON"),
+    ],
+)
 def test_json_body_bounds(ok: str, bad: str, needle: str) -> None:
     loads_bounded(ok)
     with pytest.raises(JSONBodyError, match=needle):
@@ -187,9 +202,14 @@ def pd_loops(tiny_model_dir):
     hub = FakeTransferHub()
     loops = {}
     for mode in ("prefill", "decode"):
-        args = ServerArgs(model_path=str(tiny_model_dir("llama")), disaggregation_mode=mode, page_size=4,
-                          disaggregation_transfer_backend="fake", disaggregation_bootstrap_port=BOOT_PORT,
-                          host="127.0.0.1")
+        args = ServerArgs(
+            model_path=str(tiny_model_dir("llama")),
+            disaggregation_mode=mode,
+            page_size=4,
+            disaggregation_transfer_backend="fake",
+            disaggregation_bootstrap_port=BOOT_PORT,
+            host="127.0.0.1",
+        )
         loops[mode] = SchedulerLoop(EngineCore(args, transfer_hub=hub), None, Sink(), Sink())  # type: ignore[arg-type]
     yield loops
     for loop in loops.values():
@@ -225,9 +245,17 @@ def test_local_request_runs_without_a_peer(pd_loops, mode: str) -> None:
 def test_abort_all_answers_requests_parked_in_pd_queues(pd_loops, mode: str) -> None:
     loop = pd_loops[mode]
     rid = f"parked-{mode}"
-    loop.handle_isolated(TokenizedGenerateReq(rid, [5, 6, 7], {"max_new_tokens": 4}, 0,
-                                              bootstrap_host="127.0.0.1", bootstrap_port=BOOT_PORT,
-                                              bootstrap_room=1234 if mode == "prefill" else 5678))
+    loop.handle_isolated(
+        TokenizedGenerateReq(
+            rid,
+            [5, 6, 7],
+            {"max_new_tokens": 4},
+            0,
+            bootstrap_host="127.0.0.1",
+            bootstrap_port=BOOT_PORT,
+            bootstrap_room=1234 if mode == "prefill" else 5678,
+        )
+    )
     loop.step()  # P: waits for D in the bootstrap queue; D: admitted, registered, waits for P's KV
     assert loop.core.scheduler.hooks.held_rids() == [rid]
     loop._abort_all("internal error in the scheduler step")
@@ -248,4 +276,3 @@ def test_bad_message_fails_only_its_request(pd_loops) -> None:
     assert len(answers) == 1 and answers[0].finish_reason["type"] == "abort"
     loop.handle_isolated(TokenizedGenerateReq("after", [0], {"max_new_tokens": 1}, 0))
     assert _run_until_answered(loop, "after").finish_reason["type"] == "length"
-

@@ -18,19 +18,22 @@ def env(status: int, param: str | None = None, type_: str = "InternalServerError
     return json.dumps({"error": {"message": "m", "type": type_, "param": param, "code": code or status}}).encode()
 
 
-@pytest.mark.parametrize("status, raw, fault, retry", [
-    (400, env(400), False, False),
-    (404, env(404), False, False),
-    (429, env(429), False, False),
-    (500, env(500), True, False),  # an internal error: the worker's, but the same request would hit it again
-    (500, b"500 Internal Server Error", True, False),
-    (502, b"bad gateway", True, True),
-    (503, env(503), True, True),
-    (504, env(504), True, True),
-    (503, env(503, param="max_tokens"), False, False),  # blames a parameter: the request's fault
-    (500, env(500, type_="BadRequestError"), False, False),
-    (500, env(500, code=400), False, False),
-])
+@pytest.mark.parametrize(
+    "status, raw, fault, retry",
+    [
+        (400, env(400), False, False),
+        (404, env(404), False, False),
+        (429, env(429), False, False),
+        (500, env(500), True, False),  # an internal error: the worker's, but the same request would hit it again
+        (500, b"500 Internal Server Error", True, False),
+        (502, b"bad gateway", True, True),
+        (503, env(503), True, True),
+        (504, env(504), True, True),
+        (503, env(503, param="max_tokens"), False, False),  # blames a parameter: the request's fault
+        (500, env(500, type_="BadRequestError"), False, False),
+        (500, env(500, code=400), False, False),
+    ],
+)
 def test_answers_are_classified(status, raw, fault, retry):
     e = status_error(W, status, raw)
     assert (e.worker_fault, e.retryable, e.fatal, e.transport) == (fault, retry, False, False)
@@ -46,7 +49,10 @@ def test_transport_and_died_errors():
 
 
 def test_abort_verdicts():
-    native = {"text": "", "meta_info": {"finish_reason": {"type": "abort", "message": "worker process died: scheduler"}}}
+    native = {
+        "text": "",
+        "meta_info": {"finish_reason": {"type": "abort", "message": "worker process died: scheduler"}},
+    }
     client = {"text": "", "meta_info": {"finish_reason": {"type": "abort", "message": "aborted by the client"}}}
     openai = {"choices": [{"index": 0, "text": "", "finish_reason": "abort"}]}
     chat = {"choices": [{"index": 0, "delta": {}, "finish_reason": "abort"}]}

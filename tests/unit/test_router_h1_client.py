@@ -105,7 +105,7 @@ async def test_a_large_answer_read_slowly_arrives_whole() -> None:
         resp = web.StreamResponse()
         await resp.prepare(request)
         for i in range(0, len(blob), 65536):
-            await resp.write(blob[i:i + 65536])
+            await resp.write(blob[i : i + 65536])
         await resp.write_eof()
         return resp
 

@@ -6,11 +6,13 @@ import pytest
 
 from router.h1_parser import ProtocolError, ResponseParser, content_length, parse_head
 
-CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n"
-           b"7\r\ndata: 1\r\n"
-           b"9;ext=\"x\"\r\n\n\ndata: 2\r\n"
-           b"0002\r\n\n\n\r\n"
-           b"0\r\nX-Trailer: yes\r\n\r\n")
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"7\r\ndata: 1\r\n"
+    b'9;ext="x"\r\n\n\ndata: 2\r\n'
+    b"0002\r\n\n\n\r\n"
+    b"0\r\nX-Trailer: yes\r\n\r\n"
+)
 CHUNKED_BODY = b"data: 1\n\ndata: 2\n\n"
 
 
@@ -27,7 +29,7 @@ def test_chunked_whole_and_split_at_every_byte() -> None:
         p = ResponseParser()
         assert feed_all(p, [CHUNKED[:cut], CHUNKED[cut:]]) == CHUNKED_BODY and p.done, cut
     p = ResponseParser()
-    assert feed_all(p, [CHUNKED[i:i + 1] for i in range(len(CHUNKED))]) == CHUNKED_BODY and p.done
+    assert feed_all(p, [CHUNKED[i : i + 1] for i in range(len(CHUNKED))]) == CHUNKED_BODY and p.done
 
 
 def test_content_length_body_and_extra_bytes() -> None:
@@ -81,20 +83,23 @@ def test_repeated_headers_are_joined() -> None:
     assert parse_head(b"HTTP/1.1 404").reason == ""
 
 
-@pytest.mark.parametrize("raw", [
-    b"HTTP/2 200 OK\r\n\r\n",
-    b"HTTP/1.1 20 OK\r\n\r\n",
-    b"ICY 200 OK\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nNoColon\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nA: b\r\n folded\r\n\r\n",
-    b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\n",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/2 200 OK\r\n\r\n",
+        b"HTTP/1.1 20 OK\r\n\r\n",
+        b"ICY 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nNoColon\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nA: b\r\n folded\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY",
+    ],
+)
 def test_malformed_answers_raise(raw: bytes) -> None:
     with pytest.raises(ProtocolError):
         ResponseParser().feed(raw)
@@ -110,8 +115,11 @@ def test_oversized_head_and_chunk_line_raise() -> None:
 
 
 def test_eof_before_the_end_raises() -> None:
-    for raw in (b"HTTP/1.1 200 OK\r\nContent-Le", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc",
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"):
+    for raw in (
+        b"HTTP/1.1 200 OK\r\nContent-Le",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+    ):
         p = ResponseParser()
         p.feed(raw)
         with pytest.raises(ProtocolError):

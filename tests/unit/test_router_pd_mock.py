@@ -20,8 +20,12 @@ P, D = {"name": "p", "role": "prefill"}, {"name": "d", "role": "decode"}
 
 
 def pd(prefills: list[Any], decodes: list[Any], **kw: Any) -> Any:
-    return running_router(pd_disaggregation=True, prefill=tuple((p.url, 9000 + i) for i, p in enumerate(prefills)),
-                          decode=tuple(d.url for d in decodes), **kw)
+    return running_router(
+        pd_disaggregation=True,
+        prefill=tuple((p.url, 9000 + i) for i, p in enumerate(prefills)),
+        decode=tuple(d.url for d in decodes),
+        **kw,
+    )
 
 
 async def post(s: aiohttp.ClientSession, url: str, body: Any, **kw: Any) -> tuple[int, Any]:
@@ -32,8 +36,11 @@ async def post(s: aiohttp.ClientSession, url: str, body: Any, **kw: Any) -> tupl
 
 
 async def test_both_legs_get_the_pairing_fields_and_d_answer_streams():
-    async with mocks(P, {**P, "name": "p2"}, D) as (p, p2, d), pd([p, p2], [d], policy="round_robin") as r, \
-            aiohttp.ClientSession() as s:
+    async with (
+        mocks(P, {**P, "name": "p2"}, D) as (p, p2, d),
+        pd([p, p2], [d], policy="round_robin") as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         status, events = await post(s, r.url + "/generate", {**GEN, "stream": True})
         assert status == 200 and events[-1] == "[DONE]" and events[-2]["meta_info"]["served_by"] == "d"
@@ -52,8 +59,11 @@ async def test_both_legs_get_the_pairing_fields_and_d_answer_streams():
 
 
 async def test_prefill_failure_aborts_decode_at_once_and_retries_with_a_new_pair():
-    async with mocks({**P, "fail_first": 1, "fail_status": 503}, {**D, "hang": True}) as (p, d), pd([p], [d]) as r, \
-            aiohttp.ClientSession() as s:
+    async with (
+        mocks({**P, "fail_first": 1, "fail_status": 503}, {**D, "hang": True}) as (p, d),
+        pd([p], [d]) as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         task = asyncio.ensure_future(post(s, r.url + "/generate", {**GEN, "rid": "job1"}))
         await wait_until(lambda: "job1" in d.aborts, what="D aborted after P failed")
@@ -69,8 +79,11 @@ async def test_prefill_failure_aborts_decode_at_once_and_retries_with_a_new_pair
 
 
 async def test_decode_failure_aborts_prefill_and_the_client_gets_the_error():
-    async with mocks({**P, "hang": True}, {**D, "fail_first": 1, "fail_status": 400}) as (p, d), pd([p], [d]) as r, \
-            aiohttp.ClientSession() as s:
+    async with (
+        mocks({**P, "hang": True}, {**D, "fail_first": 1, "fail_status": 400}) as (p, d),
+        pd([p], [d]) as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         status, body = await post(s, r.url + "/generate", {**GEN, "rid": "job2"})
         assert status == 400 and "injected failure" in body["error"]["message"]
@@ -79,8 +92,11 @@ async def test_decode_failure_aborts_prefill_and_the_client_gets_the_error():
 
 
 async def test_prefill_failure_after_the_first_byte_ends_the_stream_with_an_error():
-    async with mocks({**P, "latency_ms": 300, "fail_first": 1}, {**D, "token_delay_ms": 100, "num_tokens": 20}) as (p, d), \
-            pd([p], [d]) as r, aiohttp.ClientSession() as s:
+    async with (
+        mocks({**P, "latency_ms": 300, "fail_first": 1}, {**D, "token_delay_ms": 100, "num_tokens": 20}) as (p, d),
+        pd([p], [d]) as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         status, events = await post(s, r.url + "/generate", {**GEN, "stream": True, "rid": "job3"})
         assert status == 200 and events[0]["text"] == "w0 "
@@ -90,7 +106,11 @@ async def test_prefill_failure_after_the_first_byte_ends_the_stream_with_an_erro
 
 
 async def test_client_disconnect_aborts_both_legs_before_the_first_token():
-    async with mocks({**P, "hang": True}, {**D, "hang": True}) as (p, d), pd([p], [d]) as r, aiohttp.ClientSession() as s:
+    async with (
+        mocks({**P, "hang": True}, {**D, "hang": True}) as (p, d),
+        pd([p], [d]) as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(post(s, r.url + "/generate", {**GEN, "stream": True, "rid": "bye"}), 0.3)
@@ -101,8 +121,9 @@ async def test_client_disconnect_aborts_both_legs_before_the_first_token():
 async def test_several_choices_fan_out_one_room_each():
     async with mocks(P, D) as (p, d), pd([p], [d]) as r, aiohttp.ClientSession() as s:
         await ready(r)
-        status, outs = await post(s, r.url + "/generate", {"text": ["ab", "cd"], "sampling_params": {"n": 2, "seed": 1},
-                                                           "rid": ["x", "y"]})
+        status, outs = await post(
+            s, r.url + "/generate", {"text": ["ab", "cd"], "sampling_params": {"n": 2, "seed": 1}, "rid": ["x", "y"]}
+        )
         assert status == 200 and [o["meta_info"]["id"] for o in outs] == ["x-0", "x-1", "y-0", "y-1"]
         rooms = {c.body["bootstrap_room"] for c in d.inference_calls()}
         assert len(rooms) == 4 and [c.body["sampling_params"]["seed"] for c in d.inference_calls()] == [1, 2, 1, 2]
@@ -121,8 +142,9 @@ async def test_prompt_logprobs_come_from_the_prefill_worker():
         assert status == 200 and values[0] is None and values[1] == pytest.approx(-0.51) and len(values) == 5
         status, events = await post(s, r.url + "/generate", {**GEN, "return_logprob": True, "stream": True})
         assert all(len(e["meta_info"]["input_token_logprobs"]) == 5 for e in events[:-1])
-        status, events = await post(s, r.url + "/v1/completions", {"prompt": "abc", "echo": True, "logprobs": 0,
-                                                                   "stream": True})
+        status, events = await post(
+            s, r.url + "/v1/completions", {"prompt": "abc", "echo": True, "logprobs": 0, "stream": True}
+        )
         first = events[0]["choices"][0]["logprobs"]["token_logprobs"]
         assert first[:3] == [None, pytest.approx(-0.51), pytest.approx(-0.52)] and first[3] == -0.1
 

@@ -26,8 +26,11 @@ async def post(s: aiohttp.ClientSession, url: str, body: Any, **kw: Any) -> tupl
 
 
 async def test_routes_pass_through_and_round_robin_spreads():
-    async with mocks({"name": "a"}, {"name": "b"}) as (a, b), \
-            running_router(worker_urls=(a.url, b.url), policy="round_robin") as r, aiohttp.ClientSession() as s:
+    async with (
+        mocks({"name": "a"}, {"name": "b"}) as (a, b),
+        running_router(worker_urls=(a.url, b.url), policy="round_robin") as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         served = [(await post(s, r.url + "/generate", GEN))[1]["meta_info"]["served_by"] for _ in range(4)]
         assert served == ["a", "b", "a", "b"]
@@ -36,8 +39,9 @@ async def test_routes_pass_through_and_round_robin_spreads():
         assert [e["text"] for e in events[:-1]] == ["w0 ", "w0 w1 ", "w0 w1 w2 ", "w0 w1 w2 w3 "]
         status, batch, _ = await post(s, r.url + "/generate", {"text": ["a", "b"], "sampling_params": {"n": 2}})
         assert status == 200 and len(batch) == 4  # regular mode: the worker expands the batch itself
-        status, models, _ = await post(s, r.url + "/v1/chat/completions",
-                                       {"messages": [{"role": "user", "content": "hi"}], "n": 2})
+        status, models, _ = await post(
+            s, r.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}
+        )
         assert status == 200 and len(models["choices"]) == 2
         async with s.get(r.url + "/v1/models") as resp:
             assert (await resp.json())["data"][0]["id"] == "mock-model"
@@ -58,8 +62,12 @@ async def test_official_openai_client_streaming_and_not():
         assert out.choices[0].text == "w0 w1 w2 w3 " and out.usage.completion_tokens == 4
         chat = await client.chat.completions.create(model="mock-model", messages=[{"role": "user", "content": "hi"}])
         assert chat.choices[0].message.content == "w0 w1 w2 w3 "
-        stream = await client.chat.completions.create(model="mock-model", messages=[{"role": "user", "content": "x"}],
-                                                      stream=True, stream_options={"include_usage": True})
+        stream = await client.chat.completions.create(
+            model="mock-model",
+            messages=[{"role": "user", "content": "x"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         pieces = [c.choices[0].delta.content async for c in stream if c.choices]
         assert "".join(p or "" for p in pieces) == "w0 w1 w2 w3 "
         models = await client.models.list()
@@ -81,19 +89,28 @@ async def test_request_id_is_propagated_and_echoed_and_rid_is_set():
 
 
 async def test_retries_before_the_first_byte_only():
-    async with mocks({"name": "a", "fail_first": 2, "fail_status": 503}) as (a,), \
-            running_router(worker_urls=(a.url,), retry_max_retries=3) as r, aiohttp.ClientSession() as s:
+    async with (
+        mocks({"name": "a", "fail_first": 2, "fail_status": 503}) as (a,),
+        running_router(worker_urls=(a.url,), retry_max_retries=3) as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         status, body, _ = await post(s, r.url + "/generate", GEN)
         assert status == 200 and len(a.inference_calls()) == 3
-        assert [c.body["rid"] for c in a.inference_calls()][1:] == [f"{body['meta_info']['id'][:-7]}-retry{k}" for k in (1, 2)]
+        assert [c.body["rid"] for c in a.inference_calls()][1:] == [
+            f"{body['meta_info']['id'][:-7]}-retry{k}" for k in (1, 2)
+        ]
         a.knobs.fail_first, a.knobs.crash_after, a.knobs.token_delay_ms = 0, 2, 20
         a.calls.clear()
         status, events, _ = await post(s, r.url + "/generate", {**GEN, "stream": True})
         assert status == 200 and len(a.inference_calls()) == 1  # bytes were sent: no retry
         assert [e["text"] for e in events[:2]] == ["w0 ", "w0 w1 "]
         assert events[2]["error"]["code"] == 502 and events[3] == "[DONE]"
-        a.knobs.crash_after, a.knobs.error_after, a.knobs.token_delay_ms = None, 0, 0  # an error as the very first event is retried
+        a.knobs.crash_after, a.knobs.error_after, a.knobs.token_delay_ms = (
+            None,
+            0,
+            0,
+        )  # an error as the very first event is retried
         a.calls.clear()
         status, events, _ = await post(s, r.url + "/generate", {**GEN, "stream": True})
         assert len(a.inference_calls()) == 4 and status == 503  # 1 + 3 retries, all failed
@@ -103,16 +120,22 @@ async def test_retries_before_the_first_byte_only():
 
 
 async def test_client_errors_pass_through_unretried():
-    async with mocks({"name": "a", "fail_first": 1, "fail_status": 400}) as (a,), \
-            running_router(worker_urls=(a.url,)) as r, aiohttp.ClientSession() as s:
+    async with (
+        mocks({"name": "a", "fail_first": 1, "fail_status": 400}) as (a,),
+        running_router(worker_urls=(a.url,)) as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         status, body, _ = await post(s, r.url + "/generate", GEN)
         assert status == 400 and "injected failure" in body["error"]["message"] and len(a.inference_calls()) == 1
 
 
 async def test_router_validates_before_dispatch():
-    async with mocks({"name": "a"}) as (a,), running_router(worker_urls=(a.url,), max_payload_size=2000) as r, \
-            aiohttp.ClientSession() as s:
+    async with (
+        mocks({"name": "a"}) as (a,),
+        running_router(worker_urls=(a.url,), max_payload_size=2000) as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         async with s.post(r.url + "/generate", data=b"{not json") as resp:
             assert resp.status == 400 and (await resp.json())["error"]["type"] == "BadRequestError"
@@ -126,10 +149,16 @@ async def test_router_validates_before_dispatch():
 
 
 async def test_api_key_401_with_health_and_metrics_open():
-    async with mocks({"name": "a", "api_key": "worker-key"}) as (a,), \
-            running_router(api_key="router-key") as r, aiohttp.ClientSession() as s:
-        async with s.post(r.url + "/workers", json={"url": a.url, "api_key": "worker-key"},
-                          headers={"Authorization": "Bearer router-key"}) as resp:
+    async with (
+        mocks({"name": "a", "api_key": "worker-key"}) as (a,),
+        running_router(api_key="router-key") as r,
+        aiohttp.ClientSession() as s,
+    ):
+        async with s.post(
+            r.url + "/workers",
+            json={"url": a.url, "api_key": "worker-key"},
+            headers={"Authorization": "Bearer router-key"},
+        ) as resp:
             assert resp.status == 201
         for path in ("/health", "/metrics", "/liveness"):
             async with s.get(r.url + path) as resp:
@@ -145,9 +174,11 @@ async def test_api_key_401_with_health_and_metrics_open():
 
 
 async def test_overload_429_408_and_no_worker_503():
-    async with mocks({"name": "a", "hang": True}) as (a,), running_router(
-            worker_urls=(a.url,), max_concurrent_requests=1, queue_size=1, queue_timeout_secs=0.3) as r, \
-            aiohttp.ClientSession() as s:
+    async with (
+        mocks({"name": "a", "hang": True}) as (a,),
+        running_router(worker_urls=(a.url,), max_concurrent_requests=1, queue_size=1, queue_timeout_secs=0.3) as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         first = asyncio.ensure_future(post(s, r.url + "/generate", GEN))
         await wait_until(lambda: a.active == 1, what="first request at the worker")
@@ -170,8 +201,11 @@ async def test_overload_429_408_and_no_worker_503():
 
 
 async def test_client_disconnect_aborts_the_worker_request():
-    async with mocks({"name": "a", "hang": True}) as (a,), running_router(worker_urls=(a.url,)) as r, \
-            aiohttp.ClientSession() as s:
+    async with (
+        mocks({"name": "a", "hang": True}) as (a,),
+        running_router(worker_urls=(a.url,)) as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(post(s, r.url + "/generate", {**GEN, "stream": True, "rid": "gone-early"}), 0.3)

@@ -29,8 +29,11 @@ async def workers(s: aiohttp.ClientSession, url: str) -> dict[str, dict[str, Any
 
 
 async def test_ejection_after_failed_probes_and_readmission_after_good_ones():
-    async with mocks({"name": "a"}, {"name": "b"}) as (a, b), \
-            running_router(worker_urls=(a.url, b.url), policy="round_robin") as r, aiohttp.ClientSession() as s:
+    async with (
+        mocks({"name": "a"}, {"name": "b"}) as (a, b),
+        running_router(worker_urls=(a.url, b.url), policy="round_robin") as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         a.knobs.health_status = 503
         await wait_until(lambda: not r.state.registry.get(a.url).available, what="ejection of a")
@@ -49,9 +52,18 @@ async def test_ejection_after_failed_probes_and_readmission_after_good_ones():
 
 
 async def test_circuit_breaker_opens_and_closes():
-    async with mocks({"name": "a", "fail_first": 2, "fail_status": 500}, {"name": "b"}) as (a, b), running_router(
-            worker_urls=(a.url, b.url), policy="round_robin", disable_retries=True, cb_failure_threshold=2,
-            cb_success_threshold=1, cb_timeout_duration_secs=0.5) as r, aiohttp.ClientSession() as s:
+    async with (
+        mocks({"name": "a", "fail_first": 2, "fail_status": 500}, {"name": "b"}) as (a, b),
+        running_router(
+            worker_urls=(a.url, b.url),
+            policy="round_robin",
+            disable_retries=True,
+            cb_failure_threshold=2,
+            cb_success_threshold=1,
+            cb_timeout_duration_secs=0.5,
+        ) as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         statuses = []
         for _ in range(4):
@@ -75,8 +87,11 @@ async def test_circuit_breaker_opens_and_closes():
 
 
 async def test_workers_api_add_and_drain_under_load_without_failures():
-    async with mocks({"name": "a", "token_delay_ms": 5}, {"name": "b", "token_delay_ms": 5}) as (a, b), \
-            running_router(worker_urls=(a.url,), policy="round_robin") as r, aiohttp.ClientSession() as s:
+    async with (
+        mocks({"name": "a", "token_delay_ms": 5}, {"name": "b", "token_delay_ms": 5}) as (a, b),
+        running_router(worker_urls=(a.url,), policy="round_robin") as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         async with s.post(r.url + "/workers", json={"url": "not a url"}) as resp:
             assert resp.status == 400
@@ -111,8 +126,11 @@ async def test_workers_api_add_and_drain_under_load_without_failures():
 
 
 async def test_drain_lets_in_flight_requests_finish():
-    async with mocks({"name": "a", "token_delay_ms": 100, "num_tokens": 5}) as (a,), \
-            running_router(worker_urls=(a.url,)) as r, aiohttp.ClientSession() as s:
+    async with (
+        mocks({"name": "a", "token_delay_ms": 100, "num_tokens": 5}) as (a,),
+        running_router(worker_urls=(a.url,)) as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         async with s.post(r.url + "/generate", json={**GEN, "stream": True}) as resp:
             await resp.content.readuntil(b"\n\n")
@@ -128,9 +146,11 @@ async def test_drain_lets_in_flight_requests_finish():
 async def test_a_dead_worker_is_ejected_quickly_after_a_failed_call():
     a = MockWorker(name="a")
     await a.start()
-    async with mocks({"name": "b"}) as (b,), running_router(
-            worker_urls=(a.url, b.url), health_check_interval_secs=30.0, policy="round_robin") as r, \
-            aiohttp.ClientSession() as s:
+    async with (
+        mocks({"name": "b"}) as (b,),
+        running_router(worker_urls=(a.url, b.url), health_check_interval_secs=30.0, policy="round_robin") as r,
+        aiohttp.ClientSession() as s,
+    ):
         await ready(r)
         await wait_until(lambda: r.state.registry.get(a.url).available, what="a admitted")
         await a.stop()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -109,8 +110,13 @@ def _random_rows(n: int, gen: torch.Generator) -> list[SamplingRow]:
         elif kind == 3:
             kw.update(temperature=0.0, frequency_penalty=0.5, output_ids=[4, 4])
         elif kind == 4:
-            kw.update(presence_penalty=-0.5, logit_bias={7: 3.0}, output_ids=[9],
-                      min_new_tokens=3, min_tokens_blocked_ids=(0,))
+            kw.update(
+                presence_penalty=-0.5,
+                logit_bias={7: 3.0},
+                output_ids=[9],
+                min_new_tokens=3,
+                min_tokens_blocked_ids=(0,),
+            )
         rows.append(_row(seed=1000 + i, step=int(torch.randint(0, 50, (1,), generator=gen)), **kw))
     return rows
 
@@ -194,8 +200,10 @@ def test_penalty_lowers_sampled_frequency() -> None:
 
 def test_min_new_tokens_blocks_eos() -> None:
     logits = torch.tensor([[0.0, 1.0, 9.0]]).expand(2, -1)  # EOS = 2 dominates
-    rows = [_row(temperature=0.0, min_new_tokens=2, output_ids=[1], step=1, min_tokens_blocked_ids=(2,)),
-            _row(temperature=0.0, min_new_tokens=2, output_ids=[1, 1], step=2, min_tokens_blocked_ids=(2,))]
+    rows = [
+        _row(temperature=0.0, min_new_tokens=2, output_ids=[1], step=1, min_tokens_blocked_ids=(2,)),
+        _row(temperature=0.0, min_new_tokens=2, output_ids=[1, 1], step=2, min_tokens_blocked_ids=(2,)),
+    ]
     assert _sample(logits, rows).next_token_ids.tolist() == [1, 2]
     tokens = _draws([0.1, 0.1, 0.8], min_new_tokens=1, min_tokens_blocked_ids=(2,))
     _assert_matches(tokens, [0.5, 0.5, 0.0])
@@ -210,10 +218,12 @@ def test_logit_bias() -> None:
 
 def test_logprobs_are_of_the_raw_distribution() -> None:
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(3))
-    rows = [_row(seed=1, temperature=0.3, repetition_penalty=1.5, prompt_ids=[1], return_logprob=True),
-            _row(temperature=0.0, top_logprobs_num=5),
-            _row(seed=2, top_k=3),
-            _row(seed=3, top_logprobs_num=40, frequency_penalty=1.0, output_ids=[0])]
+    rows = [
+        _row(seed=1, temperature=0.3, repetition_penalty=1.5, prompt_ids=[1], return_logprob=True),
+        _row(temperature=0.0, top_logprobs_num=5),
+        _row(seed=2, top_k=3),
+        _row(seed=3, top_logprobs_num=40, frequency_penalty=1.0, output_ids=[0]),
+    ]
     out = _sample(logits, rows)
     raw = torch.log_softmax(logits, -1)
     top = out.top_logprobs()
@@ -264,7 +274,16 @@ def test_noise_is_uniform_and_decorrelated() -> None:
 
 def test_out_of_range_ids_are_ignored_and_top_k_clamped() -> None:
     logits = torch.tensor([[1.0, 3.0, 2.0]])
-    rows = [_row(temperature=0.0, logit_bias={7: 50.0}, repetition_penalty=2.0, prompt_ids=[9, -1],
-                 output_ids=[5], min_new_tokens=2, min_tokens_blocked_ids=(4,))]
+    rows = [
+        _row(
+            temperature=0.0,
+            logit_bias={7: 50.0},
+            repetition_penalty=2.0,
+            prompt_ids=[9, -1],
+            output_ids=[5],
+            min_new_tokens=2,
+            min_tokens_blocked_ids=(4,),
+        )
+    ]
     assert _sample(logits, rows).next_token_ids.tolist() == [1]
     _assert_matches(_draws([0.2, 0.3, 0.5], top_k=100), [0.2, 0.3, 0.5])

@@ -12,8 +12,7 @@ from sglang_pd.sampling.params import SamplingParams
 
 def test_defaults_follow_sglang() -> None:
     p = SamplingParams()
-    assert (p.max_new_tokens, p.min_new_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (
-        128, 0, 1.0, 1.0, -1, 0.0)
+    assert (p.max_new_tokens, p.min_new_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (128, 0, 1.0, 1.0, -1, 0.0)
     assert (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) == (1.0, 0.0, 0.0)
     assert p.stop == () and p.stop_token_ids == () and p.seed is None and p.n == 1
     assert not p.ignore_eos and p.skip_special_tokens and p.spaces_between_special_tokens
@@ -155,8 +154,16 @@ def test_logit_bias_keys_become_ints() -> None:
 
 
 def test_to_dict_round_trip() -> None:
-    d = {"max_new_tokens": 9, "temperature": 0.3, "top_k": 4, "stop": ["x", "yz"],
-         "stop_token_ids": [2], "seed": 11, "logit_bias": {"5": -1.0}, "ignore_eos": True}
+    d = {
+        "max_new_tokens": 9,
+        "temperature": 0.3,
+        "top_k": 4,
+        "stop": ["x", "yz"],
+        "stop_token_ids": [2],
+        "seed": 11,
+        "logit_bias": {"5": -1.0},
+        "ignore_eos": True,
+    }
     p = SamplingParams.from_dict(d)
     out = p.to_dict()
     assert out["stop"] == ["x", "yz"] and out["logit_bias"] == {"5": -1.0}

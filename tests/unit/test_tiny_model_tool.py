@@ -47,7 +47,7 @@ def test_tokenizer_loads_round_trips_and_chats(tiny_dirs: dict[str, Path]) -> No
         assert tok.decode(tok.encode(text)) == text
     specials = ["<|begin_of_text|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     assert tok.convert_tokens_to_ids(specials) == [0, 1, 2, 3]
-    assert tok.encode("<|im_start|>user") [0] == 2
+    assert tok.encode("<|im_start|>user")[0] == 2
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 3, 1)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -125,8 +125,13 @@ def test_greedy_top1_margin_is_well_above_float_noise(tiny_dirs: dict[str, Path]
         for text in ["Hello, how are you?", "The capital of France is", "Once upon a time"]:
             ids = tok(text, return_tensors="pt").input_ids
             out = model.generate(
-                ids, do_sample=False, max_new_tokens=24, output_logits=True,
-                return_dict_in_generate=True, eos_token_id=None, pad_token_id=tok.pad_token_id,
+                ids,
+                do_sample=False,
+                max_new_tokens=24,
+                output_logits=True,
+                return_dict_in_generate=True,
+                eos_token_id=None,
+                pad_token_id=tok.pad_token_id,
             )
             top2 = torch.stack(out.logits)[:, 0].topk(2, dim=-1).values
             margins.append(top2[:, 0] - top2[:, 1])

@@ -50,7 +50,9 @@ def test_backend_matches_naive(padded, window, page_size, monkeypatch):
         perm = perm[npages:]
         kv = torch.randn(2, total, HKV, D)
         full_kv.append(kv)
-        slots = torch.tensor([pages[p // page_size] * page_size + p % page_size for p in range(cached)], dtype=torch.int64)
+        slots = torch.tensor(
+            [pages[p // page_size] * page_size + p % page_size for p in range(cached)], dtype=torch.int64
+        )
         if cached:
             cache.store(0, slots, kv[0, :cached], kv[1, :cached])
         items.append(PlanItem(token_ids=(0,) * new, start_pos=cached, page_ids=pages))

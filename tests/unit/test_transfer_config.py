@@ -30,22 +30,46 @@ def test_reads_every_variable() -> None:
         "SGLANG_DISAGGREGATION_MAX_MESSAGE_MB": "64",
     }
     c = TransferConfig.from_env(env)
-    assert c == TransferConfig(thread_pool_size=6, queue_size=8, bootstrap_timeout=12.5, waiting_timeout=30.0,
-                               heartbeat_interval=0.5, heartbeat_max_failure=3, test_failure_prob=0.25,
-                               max_message_mb=64.0)
+    assert c == TransferConfig(
+        thread_pool_size=6,
+        queue_size=8,
+        bootstrap_timeout=12.5,
+        waiting_timeout=30.0,
+        heartbeat_interval=0.5,
+        heartbeat_max_failure=3,
+        test_failure_prob=0.25,
+        max_message_mb=64.0,
+    )
 
 
-@pytest.mark.parametrize("name,raw", [
-    ("THREAD_POOL_SIZE", "many"), ("THREAD_POOL_SIZE", "0"), ("QUEUE_SIZE", "2.5"), ("QUEUE_SIZE", "-1"),
-    ("BOOTSTRAP_TIMEOUT", "soon"), ("BOOTSTRAP_TIMEOUT", "0"), ("WAITING_TIMEOUT", "nan"),
-    ("HEARTBEAT_INTERVAL", "-5"), ("HEARTBEAT_MAX_FAILURE", "two"), ("TEST_FAILURE_PROB", "1.5"),
-    ("TEST_FAILURE_PROB", "-0.1"), ("MAX_MESSAGE_MB", "0"),
-])
+@pytest.mark.parametrize(
+    "name,raw",
+    [
+        ("THREAD_POOL_SIZE", "many"),
+        ("THREAD_POOL_SIZE", "0"),
+        ("QUEUE_SIZE", "2.5"),
+        ("QUEUE_SIZE", "-1"),
+        ("BOOTSTRAP_TIMEOUT", "soon"),
+        ("BOOTSTRAP_TIMEOUT", "0"),
+        ("WAITING_TIMEOUT", "nan"),
+        ("HEARTBEAT_INTERVAL", "-5"),
+        ("HEARTBEAT_MAX_FAILURE", "two"),
+        ("TEST_FAILURE_PROB", "1.5"),
+        ("TEST_FAILURE_PROB", "-0.1"),
+        ("MAX_MESSAGE_MB", "0"),
+    ],
+)
 def test_bad_value_warns_and_falls_back(name: str, raw: str, caplog: pytest.LogCaptureFixture) -> None:
     var = "SGLANG_DISAGGREGATION_" + name
     with caplog.at_level(logging.WARNING, logger="transfer.config"):
-        c = TransferConfig.from_env({var: raw, "SGLANG_DISAGGREGATION_QUEUE_SIZE" if name != "QUEUE_SIZE"
-                                     else "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "7"})
+        c = TransferConfig.from_env(
+            {
+                var: raw,
+                "SGLANG_DISAGGREGATION_QUEUE_SIZE"
+                if name != "QUEUE_SIZE"
+                else "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "7",
+            }
+        )
     assert getattr(c, name.lower()) == getattr(TransferConfig(), name.lower())
     assert any(var in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     assert (c.queue_size == 7) if name != "QUEUE_SIZE" else (c.waiting_timeout == 7.0)  # good values still apply

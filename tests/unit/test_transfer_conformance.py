@@ -29,15 +29,28 @@ pytestmark = pytest.mark.timeout(60)
 
 HOST = "127.0.0.1"
 NUM_PAGES = 48
-SLOW = TransferConfig(thread_pool_size=2, queue_size=2, bootstrap_timeout=30, waiting_timeout=30,
-                      heartbeat_interval=1.0, heartbeat_max_failure=3,
-                      max_message_mb=0.0005)  # 524 B: sends of several pages go as several messages
+SLOW = TransferConfig(
+    thread_pool_size=2,
+    queue_size=2,
+    bootstrap_timeout=30,
+    waiting_timeout=30,
+    heartbeat_interval=1.0,
+    heartbeat_max_failure=3,
+    max_message_mb=0.0005,
+)  # 524 B: sends of several pages go as several messages
 HB = replace(SLOW, heartbeat_interval=0.25, heartbeat_max_failure=2)
 
 
 def desc_for(page_size: int, **changes: object) -> EngineDescription:
-    d = EngineDescription(model_id="LlamaForCausalLM:L3:H32:V128", architecture="LlamaForCausalLM",
-                          dtype="bfloat16", num_layers=3, num_kv_heads=2, head_dim=8, page_size=page_size)
+    d = EngineDescription(
+        model_id="LlamaForCausalLM:L3:H32:V128",
+        architecture="LlamaForCausalLM",
+        dtype="bfloat16",
+        num_layers=3,
+        num_kv_heads=2,
+        head_dim=8,
+        page_size=page_size,
+    )
     return replace(d, **changes)  # type: ignore[arg-type]
 
 
@@ -131,9 +144,14 @@ def register_and_bootstrap(p: PrefillTransfer, d: DecodeTransfer, room: int, por
 
 
 def aux_for(room: int) -> AuxRecord:
-    return AuxRecord(first_token_id=room % 1000, cached_tokens=3, output_token_logprobs=[[-0.25, room % 1000, None]],
-                     output_top_logprobs=[[[-0.25, room % 1000, None], [-1.5, 7, None]]],
-                     input_token_logprobs=[[None, 1, None], [-2.0, 5, None]], input_top_logprobs=None)
+    return AuxRecord(
+        first_token_id=room % 1000,
+        cached_tokens=3,
+        output_token_logprobs=[[-0.25, room % 1000, None]],
+        output_top_logprobs=[[[-0.25, room % 1000, None], [-1.5, 7, None]]],
+        input_token_logprobs=[[None, 1, None], [-2.0, 5, None]],
+        input_top_logprobs=None,
+    )
 
 
 # --- the happy path ------------------------------------------------------------------------------------
@@ -163,7 +181,7 @@ def test_rooms_move_pages_in_order_of_states(cluster: Cluster, page_size: int) -
         d_state, p_state = record("D", d, room), record("P", p, room)
         return {d_state, p_state} <= {KVPoll.Success, KVPoll.Failed}
 
-    for room, (p_pages, d_pages) in rooms.items():
+    for room, (_p_pages, d_pages) in rooms.items():
         record("P", p, room)
         d.register(room, HOST, cluster.port, d_pages)
         record("D", d, room)
@@ -213,8 +231,11 @@ def test_registration_before_prefill_sees_the_room(cluster: Cluster) -> None:
     d.register(room, HOST, cluster.port, [4, 2])
     wait_until(lambda: d.poll(room) == KVPoll.WaitingForInput, 10, "P to acknowledge the early registration")
     assert p.poll(room) == KVPoll.WaitingForInput  # P's first look finds the registration kept
-    big_aux = AuxRecord(first_token_id=9, input_token_logprobs=[[-0.5 - i, i, None] for i in range(3000)],
-                        input_top_logprobs=[[[-0.5, i, None], [-2.5, i + 1, None]] for i in range(3000)])
+    big_aux = AuxRecord(
+        first_token_id=9,
+        input_token_logprobs=[[-0.5 - i, i, None] for i in range(3000)],
+        input_top_logprobs=[[[-0.5, i, None], [-2.5, i + 1, None]] for i in range(3000)],
+    )
     p.send(room, [9, 8], 0, True, big_aux)  # an aux record far larger than one control frame
     wait_until(lambda: settled(p, room)() and settled(d, room)(), 10, "transfer")
     assert d.poll(room) == p.poll(room) == KVPoll.Success
@@ -344,7 +365,6 @@ def test_decode_shut_down_mid_transfer_fails_prefill_room(cluster: Cluster) -> N
     assert p.poll(33) == KVPoll.Failed and "decode" in (p.failure(33) or "")
 
 
-
 # --- UCX only ---------------------------------------------------------------------------------------------
 
 
@@ -355,8 +375,9 @@ def test_ucx_prefill_start_on_a_busy_port_fails_cleanly() -> None:
     with socket.socket() as taken:
         taken.bind((HOST, 0))
         taken.listen(1)
-        p = create_transfer("prefill", "ucx", kv_for(desc_for(4), fill=True), desc_for(4), SLOW, HOST,
-                            taken.getsockname()[1])
+        p = create_transfer(
+            "prefill", "ucx", kv_for(desc_for(4), fill=True), desc_for(4), SLOW, HOST, taken.getsockname()[1]
+        )
         with pytest.raises(OSError, match="bootstrap server cannot bind"):
             p.start()
     p.shutdown()  # a no-op after a failed start

@@ -27,8 +27,15 @@ from transfer.pack import page_nbytes
 pytestmark = pytest.mark.timeout(90)
 
 NUM_PAGES = 48
-DIRECT = TransferConfig(thread_pool_size=2, queue_size=2, bootstrap_timeout=30, waiting_timeout=30,
-                        heartbeat_interval=1.0, heartbeat_max_failure=3, direct_copy=True)
+DIRECT = TransferConfig(
+    thread_pool_size=2,
+    queue_size=2,
+    bootstrap_timeout=30,
+    waiting_timeout=30,
+    heartbeat_interval=1.0,
+    heartbeat_max_failure=3,
+    direct_copy=True,
+)
 NO_DIRECT = replace(DIRECT, direct_copy=False)
 
 
@@ -91,8 +98,12 @@ def make_pair() -> Iterator[Callable[..., Pair]]:
 
 
 def aux(room: int) -> AuxRecord:
-    return AuxRecord(first_token_id=room, cached_tokens=2, output_token_logprobs=[[-0.5, room, None]],
-                     output_top_logprobs=[[[-0.5, room, None], [-1.25, 3, None]]])
+    return AuxRecord(
+        first_token_id=room,
+        cached_tokens=2,
+        output_token_logprobs=[[-0.5, room, None]],
+        output_top_logprobs=[[[-0.5, room, None], [-1.25, 3, None]]],
+    )
 
 
 def test_direct_is_chosen_on_one_host_and_moves_pages_bit_exact(make_pair: Callable[..., Pair]) -> None:
@@ -169,8 +180,9 @@ def test_prefill_writes_into_decode_shared_pool(make_pair: Callable[..., Pair]) 
 
 
 @pytest.mark.parametrize("p_direct,d_direct", [(True, False), (False, True)], ids=["no-offer", "prefill-opts-out"])
-def test_either_side_opting_out_uses_data_messages(make_pair: Callable[..., Pair], p_direct: bool,
-                                                   d_direct: bool) -> None:
+def test_either_side_opting_out_uses_data_messages(
+    make_pair: Callable[..., Pair], p_direct: bool, d_direct: bool
+) -> None:
     pair = make_pair(DIRECT if p_direct else NO_DIRECT, DIRECT if d_direct else NO_DIRECT)
     assert (pair.d._offer is not None) == d_direct  # type: ignore[attr-defined]
     p_pages, d_pages = [8, 1, 40, 15, 33], [2, 29, 11, 46, 0]

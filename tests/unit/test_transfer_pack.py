@@ -17,8 +17,15 @@ from transfer.pack import (
 from transfer.staging import StagingPool
 
 
-def kv(layers: int = 3, pages: int = 10, page_size: int = 4, heads: int = 2, head_dim: int = 8,
-       dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> torch.Tensor:
+def kv(
+    layers: int = 3,
+    pages: int = 10,
+    page_size: int = 4,
+    heads: int = 2,
+    head_dim: int = 8,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(layers, 2, pages, page_size, heads, head_dim, generator=g).to(dtype)
 

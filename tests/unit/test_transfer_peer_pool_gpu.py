@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300),
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
 REPO = Path(__file__).resolve().parents[2]
 DECODE = textwrap.dedent("""
@@ -34,8 +37,14 @@ DECODE = textwrap.dedent("""
 def test_cuda_ipc_offer_checks() -> None:
     from transfer.peer_pool import PeerPoolError, PoolOffer, open_pool
 
-    d = subprocess.Popen([sys.executable, "-c", DECODE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                         cwd=REPO, env={"PYTHONPATH": str(REPO), **__import__("os").environ})
+    d = subprocess.Popen(
+        [sys.executable, "-c", DECODE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), **__import__("os").environ},
+    )
     assert d.stdin is not None and d.stdout is not None
     try:
         raw = json.loads(d.stdout.readline())

@@ -29,10 +29,16 @@ NUM_PAGES = 64
 
 
 def config(pages_per_piece: int, queue_size: int) -> TransferConfig:
-    return TransferConfig(thread_pool_size=2, queue_size=queue_size, bootstrap_timeout=30, waiting_timeout=30,
-                          heartbeat_interval=1.0, heartbeat_max_failure=3,
-                          max_message_mb=pages_per_piece * PAGE_BYTES / (1 << 20),
-                          direct_copy=False)  # pieces are data messages (a direct link sends none)
+    return TransferConfig(
+        thread_pool_size=2,
+        queue_size=queue_size,
+        bootstrap_timeout=30,
+        waiting_timeout=30,
+        heartbeat_interval=1.0,
+        heartbeat_max_failure=3,
+        max_message_mb=pages_per_piece * PAGE_BYTES / (1 << 20),
+        direct_copy=False,
+    )  # pieces are data messages (a direct link sends none)
 
 
 class Pair:
@@ -88,7 +94,7 @@ def test_sends_split_into_uneven_pieces_arrive_whole(make_pair: Callable[..., Pa
     pair.register(9, d_pages)
     first = 0
     for n in (7, 1, 5):
-        pair.p.send(9, p_pages[first:first + n], first, False)
+        pair.p.send(9, p_pages[first : first + n], first, False)
         first += n
     pair.p.send(9, [], first, True, aux(9))  # the aux record alone: a header without data
     pair.settle(9)
@@ -125,8 +131,9 @@ def test_a_gather_error_fails_the_room_not_the_caller(make_pair: Callable[..., P
 def test_one_slot_shared_by_interleaved_rooms_never_deadlocks(make_pair: Callable[..., Pair]) -> None:
     """One staging slot on each side, four rooms sending interleaved multi-piece chunks: all arrive."""
     pair = make_pair(config(2, 1), config(2, 1))
-    rooms = {100 + r: (list(range(r * 12, r * 12 + 11)), list(range(63 - r * 12, 63 - r * 12 - 11, -1)))
-             for r in range(4)}
+    rooms = {
+        100 + r: (list(range(r * 12, r * 12 + 11)), list(range(63 - r * 12, 63 - r * 12 - 11, -1))) for r in range(4)
+    }
     for room, (_, d_pages) in rooms.items():
         pair.register(room, d_pages)
     for lo, hi in ((0, 5), (5, 6), (6, 11)):  # each round: every room sends its next chunk

@@ -27,8 +27,14 @@ from transfer.room import RoomInUse
 pytestmark = pytest.mark.timeout(90)
 
 NUM_PAGES = 32
-CONFIG = TransferConfig(thread_pool_size=2, queue_size=2, bootstrap_timeout=30, waiting_timeout=30,
-                        heartbeat_interval=0.5, heartbeat_max_failure=2)
+CONFIG = TransferConfig(
+    thread_pool_size=2,
+    queue_size=2,
+    bootstrap_timeout=30,
+    waiting_timeout=30,
+    heartbeat_interval=0.5,
+    heartbeat_max_failure=2,
+)
 KEY = ClusterKey(b"s" * 32)
 
 
@@ -36,8 +42,9 @@ class Engines:
     def __init__(self) -> None:
         self.all: list[PrefillTransfer | DecodeTransfer] = []
 
-    def prefill(self, config: TransferConfig = CONFIG, key: ClusterKey | None = None,
-                data_host: str | None = HOST) -> tuple[PrefillTransfer, torch.Tensor]:
+    def prefill(
+        self, config: TransferConfig = CONFIG, key: ClusterKey | None = None, data_host: str | None = HOST
+    ) -> tuple[PrefillTransfer, torch.Tensor]:
         kv = torch.randn(3, 2, NUM_PAGES, 4, 2, 8).to(torch.bfloat16)
         p = create_transfer("prefill", "ucx", kv, DESC, config, HOST, 0, data_host=data_host, cluster_key=key)
         assert isinstance(p, PrefillTransfer)
@@ -45,7 +52,9 @@ class Engines:
         p.start()
         return p, kv
 
-    def decode(self, config: TransferConfig = CONFIG, key: ClusterKey | None = None) -> tuple[DecodeTransfer, torch.Tensor]:
+    def decode(
+        self, config: TransferConfig = CONFIG, key: ClusterKey | None = None
+    ) -> tuple[DecodeTransfer, torch.Tensor]:
         kv = torch.zeros(3, 2, NUM_PAGES, 4, 2, 8, dtype=torch.bfloat16)
         d = create_transfer("decode", "ucx", kv, DESC, config, HOST, 0, data_host=HOST, cluster_key=key)
         assert isinstance(d, DecodeTransfer)
@@ -139,8 +148,9 @@ def test_signed_links_work_and_unsigned_or_foreign_ones_are_refused(engines: Eng
     assert "requires a cluster secret" in (unsigned.failure(2) or "")
 
     before = p._refusals  # type: ignore[attr-defined]
-    foreign, fkv = engines.decode(replace(CONFIG, heartbeat_interval=0.2, heartbeat_max_failure=1),
-                                  key=ClusterKey(b"x" * 32))
+    foreign, fkv = engines.decode(
+        replace(CONFIG, heartbeat_interval=0.2, heartbeat_max_failure=1), key=ClusterKey(b"x" * 32)
+    )
     foreign.register(3, HOST, port, [1])
     wait_until(lambda: foreign.poll(3) == KVPoll.Failed, 10, "the wrongly keyed D to give up")
     assert "did not answer our Hello" in (foreign.failure(3) or "")
@@ -210,8 +220,16 @@ def _kv() -> torch.Tensor:
 
 def _file_offer(fd: int, kv: torch.Tensor, **changes: object) -> PoolOffer:
     st = os.fstat(fd)
-    offer = PoolOffer("shm", boot_id(), NUM_PAGES, kv.numel() * kv.element_size(), 0, pid=os.getpid(), fd=fd,
-                      file_id=[st.st_dev, st.st_ino])
+    offer = PoolOffer(
+        "shm",
+        boot_id(),
+        NUM_PAGES,
+        kv.numel() * kv.element_size(),
+        0,
+        pid=os.getpid(),
+        fd=fd,
+        file_id=[st.st_dev, st.st_ino],
+    )
     return replace(offer, **changes)  # type: ignore[arg-type]
 
 
@@ -258,8 +276,14 @@ def test_open_pool_maps_only_what_the_offer_claims(tmp_path) -> None:
     assert e.value.benign
     with pytest.raises(PeerPoolError, match="unknown pool kind"):
         open_pool(replace(real, kind="nfs"), kv)
-    for bad in ({**real.to_dict(), "fd": "3"}, {**real.to_dict(), "num_pages": True}, {**real.to_dict(), "evil": 1},
-                {**real.to_dict(), "file_id": ["a", 1]}, {**real.to_dict(), "offset": -4096}, [1, 2]):
+    for bad in (
+        {**real.to_dict(), "fd": "3"},
+        {**real.to_dict(), "num_pages": True},
+        {**real.to_dict(), "evil": 1},
+        {**real.to_dict(), "file_id": ["a", 1]},
+        {**real.to_dict(), "offset": -4096},
+        [1, 2],
+    ):
         with pytest.raises(PeerPoolError):
             PoolOffer.from_dict(bad)
 
@@ -274,7 +298,9 @@ def test_a_memfd_pool_is_accepted(tmp_path) -> None:
         pool.target[:, :, 1] = 1.5
         pool.close()
         page = 4 * 2 * 8 * 2  # bytes of one page of one layer and K or V
-        assert torch.frombuffer(bytearray(os.pread(fd, page, page)), dtype=torch.bfloat16).eq(1.5).all()  # layer 0 K page 1
+        assert (
+            torch.frombuffer(bytearray(os.pread(fd, page, page)), dtype=torch.bfloat16).eq(1.5).all()
+        )  # layer 0 K page 1
         assert stat.S_ISREG(os.fstat(fd).st_mode)
     finally:
         os.close(fd)

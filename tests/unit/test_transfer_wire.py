@@ -57,13 +57,16 @@ def test_bootstrap_server_and_client() -> None:
             assert route == Route("10.0.0.1", "ab01", 77, {"dtype": "bfloat16"}, 0, "p0")
             assert route.worker_address == b"\xab\x01" and not route.auth
             async with aiohttp.ClientSession() as s:  # another rank announces itself (loopback: no secret needed)
-                async with s.put(f"http://127.0.0.1:{port}/route",
-                                 json={"rank": 1, "host": "h", "address": "0909", "accept_id": 9}) as r:
+                async with s.put(
+                    f"http://127.0.0.1:{port}/route", json={"rank": 1, "host": "h", "address": "0909", "accept_id": 9}
+                ) as r:
                     assert r.status == 200
                 async with s.put(f"http://127.0.0.1:{port}/route", json={"rank": 2}) as r:
                     assert r.status == 400
-                async with s.put(f"http://127.0.0.1:{port}/route",  # rank 0 is the server's own
-                                 json={"rank": 0, "host": "evil", "address": "00", "accept_id": 1}) as r:
+                async with s.put(
+                    f"http://127.0.0.1:{port}/route",  # rank 0 is the server's own
+                    json={"rank": 0, "host": "evil", "address": "00", "accept_id": 1},
+                ) as r:
                     assert r.status == 409
                 async with s.get(f"http://127.0.0.1:{port}/route?rank=x") as r:
                     assert r.status == 400
@@ -91,15 +94,33 @@ def test_bootstrap_port_in_use_is_a_clear_error() -> None:
 
 
 def test_every_message_round_trips() -> None:
-    msgs: list[Message] = [Hello({"dtype": "bfloat16", "num_layers": 2}, "d1"), HelloOk("p1"), HelloRefused("mismatch"),
-            Register(2**63 - 1, 12), Registered(5), Data(5, 7, 0, 3, 3 << 20), Done(5), Fail(5, "why"),
-            Abort(5, "client gone"),
-            Data(5, 8, 3, 1, 1 << 20, 4, {"first_token_id": 3, "output_top_logprobs": [[[-0.1, 3, None]]]}),
-            Data(5, -1, 4, 0, 0, 4, {"first_token_id": 3}),
-            Hello({}, "d2", {"kind": "shm", "boot_id": "b", "num_pages": 9, "nbytes": 1 << 30, "handle": bytes(64)},
-                  (1 << LINK_ID_BITS) - 1, b"\x00addr\xff", "123.abc"),
-            HelloOk("p2", True, [bytes(64), bytes(range(64))]), Register(6, 3, [7, 2, 9]), Pushed(6, 0, 3, event=5),
-            Pushed(6, 3, 0, 3, {"first_token_id": 1}), AbortAck(6), Close("bye")]
+    msgs: list[Message] = [
+        Hello({"dtype": "bfloat16", "num_layers": 2}, "d1"),
+        HelloOk("p1"),
+        HelloRefused("mismatch"),
+        Register(2**63 - 1, 12),
+        Registered(5),
+        Data(5, 7, 0, 3, 3 << 20),
+        Done(5),
+        Fail(5, "why"),
+        Abort(5, "client gone"),
+        Data(5, 8, 3, 1, 1 << 20, 4, {"first_token_id": 3, "output_top_logprobs": [[[-0.1, 3, None]]]}),
+        Data(5, -1, 4, 0, 0, 4, {"first_token_id": 3}),
+        Hello(
+            {},
+            "d2",
+            {"kind": "shm", "boot_id": "b", "num_pages": 9, "nbytes": 1 << 30, "handle": bytes(64)},
+            (1 << LINK_ID_BITS) - 1,
+            b"\x00addr\xff",
+            "123.abc",
+        ),
+        HelloOk("p2", True, [bytes(64), bytes(range(64))]),
+        Register(6, 3, [7, 2, 9]),
+        Pushed(6, 0, 3, event=5),
+        Pushed(6, 3, 0, 3, {"first_token_id": 1}),
+        AbortAck(6),
+        Close("bye"),
+    ]
     assert {type(m) for m in msgs} == set(MESSAGE_TYPES)
     for m in msgs:
         assert decode(encode(m)) == m
@@ -129,7 +150,7 @@ def test_hello_travels_as_one_bounded_message() -> None:
 def test_frames_inline_small_payloads_and_split_large_ones() -> None:
     small = encode(Done(1))
     first, rest = frame(small)
-    assert rest is None and FRAME_HEADER.unpack_from(first)[0] == len(small) and first[FRAME_HEADER.size:] == small
+    assert rest is None and FRAME_HEADER.unpack_from(first)[0] == len(small) and first[FRAME_HEADER.size :] == small
     big = encode(Data(1, 0, 0, 1, 64, 1, {"input_token_logprobs": [[-1.0, i, None] for i in range(2000)]}))
     assert len(big) > CTRL_FRAME_BYTES
     first, rest = frame(big)

@@ -7,7 +7,6 @@ chunked prompt and a cached prefix (so extend attention sees a paged prefix), th
 from __future__ import annotations
 
 import pytest
-
 from oracle import assert_pool_idle
 
 
@@ -19,8 +18,15 @@ def test_triton_backend_matches_transformers(arch, tiny_model_dir, hf_oracle):
     oracle = hf_oracle(path)
     base = [7 + (i * 13) % 500 for i in range(40)]
     prompts = [base[:3], base[:37], base + [11, 12], [9] * 5 + base[5:21]]
-    engine = Engine(model_path=str(path), device="cpu", attention_backend="triton", page_size=4,
-                    chunked_prefill_size=16, max_total_tokens=1024, skip_tokenizer_init=True)
+    engine = Engine(
+        model_path=str(path),
+        device="cpu",
+        attention_backend="triton",
+        page_size=4,
+        chunked_prefill_size=16,
+        max_total_tokens=1024,
+        skip_tokenizer_init=True,
+    )
     try:
         sp = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
         first = engine.generate(input_ids=prompts[1], sampling_params=sp)
