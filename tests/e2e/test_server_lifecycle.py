@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import requests
@@ -122,7 +123,8 @@ def test_sigterm_drains_then_aborts_and_exits_zero(tiny_llama):
     threads = [threading.Thread(target=long_request), threading.Thread(target=short_request)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    # both reached the server (the short one may already be done) before SIGTERM
+    wait_in_flight(srv.url, lambda n: n >= 2 or ("short" in results and n >= 1))
     t0 = time.monotonic()
     assert srv.terminate(timeout=30) == 0
     for t in threads:
@@ -130,6 +132,14 @@ def test_sigterm_drains_then_aborts_and_exits_zero(tiny_llama):
     assert time.monotonic() - t0 < 15
     assert results["short"]["meta_info"]["finish_reason"]["type"] in ("length", "stop")
     assert results["long"]["meta_info"]["finish_reason"]["type"] == "abort"
+
+
+def wait_in_flight(url: str, ready: Callable[[int], bool], timeout: float = 15) -> None:
+    """Poll main's count of in-flight requests until ``ready`` holds (instead of sleeping)."""
+    deadline = time.monotonic() + timeout
+    while not ready(requests.get(url + "/get_server_info", timeout=5).json()["num_in_flight_reqs"]):
+        assert time.monotonic() < deadline, "requests never reached the server"
+        time.sleep(0.02)
 
 
 def test_dead_child_turns_health_503_and_fails_in_flight(tiny_llama):
@@ -144,7 +154,7 @@ def test_dead_child_turns_health_503_and_fails_in_flight(tiny_llama):
 
         t = threading.Thread(target=request)
         t.start()
-        time.sleep(0.5)
+        wait_in_flight(srv.url, lambda n: n >= 1)
         os.kill(sched, signal.SIGKILL)
         t.join(timeout=20)
         assert not t.is_alive(), "request hung after the scheduler died"
