@@ -64,9 +64,8 @@ def net_devices_for(host: str | None) -> str | None:
     """UCX_NET_DEVICES for a worker whose data path binds ``host``: the device(s) holding that address.
 
     None (every device) for a wildcard, or when no device holds the address (logged)."""
-    if is_wildcard(host):
+    if host is None or is_wildcard(host):
         return None
-    assert host is not None
     try:
         ip = ipaddress.ip_address(resolve(host))
     except ValueError as e:
@@ -109,7 +108,6 @@ def outward_address() -> str:
 
 def advertised_host(host: str | None) -> str:
     """The address a peer should use to reach a socket bound to ``host``: ``host`` itself unless it is a wildcard."""
-    if is_wildcard(host):
+    if host is None or is_wildcard(host):
         return outward_address()
-    assert host is not None
     return host.strip()

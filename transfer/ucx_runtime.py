@@ -130,7 +130,8 @@ class UcxRuntime:
     @property
     def worker_address(self) -> bytes:
         """This process's UCX worker address: what a peer needs to create an endpoint to us (any thread)."""
-        assert self._address is not None
+        if self._address is None:
+            raise RuntimeError("the UCX runtime is not started: it has no worker address yet")
         return self._address
 
     def connect_address(self, address: bytes) -> Any:
