@@ -1,6 +1,6 @@
 """Issue 19, worker side, on a real 1 P + 1 D cluster (UCX over TCP) behind the real router.
 
-- /health_generate on P and D runs locally (no peer) and leaves the cluster serving;
+- /health_generate on P and D runs locally (no peer), through the router end to end, and leaves the cluster serving;
 - poison requests (integers beyond 64 bits, int64 values beyond every bound, n = 1000, a 100k-deep body,
   NaN) are 4xx JSON errors on P, D and the router, and leave no request behind;
 - clients that vanish while a stream starts are aborted quietly (no traceback) and free their KV;
@@ -100,9 +100,10 @@ def assert_error_envelope(r: requests.Response, needle: str) -> None:
     assert needle in err["message"], err
 
 
-def test_health_generate_runs_locally_on_p_and_d(cluster):
+def test_health_generate_on_p_d_and_router(cluster):
+    """Locally on P and D (no peer); through the router, one real P + D request each time."""
     with requests.Session() as s:
-        for url in cluster.prefill + cluster.decode:
+        for url in [*cluster.prefill, *cluster.decode, cluster.url]:
             codes = [s.get(url + "/health_generate", timeout=30).status_code for _ in range(REPEAT)]
             assert codes == [200] * REPEAT, codes
     assert_serving(cluster)
